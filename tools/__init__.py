@@ -1,0 +1,1 @@
+"""LangChain tools over the worker tasks, and Mini-Gemini as a LangChain chat model."""

@@ -1,0 +1,1 @@
+"""Concrete graphs, registered through the ``mgmflow.workflows`` entry-point group."""
