@@ -43,7 +43,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         pixels = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
         pixels = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(pixels, mode="L").convert("RGB")
+        return Image.fromarray(pixels).convert("RGB")  # uint8 2-D -> mode L
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

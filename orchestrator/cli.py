@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 # Before torch loads anywhere: two OpenMP threads are intermittently 20x slower on small CPUs.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -30,3 +31,493 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 def main() -> None:
     """mgmflow: reason with Mini-Gemini, generate and edit with diffusion, over durable workflows."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Interface to bind. Default: 127.0.0.1 without API keys, else 0.0.0.0.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(host: str | None, port: int, log_level: str) -> None:
+    """Serve the HTTP API and the playground. Without MGMFLOW_BROKER_URL: embedded (tiny models, in-process
+    workers, SQLite), a working server with one command."""
+    import logging
+
+    import uvicorn
+
+    from orchestrator.api import create_app
+    from orchestrator.api.server import check_reachable, default_host
+    from orchestrator.api.settings import ApiSettings
+
+    settings = ApiSettings()
+    check_reachable(settings)
+    host = host or default_host(settings)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.open_access and host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("mgmflow.serve").warning(
+            "no API keys configured (MGMFLOW_API_KEYS): anyone who reaches %s:%d can use this server", host, port)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+@main.command()
+def models() -> None:
+    """List the model presets and where their weights are expected (nothing is downloaded)."""
+    from models.diffusion.presets import list_presets as diffusion_presets
+    from models.mgm.presets import list_presets as mgm_presets
+
+    rows = [("mini-gemini", p.name, p.kind, p.available, p.location) for p in mgm_presets()]
+    rows += [(f"diffusion ({p.task})", p.name, p.family, p.available, p.location) for p in diffusion_presets()]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(3)]
+    for family, name, kind, available, location in rows:
+        mark = "ready  " if available else "missing"
+        click.echo(f"{family:<{widths[0]}}  {name:<{widths[1]}}  {kind:<{widths[2]}}  {mark}  {location}")
+
+
+@main.command()
+@click.argument("question")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Image to ask about (repeatable).")
+@click.option("--model", default="tiny", show_default=True, help="Mini-Gemini preset or checkpoint folder.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (with --temperature > 0).")
+@click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Answer with JSON valid for the JSON schema in this file.")
+@click.option("--gen", is_flag=True, help="Also write a prompt for an image (Mini-Gemini's <GEN> protocol).")
+def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: int, temperature: float,
+         seed: int | None, json_schema: Path | None, gen: bool) -> None:
+    """Ask Mini-Gemini a QUESTION about images; the answer streams as it is written."""
+    import json
+
+    from models.errors import InvalidInputError
+
+    schema = None
+    if json_schema is not None:
+        try:
+            schema = json.loads(json_schema.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InvalidInputError(f"--json-schema: cannot read {json_schema} as JSON: {error}") from None
+    _stream_chat(model, question, list(images), max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                 json_schema=schema, generate_image=gen)
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("storyboard"),
+              show_default=True, help="Folder to write the storyboard into.")
+@click.option("--pages", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--broker", default=None, help="Broker URL (default: MGMFLOW_BROKER_URL; unset: embedded).")
+def demo(out: Path, pages: int, broker: str | None) -> None:
+    """The main job: a fixed premise becomes a storyboard (embedded by default: tiny models, no Redis, SQLite)."""
+    from orchestrator.workflow import get_workflow
+
+    _run_workflow(get_workflow("story"), {"premise": DEMO_PREMISE, "pages": pages, "seed": 7}, out=out,
+                  broker=broker)
+
+
+def _stream_chat(model: str, question: str, images: list, **options) -> None:
+    """One chat turn printed as it streams; with generate_image the image prompt follows on its own line."""
+    from transformers.utils import logging as transformers_logging
+
+    from models.images import load_image
+    from models.mgm import ChatRequest, MGMEngine, Message
+
+    transformers_logging.set_verbosity_error()
+    # Bad images and options fail before the model loads.
+    request = ChatRequest([Message("user", question, [load_image(i) for i in images])], **options)
+    engine = MGMEngine.from_pretrained(model)
+    [result] = engine.chat([request], on_token=lambda _, piece: click.echo(piece, nl=False))
+    click.echo()
+    if request.generate_image:
+        click.echo(f"image prompt: {result.image_prompt}")
+    if result.finish_reason == "length":
+        click.echo(f"(stopped at --max-new-tokens {options['max_new_tokens']})", err=True)
+
+
+def _draw_options(command):
+    """Options shared by ``generate`` and ``edit``."""
+    options = [
+        click.option("--negative", default=None, help='Negative prompt (default: the model\'s; "" for none).'),
+        click.option("--seed", type=int, default=None, help="Seed (default: random; recorded in the PNG)."),
+        click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's)."),
+        click.option("--guidance", type=float, default=None, help="Guidance scale (default: the model's)."),
+        click.option("--width", type=int, default=None, help="Width, a multiple of 8 (with --height)."),
+        click.option("--height", type=int, default=None, help="Height, a multiple of 8 (with --width)."),
+        click.option("--model", default=None, help="Preset, diffusers folder, .safetensors file or cached hub id."),
+        click.option("--lora", "loras", multiple=True, metavar="PATH[:WEIGHT]", help="LoRA adapter (repeatable)."),
+        click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output PNG."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.option("--prompt", required=True, help="What to draw.")
+@_draw_options
+def generate(prompt: str, negative, seed, steps, guidance, width, height, model, loras, out) -> None:
+    """Draw an image from a text prompt into a PNG that records its parameters."""
+    from models.diffusion import TextToImageRequest
+
+    request = TextToImageRequest(prompts=[prompt], seeds=None if seed is None else [seed], negative_prompt=negative,
+                                 steps=steps, guidance_scale=guidance, width=width, height=height)
+    _draw_to_file(request, model or "tiny", loras, out)
+
+
+@main.command()
+@click.option("--image", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Image to edit.")
+@click.option("--instruction", default=None, help='Edit by instruction, e.g. "make it snowy" (InstructPix2Pix).')
+@click.option("--prompt", default=None, help="Redraw towards this prompt (with --strength or --mask).")
+@click.option("--strength", type=float, default=None, help="img2img: how much to redraw, in (0, 1].")
+@click.option("--mask", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Inpainting: white marks the area to repaint; same size as the image.")
+@_draw_options
+def edit(image: Path, instruction, prompt, strength, mask, negative, seed, steps, guidance, width, height, model,
+         loras, out) -> None:
+    """Edit an image: by --instruction, by --prompt with --strength (img2img), or by --prompt in a --mask."""
+    from models.diffusion import Img2ImgRequest, InpaintRequest, InstructEditRequest
+
+    if (instruction is None) == (prompt is None):
+        raise click.UsageError("give either --instruction, or --prompt with --strength or --mask")
+    if instruction is not None and (strength is not None or mask is not None):
+        raise click.UsageError("--instruction takes neither --strength nor --mask")
+    if prompt is not None and strength is None and mask is None:
+        raise click.UsageError("--prompt needs --strength (img2img) or --mask (inpainting)")
+    shared = dict(image=image, seeds=None if seed is None else [seed], negative_prompt=negative, steps=steps,
+                  guidance_scale=guidance, width=width, height=height)
+    if instruction is not None:
+        request, default_model = InstructEditRequest(prompts=[instruction], **shared), "tiny-ip2p"
+    elif mask is not None:
+        request, default_model = InpaintRequest(prompts=[prompt], mask=mask, strength=strength, **shared), "tiny"
+    else:
+        request, default_model = Img2ImgRequest(prompts=[prompt], strength=strength, **shared), "tiny"
+    _draw_to_file(request, model or default_model, loras, out)
+
+
+def _draw_to_file(request, model: str, loras: tuple[str, ...], out: Path) -> None:
+    """Run one diffusion request and write its PNG atomically: on any error no output file is left."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from models.diffusion import DiffusionEngine, LoraSpec
+
+    if out.suffix.lower() != ".png":
+        raise click.UsageError(f"--out must name a .png file, got {out}")
+    if not out.parent.is_dir():
+        raise click.UsageError(f"the folder of --out does not exist: {out.parent}")
+    specs = []
+    for text in loras:
+        path, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+        try:
+            specs.append(LoraSpec(path, float(weight)))
+        except ValueError:
+            raise click.UsageError(f"--lora takes PATH[:WEIGHT], got {text!r}") from None
+    for library in (diffusers_logging, transformers_logging):  # one line of output, not loading bars
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+    [image] = DiffusionEngine.from_pretrained(model, loras=specs).run(request)
+    _write_atomically(out, image.png)
+    click.echo(f"{out} (seed {image.seed})")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder and a rename, so no reader sees a partial file."""
+    import tempfile
+
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+@main.command()
+@click.option("--queues", "-Q", default="", help="Comma-separated: vlm, diffusion, edit, orchestrator, or full "
+              "queue names (vlm.mgm-7b). Default: every queue, on the default presets.")
+@click.option("--model", "-m", "models", multiple=True, metavar="[FAMILY=]NAME",
+              help="Model of a family, e.g. vlm=mgm-7b (repeatable); a bare NAME when one family is served.")
+@click.option("--broker", default=None, help="Broker URL (default: MGMFLOW_BROKER_URL).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 256), default=None,
+              help="Threads. Default: the batch size on batching queues, else 1.")
+@click.option("--gpus", default=None, help="Comma-separated GPU indices: one worker process per GPU.")
+@click.option("--name", "-n", default=None, help="Worker name (default: worker-<pid>).")
+@click.option("--include", "-I", multiple=True, help="Extra task module to import (repeatable).")
+@click.option("--loglevel", "-l", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def worker(queues: str, models: tuple[str, ...], broker: str | None, concurrency: int | None, gpus: str | None,
+           name: str | None, include: tuple[str, ...], loglevel: str) -> None:
+    """Run a worker: loads its models first (exits non-zero if one fails), then serves its queues."""
+    import logging
+
+    from workers.settings import Settings
+    from workers.worker import parse_models, run_per_gpu, run_worker, use_gpu
+
+    gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
+    if len(gpu_list) > 1:
+        argv = [sys.executable, "-c", "from orchestrator.cli import main; main()", "worker", f"--queues={queues}",
+                *(f"--model={m}" for m in models), *(f"--include={i}" for i in include), f"--loglevel={loglevel}",
+                *([f"--broker={broker}"] if broker else []), *([f"--concurrency={concurrency}"] if concurrency else [])]
+        sys.exit(run_per_gpu(argv, gpu_list, name or "gpu"))
+    if gpu_list:
+        use_gpu(gpu_list[0])
+        name = name or f"gpu{gpu_list[0]}"
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()]
+    settings = Settings(**({"broker_url": broker} if broker else {}))
+    if not settings.embedded and (not queue_list or "orchestrator" in queue_list):
+        from orchestrator.driver import serve as serve_orchestration
+
+        serve_orchestration(settings)  # registers the orchestration tasks and starts the sweeper
+    run_worker(settings, queues=queue_list, models=parse_models(list(models), queue_list),
+               concurrency=concurrency, name=name, include=list(include), loglevel=loglevel.upper())
+
+
+# Workflow runs: `run <workflow>` (flags from the workflow's input model), `resume`, `cancel`, `demo`.
+
+DEMO_PREMISE = ("A small red fox who is afraid of the dark sets out across a winter forest to bring a lantern "
+                "back to her family's den, and makes friends with an owl on the way.")
+
+
+class _WorkflowGroup(click.Group):
+    """``mgmflow run <workflow>``: one subcommand per workflow of the ``mgmflow.workflows`` entry points."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from orchestrator.workflow import load_workflows
+
+        return sorted(load_workflows())
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        from orchestrator.workflow import get_workflow
+
+        try:
+            return _workflow_command(get_workflow(name))
+        except MGMFlowError as error:
+            raise click.UsageError(str(error)) from None
+
+
+def _workflow_command(workflow) -> click.Command:
+    """A click command whose options are the fields of ``workflow.input_model``, plus the run options."""
+    params = [_field_option(name, field) for name, field in workflow.input_model.model_fields.items()]
+    params += [
+        click.Option(["--out"], type=click.Path(file_okay=False, path_type=Path),
+                     required=workflow.write_output is not None, help="Folder to write the result into."),
+        click.Option(["--broker"], default=None, help="Broker URL: run on the workers that serve it "
+                     "(default: MGMFLOW_BROKER_URL; unset: embedded, in-process)."),
+        click.Option(["--approve"], is_flag=True, help="Stop for approval before generating."),
+        click.Option(["--thread"], default=None, help="Continue this thread (a multi-turn conversation)."),
+        click.Option(["--quiet", "-q"], is_flag=True, help="No progress bar."),
+    ]
+
+    def callback(out, broker, approve, thread, quiet, **fields) -> None:
+        given = {name: value for name, value in fields.items() if value is not None and value != ()}
+        _run_workflow(workflow, given, out=out, broker=broker, approve=approve, thread=thread, quiet=quiet)
+
+    return click.Command(workflow.name, params=params, callback=callback, help=workflow.description)
+
+
+def _field_option(name: str, field) -> click.Option:
+    import typing
+
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    flag = f"--{name.replace('_', '-')}"
+    required = field.is_required()
+    if annotation is bool:
+        return click.Option([f"{flag}/--no-{name.replace('_', '-')}"], default=None, help=field.description)
+    multiple = typing.get_origin(annotation) is list
+    if multiple:
+        annotation = typing.get_args(annotation)[0]
+    kind = annotation if annotation in (int, float, str) else str
+    shown = None if required or field.default is None or field.default_factory else str(field.default)
+    return click.Option([flag, name], type=kind, multiple=multiple, required=required, default=None,
+                        show_default=shown or False, help=field.description)
+
+
+def _settings(broker: str | None):
+    from workers.settings import Settings, get_settings
+
+    return Settings(broker_url=broker) if broker else get_settings()
+
+
+def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None, approve: bool = False,
+                  thread: str | None = None, quiet: bool = False) -> None:
+    """Start (or continue: the same command continues its run from its checkpoint), follow, write the output."""
+    import hashlib
+    import json
+
+    from orchestrator.runs import RunService
+
+    workflow.validate_input(given)  # bad flags fail before any worker starts
+    settings = _settings(broker)
+    if settings.embedded:
+        _quiet_libraries()  # the in-process workers share this terminal with the progress bar
+    service = RunService(settings)
+    # The same command (workflow, flags, folder) names the same run: Ctrl-C and again continues it.
+    identity = json.dumps([workflow.name, given, str(out.resolve()) if out else None, thread], sort_keys=True)
+    key = "cli:" + hashlib.sha256(identity.encode()).hexdigest()[:32]
+    run = service.runs.by_idempotency_key("default", key)
+    if run is not None and run.status in ("error", "cancelled", "timeout"):
+        service.runs.release_idempotency_key(run.run_id)  # a failed run is started afresh
+        run = None
+    if run is None:
+        run = service.create_run(workflow.name, given, thread_id=thread, approve=approve, idempotency_key=key,
+                                 metadata={"out": str(out.resolve()) if out else None})
+        click.echo(f"run {run.run_id} (thread {run.thread_id})", err=True)
+    else:
+        click.echo(f"continuing run {run.run_id} from its checkpoint", err=True)
+        service.restart(run.run_id)
+    _follow(service, run.run_id, out, quiet=quiet)
+
+
+def _quiet_libraries() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+
+
+def _follow(service, run_id: str, out: Path | None, *, quiet: bool = False) -> None:
+    """Show progress from the run's events until it ends or waits for approval; then write or report."""
+    import time
+
+    from tqdm import tqdm
+
+    from orchestrator.records import TERMINAL
+
+    bar = tqdm(total=0, unit="item", file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=True)
+    after, checked = None, 0.0
+    try:
+        while True:
+            for event in service.events(run_id, after, block_ms=500):
+                after = event.id
+                if event.type == "progress":
+                    bar.set_description(event.data.get("stage", ""), refresh=False)
+                    bar.total, bar.n = event.data.get("total") or bar.total, event.data.get("done", bar.n)
+                    bar.refresh()
+                elif event.type == "node" and event.data.get("phase") == "start":
+                    bar.set_postfix_str(event.data["name"], refresh=True)
+            if time.monotonic() - checked > 1.0:  # events may be dropped or come from elsewhere: trust the record
+                checked = time.monotonic()
+                run = service.get_run(run_id)
+                if run.status in TERMINAL or run.status == "interrupted":
+                    break
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo(f"\ninterrupted: run the same command again to continue run {run_id} from its checkpoint",
+                   err=True)
+        sys.stderr.flush()
+        os._exit(130)  # leave at once: in-process workers must not hold the exit up
+    bar.close()
+    _finish(service, run, out)
+
+
+def _finish(service, run, out: Path | None) -> None:
+    import json
+
+    from orchestrator.runtime import TaskFailedError
+    from orchestrator.workflow import get_workflow
+
+    if run.status == "interrupted":
+        for pending in run.interrupt or []:
+            for item in pending.get("items", []):
+                click.echo(f"[{item.get('key')}] {item.get('prompt')}")
+        click.echo(f"run {run.run_id} waits for approval: mgmflow resume {run.run_id} --approve "
+                   "(or --prompt TEXT to change the prompt, --reject to skip)", err=True)
+        return
+    if run.status != "success":
+        detail = (run.error or {}).get("message", run.status)
+        raise TaskFailedError(run.run_id, {"message": detail, "code": run.status}, run.status)
+    workflow = get_workflow(run.workflow)
+    if workflow.write_output is None or out is None:
+        click.echo(json.dumps(_summary(service.output_values(run)), indent=2, default=str))
+        return
+    result = workflow.write_output(service.output_values(run), out, service.context(run))
+    count = len(result.get("pages", [])) if isinstance(result, dict) else 0
+    click.echo(f"{out}" + (f" ({count} pages)" if count else ""))
+
+
+def _summary(values: dict) -> dict:
+    """The user-facing part of a final state: the last messages and the chosen artifacts."""
+    return {"messages": (values.get("messages") or [])[-2:], "chosen": values.get("chosen")}
+
+
+main.add_command(_WorkflowGroup("run", help="Run a workflow: mgmflow run <workflow> --help lists its flags."))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--approve", is_flag=True, help="Approve what the run waits for.")
+@click.option("--prompt", default=None, help="Approve with this prompt instead.")
+@click.option("--reject", is_flag=True, help="Reject: generate nothing for the waiting items.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the result (default: the --out the run was started with).")
+@click.option("--broker", default=None, help="Broker URL (default: MGMFLOW_BROKER_URL).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def resume(run_id: str, approve: bool, prompt: str | None, reject: bool, out: Path | None, broker: str | None,
+           quiet: bool) -> None:
+    """Resume RUN_ID: answer its approval point, or continue it from its checkpoint."""
+    from orchestrator.runs import RunService
+
+    if reject and (approve or prompt):
+        raise click.UsageError("--reject takes neither --approve nor --prompt")
+    settings = _settings(broker)
+    if settings.embedded:
+        _quiet_libraries()
+    service = RunService(settings)
+    run = service.get_run(run_id)
+    if run.status == "interrupted":
+        if not (approve or prompt or reject):
+            raise click.UsageError("the run waits for approval: give --approve, --prompt TEXT or --reject")
+        service.resume(run_id, {"approved": not reject, **({"prompt": prompt} if prompt else {})})
+    else:
+        service.restart(run_id)
+    _follow(service, run_id, out or (Path(run.metadata["out"]) if run.metadata.get("out") else None), quiet=quiet)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--broker", default=None, help="Broker URL (default: MGMFLOW_BROKER_URL).")
+def cancel(run_id: str, broker: str | None) -> None:
+    """Cancel RUN_ID and its model tasks."""
+    from orchestrator.runs import RunService
+
+    run = RunService(_settings(broker)).cancel(run_id)
+    click.echo(f"run {run_id}: {run.status}")
+
+
+@main.command()
+@click.argument("batch_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--workflow", "-w", required=True, help="The workflow every line runs (e.g. story).")
+@click.option("--server", envvar="MGMFLOW_SERVER", default="http://127.0.0.1:8000", show_default=True,
+              help="The mgmflow server (env MGMFLOW_SERVER).")
+@click.option("--api-key", envvar="MGMFLOW_API_KEY", default=None, help="Bearer key (env MGMFLOW_API_KEY).")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 256))
+@click.option("--priority", default=7, show_default=True, type=click.IntRange(0, 9), help="0 is the most urgent.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where results go (default: ./batch-<id>).")
+@click.option("--idempotency-key", default=None, help="Resubmitting with the same key follows the same batch.")
+def submit(batch_file: Path, workflow: str, server: str, api_key: str | None, concurrency: int, priority: int,
+           out_dir: Path | None, idempotency_key: str | None) -> None:
+    """Send a batch (a JSON list or JSON Lines of inputs) to a server, show its progress, download the results."""
+    from tqdm import tqdm
+
+    from orchestrator.api.client import ApiClient, check_batch_file
+
+    check_batch_file(batch_file)
+    client = ApiClient(server, api_key)
+    batch = client.upload_batch(batch_file, workflow, concurrency, priority, idempotency_key)
+    with tqdm(total=batch["total"], unit="item", desc=f"batch {batch['batch_id'][:8]}") as bar:
+        def show(status: dict) -> None:
+            bar.update(status["done"] - bar.n)
+            bar.set_postfix({k: v for k, v in sorted(status["counts"].items())}, refresh=True)
+
+        final = client.follow(batch["batch_id"], show)
+    out_dir = out_dir or Path(f"batch-{batch['batch_id']}")
+    written = client.download(batch["batch_id"], out_dir)
+    click.echo(f"batch {final['run']['status']}: {final['counts']}; {written['items']} results and "
+               f"{written['images']} images in {out_dir}")

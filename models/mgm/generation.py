@@ -1,0 +1,301 @@
+"""Batched, streamed token-by-token decoding over a transformers causal LM fed with ``inputs_embeds``.
+
+Every request is a row of one batch. A row's prompt arrives as embeddings (text and visual tokens already
+merged), optionally after a KV prefix reused from an earlier turn. The batch is left-padded:
+
+    row i:  [pad | cached prefix_i | pad | prompt_i] generated tokens...
+
+with the attention mask zero on the pads and position ids counted over each row's real tokens only, so a row
+decodes the same tokens batched as alone (up to float noise). Finished rows leave the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from transformers import DynamicCache
+
+from models.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+# Per layer (keys, values), each [1, kv_heads, length, head_dim]: one row's KV cache.
+PastKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+FinishReason = Literal["stop", "length"]
+OnToken = Callable[[int, str], None]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row is decoded. ``temperature == 0`` is greedy; ``seed`` makes sampling reproducible."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class TokenConstraint(Protocol):
+    """A grammar that decides, token by token, which tokens may come next (see ``constrained.py``)."""
+
+    def allowed_tokens(self, vocab_size: int) -> torch.Tensor: ...  # bool [vocab_size]
+
+    def consume(self, token_id: int) -> None: ...
+
+    def is_stopped(self) -> bool: ...
+
+
+@dataclass
+class Prompt:
+    """One row's input: the embeddings to prefill, after an optional cached KV prefix."""
+
+    embeds: torch.Tensor  # [T, H]
+    past: PastKV | None = None
+
+    @property
+    def past_length(self) -> int:
+        return 0 if self.past is None else self.past[0][0].shape[-2]
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    # KV of the prompt and of every generated token fed back (all but the last); set when asked for.
+    past: PastKV | None = None
+
+
+class TextAssembler:
+    """Incremental detokenization with stop strings.
+
+    Decoding token by token breaks multi-byte characters and SentencePiece spaces, so each step decodes the
+    last two offsets' window and releases only the new, complete text. Text that could be the start of a stop
+    string is held back until it is known not to be one.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._stop_strings = tuple(s for s in stop_strings if s)
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._released = 0
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Take one generated token; return the text it releases (possibly empty)."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        stop_at = min((i for i in (self.text.find(s) for s in self._stop_strings) if i >= 0), default=-1)
+        if stop_at >= 0:
+            self.text = self.text[:stop_at]
+            self.stopped = True
+            return self._release(len(self.text))
+        return self._release(len(self.text) - self._held_back())
+
+    def finish(self) -> str:
+        """Release whatever was held back, incomplete characters included: the row is done."""
+        if not self.stopped:
+            prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            self.text += self._decode(self._ids[self._prefix_offset :])[len(prefix) :]
+            self._prefix_offset = self._read_offset = len(self._ids)
+        return self._release(len(self.text))
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        return max(
+            (k for s in self._stop_strings for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+             if self.text.endswith(s[:k])),
+            default=0,
+        )
+
+    def _release(self, end: int) -> str:
+        end = max(end, self._released)
+        piece, self._released = self.text[self._released : end], end
+        return piece
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+
+class _Row:
+    """Decoding state of one request."""
+
+    def __init__(self, index: int, params: SamplingParams, tokenizer, constraint: TokenConstraint | None):
+        self.index = index
+        self.params = params
+        self.constraint = constraint
+        # A grammar ends the row itself; stop strings would cut a structured answer in two.
+        self.assembler = TextAssembler(tokenizer, () if constraint else params.stop_strings)
+        self.stop_token_ids = set(params.stop_token_ids)
+        self.token_ids: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(params.seed)
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """Next token from this row's logits [V] (float32, CPU)."""
+        if self.constraint is not None:
+            allowed = self.constraint.allowed_tokens(logits.shape[-1])
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        if self.generator is None:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / self.params.temperature, dim=-1)
+        if self.params.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs >= self.params.top_p  # the first token always stays
+            probs = probs.scatter(0, order[outside], 0.0)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def accept(self, token_id: int) -> str:
+        """Record the token, decide whether the row is finished; return the text released for streaming."""
+        self.token_ids.append(token_id)
+        if self.constraint is not None:
+            self.constraint.consume(token_id)
+        if token_id in self.stop_token_ids:
+            self.finish_reason = "stop"
+            return self.assembler.finish()
+        piece = self.assembler.add(token_id)
+        if self.assembler.stopped or (self.constraint is not None and self.constraint.is_stopped()):
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            piece += self.assembler.finish()
+        return piece
+
+
+@torch.inference_mode()
+def generate(
+    language_model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    params: Sequence[SamplingParams],
+    *,
+    constraints: Sequence[TokenConstraint | None] | None = None,
+    keep_past: Sequence[bool] | bool = False,
+    on_token: OnToken | None = None,
+    check: Callable[[], None] | None = None,
+) -> list[Generation]:
+    """Decode every prompt as one batch; ``on_token(row, text)`` streams each row's new text.
+
+    ``check`` runs before every forward pass and stops everything by raising (``Cancelled``,
+    ``DeadlineExceeded``). Rows with ``keep_past`` get their KV cache back in the result, for the next turn.
+    """
+    constraints = constraints or [None] * len(prompts)
+    if isinstance(keep_past, bool):
+        keep_past = [keep_past] * len(prompts)
+    rows = [_Row(i, p, tokenizer, c) for i, (p, c) in enumerate(zip(params, constraints, strict=True))]
+    results: list[Generation | None] = [None] * len(rows)
+
+    if check:
+        check()
+    cache, mask, positions, embeds = _prefill_batch(prompts)
+    logits = language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    next_position = positions[:, -1] + 1
+    active = list(rows)
+    while True:
+        step_logits = logits.float().cpu()
+        next_ids: list[int] = []
+        for slot, row in enumerate(active):
+            token_id = row.choose(step_logits[slot])
+            piece = row.accept(token_id)
+            if piece and on_token is not None:
+                on_token(row.index, piece)
+            next_ids.append(token_id)
+
+        keep = [slot for slot, row in enumerate(active) if row.finish_reason is None]
+        for slot, row in enumerate(active):
+            if row.finish_reason is not None:
+                past = _row_past(cache, mask, slot) if keep_past[row.index] else None
+                results[row.index] = Generation(row.token_ids, row.assembler.text, row.finish_reason, past)
+        if not keep:
+            return results  # type: ignore[return-value]
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask, next_position = mask[index], next_position[index]
+            active = [active[slot] for slot in keep]
+            next_ids = [next_ids[slot] for slot in keep]
+
+        if check:
+            check()
+        input_ids = torch.tensor(next_ids, device=mask.device).unsqueeze(1)
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        logits = language_model(
+            input_ids=input_ids, attention_mask=mask, position_ids=next_position.unsqueeze(1), cache=cache,
+            use_cache=True,
+        ).logits[:, -1]
+        next_position = next_position + 1
+
+
+def _prefill_batch(prompts: Sequence[Prompt]):
+    """Left-pad the rows' cached prefixes and their prompts into one batch (see the module docstring).
+
+    Returns (cache, attention mask [B, P+S], position ids [B, S], embeds [B, S, H]).
+    """
+    past_len = max(p.past_length for p in prompts)
+    new_len = max(p.embeds.shape[0] for p in prompts)
+    if new_len == 0:
+        raise InvalidInputError("empty prompt")
+    first = prompts[0].embeds
+    batch = len(prompts)
+    embeds = first.new_zeros(batch, new_len, first.shape[-1])
+    mask = torch.zeros(batch, past_len + new_len, dtype=torch.long, device=first.device)
+    positions = torch.zeros(batch, new_len, dtype=torch.long, device=first.device)
+    for b, prompt in enumerate(prompts):
+        n, p = prompt.embeds.shape[0], prompt.past_length
+        embeds[b, new_len - n :] = prompt.embeds
+        mask[b, past_len - p : past_len] = 1
+        mask[b, past_len + new_len - n :] = 1
+        positions[b, new_len - n :] = torch.arange(p, p + n, device=first.device)
+    if past_len == 0:
+        return DynamicCache(), mask, positions, embeds
+    layers = []
+    reference = next(p.past for p in prompts if p.past is not None)
+    for layer, (ref_keys, ref_values) in enumerate(reference):
+        keys = ref_keys.new_zeros(batch, ref_keys.shape[1], past_len, ref_keys.shape[-1])
+        values = ref_values.new_zeros(batch, ref_values.shape[1], past_len, ref_values.shape[-1])
+        for b, prompt in enumerate(prompts):
+            if prompt.past is not None:
+                keys[b, :, past_len - prompt.past_length :] = prompt.past[layer][0][0]
+                values[b, :, past_len - prompt.past_length :] = prompt.past[layer][1][0]
+        layers.append((keys, values))
+    return DynamicCache(ddp_cache_data=layers), mask, positions, embeds
+
+
+def _row_past(cache: DynamicCache, mask: torch.Tensor, slot: int) -> PastKV:
+    """One row's KV over its real (unmasked) positions, detached from the batch."""
+    real = mask[slot].bool()
+    return tuple(
+        (layer.keys[slot : slot + 1, :, real].clone(), layer.values[slot : slot + 1, :, real].clone())
+        for layer in cache.layers
+    )

@@ -1,0 +1,104 @@
+"""The client side of ``mgmflow submit``: send a batch file to a server, follow it, download its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from models.errors import InvalidInputError, MGMFlowError
+from orchestrator.api.server import ServiceUnreachable
+
+FINISHED = ("success", "error", "timeout", "cancelled")
+
+
+class ServerError(MGMFlowError):
+    """The server refused a request; its message says why."""
+
+    code = "server_error"
+
+
+class ApiClient:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise ServiceUnreachable(f"cannot reach the mgmflow server at {self.url} ({error}); "
+                                     "is `mgmflow serve` running there?") from None
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ServerError(f"{method} {path}: {response.status_code} {detail}")
+        return response
+
+    def upload_batch(self, path: Path, workflow: str, concurrency: int, priority: int,
+                     idempotency_key: str | None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        with path.open("rb") as file:
+            return self.request("POST", "/batches/upload", headers=headers, files={"file": (path.name, file)},
+                                data={"assistant_id": workflow, "concurrency": str(concurrency),
+                                      "priority": str(priority)}).json()
+
+    def follow(self, batch_id: str, on_progress: Callable[[dict[str, Any]], None], poll_s: float = 1.0):
+        """Poll the batch until it ends; ``on_progress`` gets each status."""
+        while True:
+            batch = self.request("GET", f"/batches/{batch_id}").json()
+            on_progress(batch)
+            if batch["run"]["status"] in FINISHED:
+                return batch
+            time.sleep(poll_s)
+
+    def download(self, batch_id: str, out_dir: Path) -> dict[str, Any]:
+        """Write ``results.jsonl`` and every image artifact of the successful items into ``out_dir``.
+
+        Everything goes into a temporary folder first, renamed into place at the end: no partial output."""
+        rows = self.request("GET", f"/batches/{batch_id}/results").json()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        try:
+            images = 0
+            for row in rows:
+                for artifact_id in _image_ids(row.get("output") or {}):
+                    folder = staging / f"item-{row['index']:05d}"
+                    folder.mkdir(exist_ok=True)
+                    data = self.request("GET", f"/artifacts/{artifact_id}/content").content
+                    (folder / f"{artifact_id}.png").write_bytes(data)
+                    images += 1
+            (staging / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return {"items": len(rows), "images": images}
+
+
+def _image_ids(values: dict[str, Any]) -> list[str]:
+    """The chosen images of a run's final state (or all its image artifacts when nothing was chosen)."""
+    chosen = values.get("chosen") or {}
+    if chosen:
+        return [chosen[key] for key in sorted(chosen, key=lambda k: (len(k), k))]
+    return [ref["id"] for ref in values.get("artifacts") or [] if ref.get("kind", "image") == "image"]
+
+
+def check_batch_file(path: Path) -> None:
+    """Fail before any request for a file that cannot be a batch."""
+    if not path.is_file():
+        raise InvalidInputError(f"batch file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InvalidInputError(f"batch file is empty: {path}")

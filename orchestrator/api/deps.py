@@ -1,0 +1,75 @@
+"""Dependencies as ``Annotated`` aliases: the app's context, settings, services, and the caller's scope."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+
+from orchestrator.api.errors import ApiError
+from orchestrator.api.limits import RateLimiter
+from orchestrator.api.metrics import ApiMetrics
+from orchestrator.api.settings import ApiSettings
+
+if TYPE_CHECKING:
+    from orchestrator.runs import RunService
+    from orchestrator.workflow import Workflow
+    from workers.client import TaskClient
+
+
+@dataclass
+class ApiContext:
+    """Everything a request handler may use; built once per app in its lifespan (no import-time singletons)."""
+
+    settings: ApiSettings
+    runs: RunService
+    tasks: TaskClient
+    store: Any  # workers.artifacts.ArtifactStore
+    workflows: dict[str, Workflow]
+    limiter: RateLimiter
+    metrics: ApiMetrics
+    background: set[asyncio.Task] = field(default_factory=set)  # webhook deliveries in flight
+
+
+def get_context(request: Request) -> ApiContext:
+    return request.app.state.context
+
+
+Context = Annotated[ApiContext, Depends(get_context)]
+
+
+def get_settings(context: Context) -> ApiSettings:
+    return context.settings
+
+
+def get_runs(context: Context) -> RunService:
+    return context.runs
+
+
+def get_store(context: Context) -> Any:
+    return context.store
+
+
+def get_workflows(context: Context) -> dict[str, Workflow]:
+    return context.workflows
+
+
+def current_scope(request: Request, context: Context) -> str:
+    """The caller's scope from ``Authorization: Bearer <key>`` (or ``x-api-key``, as ``langgraph-sdk`` sends);
+    every request that passes is also counted against the scope's rate limit."""
+    header = request.headers.get("authorization", "")
+    key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key")
+    scope = context.settings.scope_of(key)
+    if scope is None:
+        raise ApiError(401, "missing or invalid API key", code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    context.limiter.check(scope)
+    return scope
+
+
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+Runs = Annotated["RunService", Depends(get_runs)]
+Store = Annotated[Any, Depends(get_store)]
+Workflows = Annotated[dict[str, "Workflow"], Depends(get_workflows)]
+CurrentScope = Annotated[str, Depends(current_scope)]

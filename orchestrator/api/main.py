@@ -1,0 +1,80 @@
+"""The app factory. Nothing is built at import: ``create_app(settings)`` builds the services in its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+
+from orchestrator.api.deps import ApiContext
+from orchestrator.api.errors import install_error_handlers
+from orchestrator.api.limits import BodySizeLimit, RateLimiter
+from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
+from orchestrator.api.routes import (
+    artifacts, assistants, batches, health, openai, playground, runs, threads,
+)
+from orchestrator.api.settings import ApiSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _unique_id(route: APIRoute) -> str:
+    # Clean operation ids for generated clients: "runs-create_run".
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def build_context(settings: ApiSettings) -> ApiContext:
+    """Build the run service, task client and artifact store the handlers share."""
+    from orchestrator.runs import RunService
+    from orchestrator.workflow import load_workflows
+    from workers.artifacts import open_store
+    from workers.settings import Settings
+
+    # The run service gets the workers' own settings: the in-process driver looks itself up by them.
+    runs = RunService(Settings(**settings.model_dump(include=set(Settings.model_fields))))
+    return ApiContext(
+        settings=settings,
+        runs=runs,
+        tasks=runs.orchestrator.client,  # the same transport the runs use (in-process when embedded)
+        store=open_store(settings),
+        workflows=load_workflows(),
+        limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+        metrics=ApiMetrics(queue_depths=BrokerQueueDepths(settings.broker_url)),
+    )
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    """The mgmflow HTTP API for ``settings`` (default: from ``MGMFLOW_*`` environment variables)."""
+    settings = settings or ApiSettings()
+    context = build_context(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logger.info("mgmflow API up (%s mode, %s)", "embedded" if settings.embedded else "distributed",
+                    "open, single-user" if settings.open_access else f"{len(settings.api_keys)} API keys")
+        yield
+        # Webhook deliveries still waiting die with the process (documented: at most once across restarts).
+        for task in list(context.background):
+            task.cancel()
+
+    app = FastAPI(
+        title="mgmflow",
+        version="0.1.0",
+        summary="Agentic any-to-any workflows around Mini-Gemini: runs, threads, batches, artifacts, OpenAI chat.",
+        lifespan=lifespan,
+        generate_unique_id_function=_unique_id,
+    )
+    app.state.context = context
+    install_error_handlers(app)
+    for router in (health.router, assistants.router, threads.router, runs.thread_router, runs.router,
+                   batches.router, artifacts.router, openai.router, playground.router):
+        app.include_router(router)
+    app.mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")
+    # Outermost last: the body limit applies before anything reads the body; metrics see every response.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=context.metrics)
+    return app

@@ -1,0 +1,43 @@
+"""Assistants = the registered workflows (read-only): what the ``langgraph-sdk`` client lists and validates against."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from orchestrator.api.deps import CurrentScope, Workflows
+from orchestrator.api.errors import not_found
+from orchestrator.api.schemas import AssistantPublic, AssistantSchemas, AssistantSearch
+from orchestrator.workflow import Workflow
+
+router = APIRouter(prefix="/assistants", tags=["assistants"])
+
+
+def _public(workflow: Workflow) -> AssistantPublic:
+    return AssistantPublic(assistant_id=workflow.name, graph_id=workflow.name, name=workflow.name,
+                           description=workflow.description or None)
+
+
+def _get(workflows: dict[str, Workflow], assistant_id: str) -> Workflow:
+    if assistant_id not in workflows:
+        raise not_found(f"assistant {assistant_id!r}")
+    return workflows[assistant_id]
+
+
+@router.post("/search", response_model=list[AssistantPublic])
+def search_assistants(body: AssistantSearch, workflows: Workflows, _: CurrentScope) -> list[AssistantPublic]:
+    """List the workflows, optionally those of one graph id."""
+    found = [_public(w) for name, w in sorted(workflows.items()) if body.graph_id in (None, name)]
+    return found[body.offset: body.offset + body.limit]
+
+
+@router.get("/{assistant_id}", response_model=AssistantPublic)
+def read_assistant(assistant_id: str, workflows: Workflows, _: CurrentScope) -> AssistantPublic:
+    """One workflow."""
+    return _public(_get(workflows, assistant_id))
+
+
+@router.get("/{assistant_id}/schemas", response_model=AssistantSchemas)
+def read_assistant_schemas(assistant_id: str, workflows: Workflows, _: CurrentScope) -> AssistantSchemas:
+    """The JSON schema of a workflow's input (its fields are the flags of ``mgmflow run <workflow>``)."""
+    workflow = _get(workflows, assistant_id)
+    return AssistantSchemas(graph_id=workflow.name, input_schema=workflow.input_model.model_json_schema())

@@ -1,0 +1,71 @@
+"""Liveness, readiness and Prometheus metrics. None of them touches a model: they answer while models run."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from orchestrator.api.deps import Context
+from workers.artifacts import ArtifactNotFound
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def read_health() -> dict[str, str]:
+    """The process is up and its event loop is free (inference never runs on it)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def read_readiness(context: Context) -> JSONResponse:
+    """The broker, the artifact store and the checkpointer are reachable (503 naming what is not)."""
+    checks = {
+        "broker": lambda: _ping_broker(context.settings.broker_url),
+        "store": lambda: _ping_store(context.store),
+        "checkpointer": lambda: context.runs.list_runs(limit=1),  # run records live next to the checkpoints
+    }
+    results: dict[str, str] = {}
+    for name, check in checks.items():
+        try:
+            await run_in_threadpool(check)
+            results[name] = "ok"
+        except Exception as error:  # each failure is reported, not raised
+            logger.warning("readiness check %s failed: %s", name, error)
+            results[name] = f"unreachable: {type(error).__name__}: {error}"
+    ready = all(value == "ok" for value in results.values())
+    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": results},
+                        status_code=200 if ready else 503)
+
+
+def _ping_broker(url: str | None) -> None:
+    if url is None:
+        return  # embedded: the in-process transport is always there
+    import redis
+
+    redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+
+
+def _ping_store(store) -> None:
+    """A read of an id that cannot exist: "not found" proves the store answers."""
+    try:
+        store.info("readiness-probe-0000", scope="readyz")
+    except ArtifactNotFound:
+        return
+
+
+@router.get("/metrics")
+async def read_metrics(context: Context) -> Response:
+    """Prometheus metrics: queue depth, run and task latency, HTTP traffic, errors."""
+    def scrape() -> bytes:
+        context.metrics.observe_finished_runs(context.runs)
+        return generate_latest(context.metrics.registry)
+
+    body = await run_in_threadpool(scrape)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

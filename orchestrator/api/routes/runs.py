@@ -1,0 +1,248 @@
+"""Runs, in the shape of the LangGraph Agent Server: on a thread (``/threads/{id}/runs``) or stateless (``/runs``,
+each on a new thread). Create, ``/wait``, ``/stream`` (SSE), ``/batch``, cancel, join, list, read."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any, Literal
+
+import httpx
+from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from orchestrator.api.deps import Context, CurrentScope
+from orchestrator.api.errors import ApiError, not_found
+from orchestrator.api.schemas import RunCreate, RunPublic, RunsCancel, RunStatus
+from orchestrator.api.streaming import (
+    TERMINAL, check_event_id, final_values, run_location, run_public, stream_response, wait_for_end,
+)
+from orchestrator.api.submission import admit
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+thread_router = APIRouter(prefix="/threads/{thread_id}/runs", tags=["thread-runs"])
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+# Shared steps ---------------------------------------------------------------------------------------------------
+
+
+async def _start(context, body: RunCreate, scope: str, thread_id: str | None, idempotency_key: str | None):
+    """Create the run, or resume the thread's interrupted run when the body carries ``command.resume``."""
+    if body.command is not None and body.command.resume is not None:
+        if thread_id is None:
+            raise ApiError(422, "command.resume needs a thread: POST /threads/{thread_id}/runs", code="invalid_request")
+        waiting = await run_in_threadpool(context.runs.list_runs, scope=scope, thread_id=thread_id,
+                                          status="interrupted", limit=1)
+        if not waiting:
+            raise ApiError(409, f"thread {thread_id!r} has no run waiting for approval", code="not_interrupted")
+        return await run_in_threadpool(context.runs.resume, waiting[0].run_id, body.command.resume, scope=scope)
+    run = await admit(context, body, scope=scope, thread_id=thread_id, idempotency_key=idempotency_key)
+    if body.webhook:
+        _spawn_webhook(context, run, scope, body.webhook)
+    return run
+
+
+def _spawn_webhook(context, run: Any, scope: str, url: str) -> None:
+    """POST the finished run to ``url`` (an allow-listed host): three tries, no redirects."""
+    async def deliver() -> None:
+        finished = await wait_for_end(context, run.run_id, scope)
+        payload = run_public(finished).model_dump(mode="json")
+        async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
+            for attempt in range(3):
+                try:
+                    (await client.post(url, json=payload)).raise_for_status()
+                    return
+                except httpx.HTTPError as error:
+                    logger.warning("webhook of run %s failed (try %d): %s", run.run_id, attempt + 1, error)
+                    await asyncio.sleep(2 ** attempt)
+            context.metrics.errors.labels("webhook").inc()
+
+    task = asyncio.get_running_loop().create_task(deliver())
+    context.background.add(task)
+    task.add_done_callback(context.background.discard)
+
+
+async def _progress(context, run: Any) -> dict | None:
+    """The run's latest ``progress`` event (None before the first)."""
+    def latest() -> dict | None:
+        found, after = None, None
+        while events := context.runs.events(run.run_id, after):
+            after = events[-1].id
+            found = next((e.data for e in reversed(events) if e.type == "progress"), found)
+        return found
+
+    return await run_in_threadpool(latest)
+
+
+async def _get(context, run_id: str, scope: str, thread_id: str | None = None) -> Any:
+    """The caller's run (on ``thread_id`` when given), or a 404."""
+    run = await run_in_threadpool(context.runs.get_run, run_id, scope=scope)
+    if thread_id is not None and run.thread_id != thread_id:
+        raise not_found(f"run {run_id!r}")
+    return run
+
+
+async def _read(context, run_id: str, scope: str, thread_id: str | None = None) -> RunPublic:
+    run = await _get(context, run_id, scope, thread_id)
+    position = await run_in_threadpool(context.runs.position, run) if run.status == "pending" else None
+    progress = None if run.status in TERMINAL else await _progress(context, run)
+    return run_public(run, position=position, progress=progress)
+
+
+def _created(run: Any) -> JSONResponse:
+    return JSONResponse(run_public(run).model_dump(mode="json"), headers={"Content-Location": run_location(run)})
+
+
+async def _waited(context, run: Any, scope: str) -> JSONResponse:
+    finished = await wait_for_end(context, run.run_id, scope)
+    return JSONResponse(await final_values(context, finished),
+                        headers={"Content-Location": run_location(run), "Location": f"{run_location(run)}/join"})
+
+
+async def _cancel(context, run_id: str, scope: str, wait: bool) -> RunPublic:
+    run = await run_in_threadpool(context.runs.cancel, run_id, scope=scope)
+    if wait:
+        run = await wait_for_end(context, run_id, scope)
+    return run_public(run)
+
+
+async def _list(context, scope: str, thread_id: str | None, status: str | None, limit: int, offset: int):
+    runs = await run_in_threadpool(context.runs.list_runs, scope=scope, thread_id=thread_id, status=status,
+                                   limit=limit, offset=offset)
+    return [run_public(run) for run in runs]
+
+
+# Stateless runs -------------------------------------------------------------------------------------------------
+
+
+@router.post("", response_model=RunPublic)
+async def create_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
+    """Start a background run on a new thread; poll it with ``GET /runs/{run_id}``."""
+    return _created(await _start(context, body, scope, None, idempotency_key))
+
+
+@router.post("/wait")
+async def wait_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
+    """Start a run and answer with its final state."""
+    return await _waited(context, await _start(context, body, scope, None, idempotency_key), scope)
+
+
+@router.post("/stream", response_class=JSONResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def stream_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
+    """Start a run and stream its events (SSE); ``on_disconnect="cancel"`` cancels it when the client leaves."""
+    run = await _start(context, body, scope, None, idempotency_key)
+    return stream_response(context, run, scope, cancel_on_disconnect=body.on_disconnect == "cancel")
+
+
+@router.post("/batch", response_model=list[RunPublic])
+async def create_run_batch(context: Context, scope: CurrentScope,
+                           body: Annotated[list[RunCreate], Body(min_length=1, max_length=1000)]):
+    """Start several background runs at once (each on its own thread)."""
+    return [run_public(await _start(context, item, scope, None, None)) for item in body]
+
+
+@router.post("/cancel", status_code=204)
+async def cancel_runs(body: RunsCancel, context: Context, scope: CurrentScope,
+                      action: Literal["interrupt", "rollback"] = "interrupt"):
+    """Cancel runs by id, by thread, or every pending/running one of this key."""
+    if body.run_ids:
+        ids = body.run_ids
+    else:
+        if body.status is None and body.thread_id is None:
+            raise ApiError(422, "give run_ids, thread_id or status", code="invalid_request")
+        statuses = ("pending", "running", "interrupted") if body.status in (None, "all") else (body.status,)
+        ids = []
+        for status in statuses:
+            runs = await run_in_threadpool(context.runs.list_runs, scope=scope, thread_id=body.thread_id,
+                                           status=status, limit=100_000)
+            ids += [run.run_id for run in runs]
+    for run_id in ids:
+        await run_in_threadpool(context.runs.cancel, run_id, scope=scope)
+    return Response(status_code=204)
+
+
+@router.get("", response_model=list[RunPublic])
+async def list_runs(context: Context, scope: CurrentScope, limit: Limit = 10, offset: Offset = 0,
+                    status: RunStatus | None = None):
+    """This key's runs, newest first, a page at a time."""
+    return await _list(context, scope, None, status, limit, offset)
+
+
+@router.get("/{run_id}", response_model=RunPublic)
+async def read_run(run_id: str, context: Context, scope: CurrentScope):
+    """A run's status, queue position (runs admitted before it, not started yet) and latest progress."""
+    return await _read(context, run_id, scope)
+
+
+# Runs on a thread -----------------------------------------------------------------------------------------------
+
+
+@thread_router.post("", response_model=RunPublic)
+async def create_thread_run(thread_id: str, body: RunCreate, context: Context, scope: CurrentScope,
+                            idempotency_key: IdempotencyKey = None):
+    """Start a background run on the thread (after its earlier runs: runs on a thread are serial)."""
+    return _created(await _start(context, body, scope, thread_id, idempotency_key))
+
+
+@thread_router.post("/wait")
+async def wait_thread_run(thread_id: str, body: RunCreate, context: Context, scope: CurrentScope,
+                          idempotency_key: IdempotencyKey = None):
+    """Start a run on the thread and answer with the thread's state after it."""
+    return await _waited(context, await _start(context, body, scope, thread_id, idempotency_key), scope)
+
+
+@thread_router.post("/stream", response_class=JSONResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def stream_thread_run(thread_id: str, body: RunCreate, context: Context, scope: CurrentScope,
+                            idempotency_key: IdempotencyKey = None):
+    """Start a run on the thread and stream its events (SSE)."""
+    run = await _start(context, body, scope, thread_id, idempotency_key)
+    return stream_response(context, run, scope, cancel_on_disconnect=body.on_disconnect == "cancel")
+
+
+@thread_router.get("", response_model=list[RunPublic])
+async def list_thread_runs(thread_id: str, context: Context, scope: CurrentScope, limit: Limit = 10,
+                           offset: Offset = 0, status: RunStatus | None = None):
+    """The thread's runs, newest first."""
+    await run_in_threadpool(context.runs.get_thread, thread_id, scope=scope)
+    return await _list(context, scope, thread_id, status, limit, offset)
+
+
+@thread_router.get("/{run_id}", response_model=RunPublic)
+async def read_thread_run(thread_id: str, run_id: str, context: Context, scope: CurrentScope):
+    """A run's status, queue position and latest progress."""
+    return await _read(context, run_id, scope, thread_id)
+
+
+@thread_router.post("/{run_id}/cancel", response_model=RunPublic)
+async def cancel_thread_run(thread_id: str, run_id: str, context: Context, scope: CurrentScope,
+                            wait: bool = False, action: Literal["interrupt", "rollback"] = "interrupt"):
+    """Cancel a run (idempotent: a finished run stays as it was); ``wait=1`` answers once it has stopped."""
+    await _get(context, run_id, scope, thread_id)
+    return await _cancel(context, run_id, scope, wait)
+
+
+@thread_router.get("/{run_id}/join")
+async def join_thread_run(thread_id: str, run_id: str, context: Context, scope: CurrentScope):
+    """Wait for the run to end; answer with the thread's state after it."""
+    await _get(context, run_id, scope, thread_id)
+    run = await wait_for_end(context, run_id, scope)
+    return JSONResponse(await final_values(context, run))
+
+
+@thread_router.get("/{run_id}/stream", response_class=JSONResponse,
+                   responses={200: {"content": {"text/event-stream": {}}}})
+async def join_thread_run_stream(thread_id: str, run_id: str, context: Context, scope: CurrentScope,
+                                 last_event_id: LastEventId = None, cancel_on_disconnect: bool = False):
+    """Stream a run's events (SSE) from the start, or after ``Last-Event-ID`` to resume."""
+    check_event_id(last_event_id)
+    run = await _get(context, run_id, scope, thread_id)
+    return stream_response(context, run, scope, last_event_id=last_event_id,
+                           cancel_on_disconnect=cancel_on_disconnect)

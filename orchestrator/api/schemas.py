@@ -1,0 +1,205 @@
+"""Request and response bodies. Runs and threads follow the LangGraph Agent Server shapes (so ``langgraph-sdk``
+works); our additions (queue position, progress, priority, errors) are extra fields next to theirs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunStatus = Literal["pending", "running", "interrupted", "success", "error", "timeout", "cancelled"]
+ThreadStatus = Literal["idle", "busy", "interrupted", "error"]
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class AssistantSearch(BaseModel):
+    graph_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    limit: int = Field(10, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+
+
+class AssistantPublic(BaseModel):
+    """A workflow seen as an Agent Server assistant: its id and graph id are the workflow's name."""
+
+    assistant_id: str
+    graph_id: str
+    name: str
+    description: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    context: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    version: int = 1
+    created_at: datetime = datetime(2026, 1, 1)
+    updated_at: datetime = datetime(2026, 1, 1)
+
+
+class AssistantSchemas(BaseModel):
+    graph_id: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any] | None = None
+    state_schema: dict[str, Any] | None = None
+    config_schema: dict[str, Any] | None = None
+    context_schema: dict[str, Any] | None = None
+
+
+# Threads ------------------------------------------------------------------------------------------------------
+
+
+class ThreadCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    thread_id: str | None = Field(None, pattern=ID_PATTERN)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    if_exists: Literal["raise", "do_nothing"] = "raise"
+
+
+class ThreadUpdate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ThreadSearch(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    metadata: dict[str, Any] | None = None
+    status: ThreadStatus | None = None
+    limit: int = Field(10, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+
+
+class ThreadPublic(BaseModel):
+    thread_id: str
+    created_at: datetime
+    updated_at: datetime
+    metadata: dict[str, Any]
+    status: ThreadStatus
+    values: dict[str, Any] | None = None
+    interrupts: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+
+
+class Checkpoint(BaseModel):
+    thread_id: str
+    checkpoint_ns: str = ""
+    checkpoint_id: str | None = None
+
+
+class ThreadStatePublic(BaseModel):
+    values: dict[str, Any]
+    next: list[str]
+    checkpoint: Checkpoint
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: str | None = None
+    parent_checkpoint: Checkpoint | None = None
+    tasks: list[dict[str, Any]] = Field(default_factory=list)
+    interrupts: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ThreadHistoryRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    limit: int = Field(10, ge=1, le=1000)
+    before: dict[str, Any] | str | None = None
+
+
+# Runs ---------------------------------------------------------------------------------------------------------
+
+
+class RunCommand(BaseModel):
+    """Resume an interrupted run (a human approval): ``{"resume": {"approved": true, "prompt": "..."}}``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    resume: Any = None
+
+
+class RunCreate(BaseModel):
+    """The Agent Server run payload. ``assistant_id`` is a workflow name; ``input`` has the workflow's fields
+    (the flags of ``mgmflow run <workflow>``). Fields of the SDK we do not use (config, durability, ...) are
+    accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    assistant_id: str = Field(min_length=1, max_length=128)
+    input: dict[str, Any] | None = None
+    command: RunCommand | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    stream_mode: str | list[str] | None = None
+    stream_resumable: bool = False
+    webhook: str | None = Field(None, max_length=2048)
+    multitask_strategy: Literal["reject", "interrupt", "rollback", "enqueue"] = "enqueue"
+    if_not_exists: Literal["create", "reject"] = "reject"
+    on_disconnect: Literal["cancel", "continue"] = "continue"
+    # Our additions: 0 is the most urgent; interactive runs default ahead of batch items.
+    priority: int = Field(3, ge=0, le=9)
+    approve: bool = False
+
+
+class RunPublic(BaseModel):
+    run_id: str
+    thread_id: str | None
+    assistant_id: str
+    created_at: datetime
+    updated_at: datetime
+    status: RunStatus
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    multitask_strategy: str = "enqueue"
+    # Progress over plain HTTP: runs admitted before this one and not yet started, and the last progress event.
+    position: int | None = None
+    progress: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class RunsCancel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    thread_id: str | None = None
+    run_ids: list[str] | None = Field(None, max_length=10_000)
+    status: Literal["pending", "running", "all"] | None = None
+
+
+# Artifacts ----------------------------------------------------------------------------------------------------
+
+
+class ArtifactPublic(BaseModel):
+    id: str
+    sha256: str
+    size: int
+    media_type: str
+    metadata: dict[str, Any]
+    created_at: datetime | float | str
+
+
+# Batches ------------------------------------------------------------------------------------------------------
+
+
+class BatchCreate(BaseModel):
+    """Many inputs of one workflow, run through the ``batch`` workflow with at most ``concurrency`` at once."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    assistant_id: str = Field(min_length=1, max_length=128)
+    items: list[dict[str, Any]] = Field(min_length=1)
+    concurrency: int = Field(4, ge=1, le=256)
+    priority: int = Field(7, ge=0, le=9)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class BatchItemPublic(BaseModel):
+    index: int
+    run_id: str | None = None
+    # waiting (not started), a run status, or "invalid" (the workflow refused the input)
+    status: str
+    error: dict[str, Any] | None = None
+
+
+class BatchPublic(BaseModel):
+    batch_id: str
+    workflow: str
+    total: int
+    done: int
+    counts: dict[str, int]
+    run: RunPublic
+    items: list[BatchItemPublic] | None = None

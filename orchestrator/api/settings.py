@@ -1,0 +1,56 @@
+"""Settings of the HTTP API: the workers' settings plus keys, limits and allow-lists, all from ``MGMFLOW_*``."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from workers.settings import Settings
+
+LOOPBACK = "127.0.0.1"
+
+
+class ApiSettings(Settings):
+    """What the API adds to :class:`workers.settings.Settings`; every field is ``MGMFLOW_<NAME>`` in the env."""
+
+    # Bearer keys, comma-separated. None configured: open, single-user, loopback by default.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Hosts whose https image URLs chat requests may reference; nothing else is ever fetched.
+    image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Hosts that run webhooks may be sent to.
+    webhook_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_prompt_chars: int = Field(32_768, ge=1)
+    max_pages: int = Field(64, ge=1)
+    max_batch_items: int = Field(10_000, ge=1)
+    # Token bucket per key: sustained requests per second and burst size; 0 turns it off.
+    rate_limit_per_second: float = Field(200.0, ge=0)
+    rate_limit_burst: int = Field(2_000, ge=1)
+    # Runs a key may have pending or running at once (a quota); 0 turns it off.
+    max_active_runs_per_key: int = Field(5_000, ge=0)
+
+    @field_validator("api_keys", "image_url_hosts", "webhook_hosts", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def open_access(self) -> bool:
+        """No keys configured: a single-user server."""
+        return not self.api_keys
+
+    def scope_of(self, api_key: str | None) -> str | None:
+        """The scope (owner) of a key; ``None`` when the key is unknown. Keys never appear in stored data."""
+        if self.open_access:
+            return "default"
+        if api_key is None or not any(hmac.compare_digest(api_key, key) for key in self.api_keys):
+            return None
+        return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]

@@ -1,0 +1,273 @@
+// The mgmflow playground: pick a workflow, fill its input (the form is built from the workflow's input schema),
+// start a run on a new thread, follow its event stream, show images as they arrive and the storyboard at the end.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { threadId: null, runId: null, schema: null, shown: new Set() };
+
+$("api-key").value = localStorage.getItem("mgmflow-api-key") || "";
+$("api-key").addEventListener("change", () => localStorage.setItem("mgmflow-api-key", $("api-key").value));
+
+function headers(extra = {}) {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}`, ...extra } : extra;
+}
+
+async function api(path, { method = "GET", json, body } = {}) {
+  const init = { method, headers: headers(json ? { "Content-Type": "application/json" } : {}) };
+  if (json !== undefined) init.body = JSON.stringify(json);
+  if (body !== undefined) init.body = body;
+  const response = await fetch(path, init);
+  const data = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
+  if (!response.ok) throw new Error(data?.detail || `${response.status} ${response.statusText}`);
+  return data;
+}
+
+function log(text, cls) {
+  const item = document.createElement("li");
+  item.textContent = text;
+  if (cls) item.className = cls;
+  $("events").append(item);
+  $("events").scrollTop = $("events").scrollHeight;
+}
+
+async function loadWorkflows() {
+  const assistants = await api("/assistants/search", { method: "POST", json: { limit: 100 } });
+  for (const assistant of assistants) {
+    const option = new Option(assistant.name, assistant.assistant_id);
+    option.title = assistant.description || "";
+    $("workflow").append(option);
+  }
+  if (assistants.some((a) => a.assistant_id === "story")) $("workflow").value = "story";
+  await loadSchema();
+}
+
+async function loadSchema() {
+  const id = $("workflow").value;
+  const schemas = await api(`/assistants/${encodeURIComponent(id)}/schemas`);
+  state.schema = schemas.input_schema || { properties: {} };
+  $("workflow-description").textContent = $("workflow").selectedOptions[0]?.title || "";
+  renderFields(state.schema);
+}
+
+function isImageField(name, spec) {
+  return /image/i.test(name) && (spec.type === "string" || spec.type === "array" || spec.anyOf);
+}
+
+function renderFields(schema) {
+  const fields = $("fields");
+  fields.replaceChildren();
+  const required = new Set(schema.required || []);
+  for (const [name, spec] of Object.entries(schema.properties || {})) {
+    const label = document.createElement("label");
+    label.textContent = `${spec.title || name} `;
+    let input;
+    if (isImageField(name, spec)) {
+      input = document.createElement("input");
+      input.type = "file";
+      input.accept = "image/*";
+      input.multiple = spec.type === "array";
+    } else if (spec.type === "integer" || spec.type === "number") {
+      input = document.createElement("input");
+      input.type = "number";
+      if (spec.minimum !== undefined) input.min = spec.minimum;
+      if (spec.maximum !== undefined) input.max = spec.maximum;
+      if (spec.default !== undefined) input.value = spec.default;
+      input.step = spec.type === "integer" ? "1" : "any";
+    } else if (spec.type === "boolean") {
+      input = document.createElement("input");
+      input.type = "checkbox";
+      input.checked = Boolean(spec.default);
+    } else if (spec.type === "string") {
+      input = document.createElement(spec.maxLength && spec.maxLength <= 200 ? "input" : "textarea");
+      if (spec.default !== undefined && spec.default !== null) input.value = spec.default;
+    } else {
+      continue; // structured fields are for the API, not this page
+    }
+    input.name = name;
+    input.id = `field-${name}`;
+    input.required = required.has(name) && input.type !== "checkbox";
+    label.append(input);
+    fields.append(label);
+  }
+}
+
+async function collectInput() {
+  const input = {};
+  for (const element of $("fields").querySelectorAll("input, textarea")) {
+    const spec = state.schema.properties[element.name];
+    if (element.type === "file") {
+      const ids = [];
+      for (const file of element.files) {
+        const form = new FormData();
+        form.append("file", file);
+        ids.push((await api("/artifacts", { method: "POST", body: form })).id);
+      }
+      if (ids.length) input[element.name] = spec.type === "array" ? ids : ids[0];
+    } else if (element.type === "checkbox") {
+      input[element.name] = element.checked;
+    } else if (element.value !== "") {
+      input[element.name] = element.type === "number" ? Number(element.value) : element.value;
+    }
+  }
+  return input;
+}
+
+async function showImage(container, artifactId, caption) {
+  const key = `${container.id}:${artifactId}`;
+  if (state.shown.has(key)) return;
+  state.shown.add(key);
+  const response = await fetch(`/artifacts/${encodeURIComponent(artifactId)}/content`, { headers: headers() });
+  if (!response.ok) return log(`cannot load image ${artifactId}: ${response.status}`, "error");
+  const figure = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = URL.createObjectURL(await response.blob());
+  img.alt = caption || artifactId;
+  img.dataset.artifact = artifactId;
+  const text = document.createElement("figcaption");
+  text.textContent = caption || "";
+  figure.append(img, text);
+  container.append(figure);
+}
+
+function setProgress(done, total) {
+  if (total) { $("progress").max = total; $("progress").value = done; }
+}
+
+// Event types: the driver's `run` and `node`, the workflow's `progress` and `artifact`, the workers' `task.*`.
+function onEvent(event, data) {
+  switch (event) {
+    case "metadata":
+      return log(`run ${data.run_id}`);
+    case "run":
+      $("status").textContent = data.status;
+      return log(`run ${data.status}${data.error ? `: ${data.error.message}` : ""}`, data.error ? "error" : "");
+    case "node":
+      if (data.phase === "start") $("status").textContent = `running: ${data.name}`;
+      return log(`${data.phase === "start" ? "▶" : data.phase === "error" ? "✗" : "✓"} ${data.name}`);
+    case "progress":
+      setProgress(data.done, data.total);
+      $("position").textContent = `${data.stage || ""} ${data.done}/${data.total}`;
+      return log(`progress ${data.stage || ""} ${data.done}/${data.total}`);
+    case "task.step":
+      return setProgress(data.step, data.total);
+    case "task.started":
+      return log(`task ${data.kind}`);
+    case "artifact":
+      if ((data.media_type || "image/png").startsWith("image/") && (data.kind || "image") === "image") {
+        showImage($("images"), data.id, [data.item, data.prompt].filter(Boolean).join(": "));
+      }
+      return log(`artifact ${data.id}`);
+    case "error":
+      $("status").textContent = "error";
+      return log(`error: ${data.message || data.error}`, "error");
+    case "end":
+      $("status").textContent = data.status || "done";
+      return log(`end: ${data.status}`);
+    default:
+      return undefined;
+  }
+}
+
+// Reads the run's event stream with fetch (EventSource cannot send an API key), resuming with Last-Event-ID.
+async function follow(threadId, runId) {
+  let lastId = null;
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const extra = lastId ? { "Last-Event-ID": lastId } : {};
+    let ended = false;
+    try {
+      const response = await fetch(`/threads/${threadId}/runs/${runId}/stream`, { headers: headers(extra) });
+      if (!response.ok) throw new Error(`${response.status}`);
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      let fields = { event: "message", data: "" };
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let newline;
+        while ((newline = buffer.search(/\r\n|\n|\r/)) >= 0) {
+          const line = buffer.slice(0, newline);
+          buffer = buffer.slice(newline + (buffer.startsWith("\r\n", newline) ? 2 : 1));
+          if (line === "") {
+            if (fields.data) {
+              const data = JSON.parse(fields.data);
+              onEvent(fields.event, data);
+              if (fields.event === "end") ended = true;
+            }
+            fields = { event: "message", data: "" };
+          } else if (!line.startsWith(":")) {
+            const colon = line.indexOf(":");
+            const name = line.slice(0, colon);
+            const val = line.slice(colon + 1).replace(/^ /, "");
+            if (name === "id") lastId = val;
+            else if (name === "event") fields.event = val;
+            else if (name === "data") fields.data += (fields.data ? "\n" : "") + val;
+          }
+        }
+      }
+    } catch (error) {
+      log(`stream interrupted (${error.message}), reconnecting`);
+    }
+    if (ended) return;
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+// Plain-HTTP progress while the run waits: its place in the queue.
+async function pollPosition(runId) {
+  for (;;) {
+    const run = await api(`/runs/${runId}`);
+    if (run.status !== "pending") return;
+    $("position").textContent = `queued, position ${run.position}`;
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+async function showResult(threadId) {
+  const threadState = await api(`/threads/${threadId}/state`);
+  const values = threadState.values || {};
+  const refs = Object.fromEntries((values.artifacts || []).map((ref) => [ref.id, ref]));
+  const chosen = Object.entries(values.chosen || {}).sort(([a], [b]) => a.localeCompare(b, undefined, { numeric: true }));
+  for (const [item, artifactId] of chosen) {
+    const ref = refs[artifactId] || {};
+    const score = ref.scores ? Object.values(ref.scores)[0] : undefined;
+    await showImage($("storyboard"), artifactId, `${item}: ${ref.prompt || ""}${score !== undefined ? ` (score ${score})` : ""}`);
+  }
+  const answer = values.answer || (values.messages || []).filter((m) => m.role === "assistant").map((m) => m.text).pop();
+  if (answer) { $("answer").textContent = typeof answer === "string" ? answer : JSON.stringify(answer, null, 2); $("answer-panel").hidden = false; }
+}
+
+$("workflow").addEventListener("change", () => loadSchema().catch((error) => log(error.message, "error")));
+
+$("run-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("start").disabled = true;
+  $("events").replaceChildren(); $("images").replaceChildren(); $("storyboard").replaceChildren();
+  state.shown.clear();
+  $("progress").value = 0;
+  try {
+    const input = await collectInput();
+    const thread = await api("/threads", { method: "POST", json: {} });
+    const run = await api(`/threads/${thread.thread_id}/runs`, {
+      method: "POST", json: { assistant_id: $("workflow").value, input, stream_resumable: true },
+    });
+    Object.assign(state, { threadId: thread.thread_id, runId: run.run_id });
+    $("cancel").disabled = false;
+    $("status").textContent = run.status;
+    pollPosition(run.run_id).catch(() => {});
+    await follow(thread.thread_id, run.run_id);
+    await showResult(thread.thread_id);
+  } catch (error) {
+    $("status").textContent = "error";
+    log(error.message, "error");
+  } finally {
+    $("start").disabled = false;
+    $("cancel").disabled = true;
+  }
+});
+
+$("cancel").addEventListener("click", () =>
+  api(`/threads/${state.threadId}/runs/${state.runId}/cancel`, { method: "POST" }).catch((error) => log(error.message, "error")));
+
+loadWorkflows().catch((error) => log(error.message, "error"));

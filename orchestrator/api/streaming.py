@@ -1,0 +1,110 @@
+"""Following a run over HTTP: its public shape, its SSE event stream (resumable with ``Last-Event-ID``), and waiting
+for its end without holding a thread. All polling is ``await``-ed sleeps; store reads go to the thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from orchestrator.api.deps import ApiContext
+from orchestrator.api.errors import ApiError
+from orchestrator.api.schemas import RunPublic
+
+logger = logging.getLogger(__name__)
+
+TERMINAL = ("success", "error", "timeout", "cancelled")
+POLL_S = 0.2
+EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+def timestamp(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def run_public(run: Any, *, position: int | None = None, progress: dict | None = None) -> RunPublic:
+    return RunPublic(
+        run_id=run.run_id, thread_id=run.thread_id, assistant_id=run.workflow, status=run.status,
+        created_at=timestamp(run.created_at), updated_at=timestamp(run.updated_at), metadata=run.metadata or {},
+        position=position, progress=progress, error=run.error,
+    )
+
+
+def run_location(run: Any) -> str:
+    return f"/threads/{run.thread_id}/runs/{run.run_id}"
+
+
+def check_event_id(last_event_id: str | None) -> str | None:
+    """A ``Last-Event-ID`` we issued ("<ms>-<seq>"), or a 400."""
+    if last_event_id in (None, "", "-1"):
+        return None
+    if not EVENT_ID.match(last_event_id):
+        raise ApiError(400, f"invalid Last-Event-ID {last_event_id[:40]!r}: expected '<ms>-<seq>'", code="bad_event_id")
+    return last_event_id
+
+
+async def final_values(context: ApiContext, run: Any) -> dict[str, Any]:
+    """The thread's state values after ``run``, as ``/runs/wait`` and ``/join`` return them; errors as
+    ``__error__`` (what ``langgraph-sdk`` raises on)."""
+    values = await run_in_threadpool(context.runs.thread_state, run.thread_id)
+    if run.status != "success":
+        error = run.error or {}
+        values["__error__"] = {"error": error.get("code", run.status), "message": error.get("message", run.status)}
+    return values
+
+
+async def wait_for_end(context: ApiContext, run_id: str, scope: str, timeout: float | None = None) -> Any:
+    """Poll until the run ends (or ``timeout`` seconds pass); returns its last record."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        run = await run_in_threadpool(context.runs.get_run, run_id, scope=scope)
+        if run.status in TERMINAL or (deadline is not None and loop.time() >= deadline):
+            return run
+        await asyncio.sleep(POLL_S)
+
+
+async def _events(context: ApiContext, run: Any, scope: str, after: str | None,
+                  cancel_on_disconnect: bool) -> AsyncIterator[ServerSentEvent]:
+    if after is None:
+        yield ServerSentEvent(event="metadata", data=json.dumps({"run_id": run.run_id, "thread_id": run.thread_id}))
+    finished = False
+    try:
+        while True:
+            # Status first, then events: everything published before the run ended is in this read.
+            current = await run_in_threadpool(context.runs.get_run, run.run_id, scope=scope)
+            events = await run_in_threadpool(context.runs.events, run.run_id, after)
+            for event in events:
+                after = event.id
+                yield ServerSentEvent(id=event.id, event=event.type, data=json.dumps(event.data))
+            if current.status in TERMINAL and not events:
+                break
+            if not events:
+                await asyncio.sleep(POLL_S)
+        values = await final_values(context, current)
+        error = values.pop("__error__", None)
+        yield ServerSentEvent(event="values", data=json.dumps(values))
+        if error is not None:
+            yield ServerSentEvent(event="error", data=json.dumps(error))
+        yield ServerSentEvent(event="end", data=json.dumps({"run_id": current.run_id, "status": current.status}))
+        finished = True
+    finally:
+        if not finished and cancel_on_disconnect:
+            logger.info("client left the stream of run %s: cancelling it", run.run_id)
+            await run_in_threadpool(context.runs.cancel, run.run_id)
+
+
+def stream_response(context: ApiContext, run: Any, scope: str, *, last_event_id: str | None = None,
+                    cancel_on_disconnect: bool = False) -> EventSourceResponse:
+    """The run's events as SSE; ``Location`` tells ``langgraph-sdk`` where to reconnect after a drop."""
+    after = check_event_id(last_event_id)
+    headers = {"Location": f"{run_location(run)}/stream", "Content-Location": run_location(run)}
+    return EventSourceResponse(_events(context, run, scope, after, cancel_on_disconnect), headers=headers,
+                               ping=15, sep="\n")

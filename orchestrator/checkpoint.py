@@ -1,0 +1,113 @@
+"""Where runs live: LangGraph checkpoints and the run records, in one database.
+
+SQLite (``$MGMFLOW_HOME/checkpoints.sqlite``) is the default, embedded or with only a broker set; PostgreSQL
+(``MGMFLOW_DATABASE_URL=postgresql://…``) serves several machines. Both are opened once per process and shared.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+
+from models.errors import InvalidInputError
+
+SQLITE_FILE = "checkpoints.sqlite"
+BUSY_TIMEOUT_MS = 30_000  # several processes (CLI, orchestration workers) may share one SQLite file
+
+
+@dataclass
+class Database:
+    """A checkpointer and a DB-API connection factory for run records, on the same database."""
+
+    url: str
+    saver: BaseCheckpointSaver
+    dialect: str  # "sqlite" | "postgres"
+    _sqlite: sqlite3.Connection | None = None
+    _pool: Any = None  # psycopg_pool.ConnectionPool
+    _lock: Any = None  # the SqliteSaver's lock: records and checkpoints share its connection
+    rowcount: int = 0
+
+    def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Run one statement (``?`` placeholders) in its own transaction; rows for a query, else []."""
+        if self.dialect == "sqlite":
+            with self._lock, self._sqlite:  # the connection is shared by threads: serialise its use
+                cursor = self._sqlite.execute(sql, params)
+                rows = cursor.fetchall()
+                self.rowcount = cursor.rowcount
+                return rows
+        with self._pool.connection() as connection:
+            cursor = connection.execute(sql.replace("?", "%s"), params)
+            self.rowcount = cursor.rowcount
+            return cursor.fetchall() if cursor.description else []
+
+    def changed(self, sql: str, params: tuple = ()) -> int:
+        """Run one update and return how many rows it changed (for compare-and-set)."""
+        self.execute(sql, params)
+        return self.rowcount
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+        if self._pool is not None:
+            self._pool.close()
+
+
+_databases: dict[str, Database] = {}
+_databases_lock = threading.Lock()
+
+
+def database_url(settings: Any) -> str:
+    """The database of a deployment: ``MGMFLOW_DATABASE_URL``, else the SQLite file under ``MGMFLOW_HOME``."""
+    if settings.database_url:
+        return settings.database_url
+    return f"sqlite:///{Path(settings.home).expanduser() / SQLITE_FILE}"
+
+
+def open_database(settings: Any) -> Database:
+    """The process-wide :class:`Database` of ``settings`` (opened, and set up, on first use)."""
+    url = database_url(settings)
+    with _databases_lock:
+        if url not in _databases:
+            _databases[url] = _open(url)
+        return _databases[url]
+
+
+def _open(url: str) -> Database:
+    if url.startswith("sqlite:///"):
+        return _open_sqlite(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        return _open_postgres(url)
+    raise InvalidInputError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://…")
+
+
+def _open_sqlite(path: Path) -> Database:
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # check_same_thread=False is safe: every use holds the saver's lock.
+    connection = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    connection.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer across processes
+    saver = SqliteSaver(connection)
+    saver.setup()
+    return Database(f"sqlite:///{path}", saver, "sqlite", _sqlite=connection, _lock=saver.lock)
+
+
+def _open_postgres(url: str) -> Database:
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg.rows import dict_row, tuple_row
+    from psycopg_pool import ConnectionPool
+
+    # The saver needs dict rows; run records use their own pool with plain tuples.
+
+    saver_pool = ConnectionPool(url, kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+                                min_size=1, max_size=8, check=ConnectionPool.check_connection, open=True)
+    saver = PostgresSaver(saver_pool)
+    saver.setup()
+    records_pool = ConnectionPool(url, kwargs={"autocommit": True, "row_factory": tuple_row}, min_size=1, max_size=8,
+                                  check=ConnectionPool.check_connection, open=True)
+    return Database(url, saver, "postgres", _pool=records_pool)

@@ -1,0 +1,316 @@
+"""Driving runs: advance a run's graph until it parks, on every completion of a task it awaits.
+
+    create_run ─► orchestrator.advance ─► graph runs until await_tasks parks (interrupt) ─► record: awaited ids
+    worker finishes a task ─► orchestrator.resume(run_id) ─► all awaited finished? ─► Command(resume=…) ─► …
+
+No process waits for a GPU: an orchestration task takes the run's lease, runs the graph to its next park and
+returns. Any orchestration worker may pick up any run (state is in the checkpoints, durability="sync"); a dead
+holder's lease expires. A sweeper thread re-dispatches runs that are ready but idle: a lost completion message,
+a killed orchestration worker, a queued run whose thread became free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+from langgraph.types import Command
+
+from models.errors import Cancelled, DeadlineExceeded, MGMFlowError
+from orchestrator.checkpoint import open_database
+from orchestrator.records import TERMINAL, RunInfo, RunStore
+from orchestrator.runtime import RUN_REF, FINISHED, RunContext
+from orchestrator.workflow import get_workflow
+
+logger = logging.getLogger(__name__)
+
+ADVANCE = "orchestrator.advance"
+RESUME = "orchestrator.resume"
+QUEUE = "orchestrator"
+SWEEP_INTERVAL_S = 2.0
+SWEEP_GRACE_S = 2.0  # a run idle for less than this may still have its message in flight
+
+
+class Orchestrator:
+    """The per-process driver: run records, checkpoints, the task client, compiled graphs, the sweeper."""
+
+    def __init__(self, settings: Any) -> None:
+        from workers.app import get_app
+        from workers.artifacts import open_store
+        from workers.client import TaskClient
+
+        self.settings = settings
+        # Before the client: in embedded mode it starts the in-process worker, which only knows the tasks
+        # registered when it starts.
+        register(get_app(settings), settings)
+        self.database = open_database(settings)
+        self.runs = RunStore(self.database)
+        self.client = TaskClient(settings)
+        self.store = open_store(settings)
+        # The driving process renews its lease every third of it; a dead one's runs are free after lease_s.
+        self.lease_s = settings.lease_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._graphs: dict[int, Any] = {}
+        self._sweeper: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # Dispatch.
+    def dispatch(self, run_id: str) -> None:
+        """Ask an orchestration worker (in-process when embedded) to advance ``run_id``."""
+        from workers.app import get_app
+
+        get_app(self.settings).send_task(ADVANCE, kwargs={"run_id": run_id}, queue=QUEUE)
+
+    def advance(self, run_id: str) -> None:
+        """Drive ``run_id`` while it is ready; return when it parks, waits for a human, ends, or is held elsewhere."""
+        while self.ready(self.runs.get(run_id)):
+            if not self.runs.acquire(run_id, self.owner, self.lease_s):
+                return  # another process drives it; it re-checks readiness after releasing
+            try:
+                with self._heartbeat(run_id):
+                    self._step(self.runs.get(run_id))
+            finally:
+                self.runs.release(run_id, self.owner)
+
+    def ready(self, run: RunInfo) -> bool:
+        """Whether ``run`` can make progress now."""
+        if run.status == "pending":
+            return self.runs.blocking_run(run) is None
+        if run.status != "running":
+            return False  # finished, or waiting for a human
+        if run.resume_value is not None:
+            return True
+        return self._finished_at(run) is not None
+
+    def _finished_at(self, run: RunInfo) -> float | None:
+        """When the last of the run's awaited tasks finished (None while any is unfinished)."""
+        if run.awaited and all(ref.startswith(RUN_REF) for ref in run.awaited):
+            return self._first_child_ended_at(run)
+        finished_at = run.updated_at
+        for task_id in run.awaited:
+            record = self.client.get(task_id)
+            if record is None or record.status not in FINISHED:
+                return None
+            finished_at = max(finished_at, record.updated_at or 0.0)
+        return finished_at
+
+    def _first_child_ended_at(self, run: RunInfo) -> float | None:
+        """A parent run (the ``batch`` workflow, via ``await_runs``) resumes when the *first* awaited child ends."""
+        children = [self.runs.get(ref[len(RUN_REF):]) for ref in run.awaited]
+        ended = [child.updated_at for child in children if child.status in TERMINAL]
+        return min(ended) if ended else None
+
+    # One drive of the graph, from the last checkpoint to the next park.
+    def _step(self, run: RunInfo) -> None:
+        workflow = get_workflow(run.workflow)
+        graph = self._graph(workflow)
+        config = {"configurable": {"thread_id": run.thread_id}, "metadata": {"run_id": run.run_id}}
+        snapshot = graph.get_state(config)
+        if (snapshot.metadata or {}).get("run_id") != run.run_id:
+            command: Any = workflow.validate_input(run.input).model_dump(mode="json")
+            if self.runs.update(run.run_id, unless_status=("running", *TERMINAL), status="running"):
+                self._publish(run, "run", {"status": "running"})
+        elif snapshot.interrupts:
+            resume = {}
+            for pending in snapshot.interrupts:
+                if _kind(pending) == "approval":
+                    if run.resume_value is not None:
+                        resume[pending.id] = run.resume_value
+                else:
+                    resume[pending.id] = {"task_ids": pending.value.get("task_ids", [])}
+            if not resume:
+                return self._park(run, graph.get_state(config))
+            command = Command(resume=resume)
+        elif snapshot.next:
+            command = None  # a driver died mid-step: continue from the last checkpoint
+        else:
+            return self._finish(run, "success")
+        context = self._context(run)
+        try:
+            for namespace, _mode, chunk in graph.stream(command, config, context=context, durability="sync",
+                                                         stream_mode=["tasks"], subgraphs=True):
+                self._node_event(run, namespace, chunk)
+        except Cancelled as error:
+            return self._finish(run, "cancelled", error)
+        except DeadlineExceeded as error:
+            return self._finish(run, "timeout", error)
+        except MGMFlowError as error:
+            return self._finish(run, "error", error)
+        except Exception as error:  # a bug in a workflow: the run fails with its message, the driver lives on
+            logger.exception("run %s failed", run.run_id)
+            return self._finish(run, "error", error)
+        self._park(run, graph.get_state(config))
+
+    def _park(self, run: RunInfo, snapshot: Any) -> None:
+        """Record where the graph stopped: awaiting tasks (running), a human (interrupted), or the end."""
+        approvals = [pending.value for pending in snapshot.interrupts if _kind(pending) == "approval"]
+        awaited = [task_id for pending in snapshot.interrupts if _kind(pending) == "await"
+                   for task_id in pending.value.get("task_ids", [])]
+        if approvals:
+            if self.runs.update(run.run_id, status="interrupted", interrupt=approvals, awaited=awaited,
+                                resume_value=None):
+                self._publish(run, "run", {"status": "interrupted", "interrupt": approvals})
+        elif awaited:
+            self.runs.update(run.run_id, status="running", interrupt=None, awaited=awaited, resume_value=None)
+        elif snapshot.next:
+            self.runs.update(run.run_id, status="running", awaited=[], resume_value=None)
+        else:
+            self._finish(run, "success")
+
+    def _finish(self, run: RunInfo, status: str, error: BaseException | None = None) -> None:
+        detail = None
+        if error is not None:
+            detail = {"code": getattr(error, "code", "internal"), "message": str(error) or type(error).__name__}
+        if self.runs.update(run.run_id, status=status, error=detail, awaited=[], interrupt=None, resume_value=None):
+            self._publish(run, "run", {"status": status, **({"error": detail} if detail else {})})
+        if status != "success":
+            self.client.cancel(run.run_id)  # stop its other tasks
+        self.start_next(run.thread_id)
+        parent = (run.metadata or {}).get("parent_run_id")
+        if parent:
+            self.dispatch(parent)  # a parent awaiting its children (batch) checks them again; the sweeper backs this up
+
+    def start_next(self, thread_id: str) -> None:
+        """Runs on a thread are serial: start the next queued one."""
+        following = self.runs.next_pending(thread_id)
+        if following is not None:
+            self.dispatch(following)
+
+    def _node_event(self, run: RunInfo, namespace: tuple[str, ...], chunk: dict[str, Any]) -> None:
+        name = chunk.get("name", "")
+        if name.startswith("__"):
+            return
+        if "input" in chunk:
+            phase = "start"
+        elif chunk.get("interrupts"):
+            phase = "parked"
+        else:
+            phase = "error" if chunk.get("error") else "end"
+        path = [part.split(":", 1)[0] for part in namespace]
+        self._publish(run, "node", {"name": name, "phase": phase, "path": path})
+
+    def _publish(self, run: RunInfo, event_type: str, data: dict[str, Any]) -> None:
+        self.client.publish(run.run_id, event_type, data)
+
+    def _context(self, run: RunInfo) -> RunContext:
+        return RunContext(run_id=run.run_id, thread_id=run.thread_id, scope=run.scope, settings=self.settings,
+                          client=self.client, store=self.store, approve=run.approve, priority=run.priority,
+                          workflow=run.workflow)
+
+    def context_for(self, run: RunInfo) -> RunContext:
+        """A :class:`RunContext` for code outside the graph (writing a workflow's output)."""
+        return self._context(run)
+
+    def graph(self, workflow_name: str) -> Any:
+        return self._graph(get_workflow(workflow_name))
+
+    def _graph(self, workflow: Any) -> Any:
+        key = id(workflow)
+        if key not in self._graphs:
+            self._graphs[key] = workflow.build_graph().compile(checkpointer=self.database.saver)
+        return self._graphs[key]
+
+    @contextlib.contextmanager
+    def _heartbeat(self, run_id: str) -> Iterator[None]:
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_s / 3):
+                self.runs.renew(run_id, self.owner, self.lease_s)
+
+        thread = threading.Thread(target=renew, name=f"lease-{run_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    # The sweeper.
+    def sweep(self) -> list[str]:
+        """Re-dispatch every idle run that could make progress; returns their ids."""
+        dispatched = []
+        for run in self.runs.stale(older_than=SWEEP_GRACE_S):
+            try:
+                if self.ready(run) and self._idle_since(run) < time.time() - SWEEP_GRACE_S:
+                    self.dispatch(run.run_id)
+                    dispatched.append(run.run_id)
+            except Exception:  # one broken run must not stop the sweep of the others
+                logger.exception("sweeper: cannot re-dispatch run %s", run.run_id)
+        if dispatched:
+            logger.info("sweeper re-dispatched %d idle run(s): %s", len(dispatched), ", ".join(dispatched))
+        return dispatched
+
+    def _idle_since(self, run: RunInfo) -> float:
+        """Since when ``run`` could have been advanced (its completion notice may still be in flight)."""
+        if run.status == "running" and run.resume_value is None:
+            return self._finished_at(run) or time.time()
+        return run.updated_at
+
+    def start_sweeper(self, interval: float = SWEEP_INTERVAL_S) -> None:
+        """Sweep every ``interval`` seconds in a daemon thread (once per process)."""
+        if self._sweeper is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.sweep()
+                except Exception:
+                    logger.exception("sweeper pass failed")
+
+        self._sweeper = threading.Thread(target=loop, name="mgmflow-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _kind(pending: Any) -> str:
+    value = pending.value if isinstance(pending.value, dict) else {}
+    return value.get("kind", "approval")
+
+
+_orchestrators: dict[str, Orchestrator] = {}
+_orchestrators_lock = threading.Lock()
+
+
+def get_orchestrator(settings: Any = None) -> Orchestrator:
+    """The process's :class:`Orchestrator` for ``settings`` (default: from the environment)."""
+    if settings is None:
+        from workers.settings import get_settings
+
+        settings = get_settings()
+    key = settings.model_dump_json()
+    with _orchestrators_lock:
+        if key not in _orchestrators:
+            _orchestrators[key] = Orchestrator(settings)
+        return _orchestrators[key]
+
+
+def register(app: Any, settings: Any) -> None:
+    """Register the orchestration tasks on the workers' Celery app (idempotent; the first settings win)."""
+    if ADVANCE in app.tasks:
+        return
+
+    @app.task(name=ADVANCE, ignore_result=True, acks_late=True)
+    def advance(run_id: str) -> None:
+        get_orchestrator(settings).advance(run_id)
+
+    @app.task(name=RESUME, ignore_result=True, acks_late=True)
+    def resume(run_id: str, task_id: str | None = None) -> None:
+        get_orchestrator(settings).advance(run_id)
+
+
+def serve(settings: Any = None) -> Orchestrator:
+    """In an orchestration worker process, before the worker starts: register the tasks, start the sweeper."""
+    orchestrator = get_orchestrator(settings)
+    orchestrator.start_sweeper()
+    return orchestrator
+

@@ -1,0 +1,243 @@
+"""Run and thread records, next to the checkpoints in the same database.
+
+A run record says what the run is (workflow, input, thread, scope, priority, idempotency key) and where it stands
+(status, the task ids it awaits, a pending human resume value, its error). The graph's own state lives in the
+LangGraph checkpoints. A short lease on the record makes one process at a time drive a run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from models.errors import InvalidInputError
+from orchestrator.checkpoint import Database
+
+ACTIVE = ("pending", "running", "interrupted")
+TERMINAL = ("success", "error", "timeout", "cancelled")
+STATUSES = ACTIVE + TERMINAL
+
+
+class RunNotFound(InvalidInputError):
+    """No run (or thread) with that id in the caller's scope."""
+
+    code = "not_found"
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    thread_id: str
+    workflow: str
+    status: str
+    scope: str
+    input: dict[str, Any]
+    approve: bool = False
+    priority: int = 5
+    idempotency_key: str | None = None
+    awaited: list[str] = field(default_factory=list)
+    interrupt: list[dict[str, Any]] | None = None  # pending approval payloads while status == interrupted
+    error: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    resume_value: Any = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_COLUMNS = (
+    "run_id", "thread_id", "workflow", "status", "scope", "input", "approve", "priority", "idempotency_key",
+    "awaited", "interrupt", "error", "metadata", "created_at", "updated_at", "resume_value",
+)
+_JSON = {"input", "awaited", "interrupt", "error", "metadata", "resume_value"}
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS mgmflow_runs (
+        run_id TEXT PRIMARY KEY, thread_id TEXT NOT NULL, workflow TEXT NOT NULL, status TEXT NOT NULL,
+        scope TEXT NOT NULL, input TEXT NOT NULL, approve INTEGER NOT NULL, priority INTEGER NOT NULL,
+        idempotency_key TEXT, awaited TEXT NOT NULL, interrupt TEXT, error TEXT, metadata TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL, resume_value TEXT,
+        lease_owner TEXT, lease_expires DOUBLE PRECISION NOT NULL DEFAULT 0)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS mgmflow_runs_idem ON mgmflow_runs (scope, idempotency_key)",
+    "CREATE INDEX IF NOT EXISTS mgmflow_runs_thread ON mgmflow_runs (thread_id, created_at)",
+    "CREATE INDEX IF NOT EXISTS mgmflow_runs_status ON mgmflow_runs (status, updated_at)",
+    """CREATE TABLE IF NOT EXISTS mgmflow_threads (
+        thread_id TEXT PRIMARY KEY, scope TEXT NOT NULL, workflow TEXT, metadata TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL)""",
+)
+
+
+class RunStore:
+    """CRUD of run and thread records, with compare-and-set status changes and a per-run lease."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+        for statement in _SCHEMA:
+            self.db.execute(statement)
+
+    # Threads.
+    def create_thread(self, *, scope: str, thread_id: str | None = None, workflow: str | None = None,
+                      metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        thread_id = thread_id or str(uuid.uuid4())
+        self.db.execute(
+            "INSERT INTO mgmflow_threads (thread_id, scope, workflow, metadata, created_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (thread_id) DO NOTHING",
+            (thread_id, scope, workflow, json.dumps(metadata or {}), time.time()),
+        )
+        return self.get_thread(thread_id, scope=scope)
+
+    def get_thread(self, thread_id: str, *, scope: str | None = None) -> dict[str, Any]:
+        rows = self.db.execute(
+            "SELECT thread_id, scope, workflow, metadata, created_at FROM mgmflow_threads WHERE thread_id = ?",
+            (thread_id,),
+        )
+        if not rows or (scope is not None and rows[0][1] != scope):
+            raise RunNotFound(f"thread {thread_id!r} not found")
+        thread_id, scope, workflow, metadata, created_at = rows[0]
+        return {"thread_id": thread_id, "scope": scope, "workflow": workflow, "metadata": json.loads(metadata),
+                "created_at": created_at}
+
+    def bind_thread(self, thread_id: str, workflow: str) -> None:
+        """A thread belongs to the workflow of its first run (its state has that workflow's shape)."""
+        self.db.execute("UPDATE mgmflow_threads SET workflow = ? WHERE thread_id = ? AND workflow IS NULL",
+                        (workflow, thread_id))
+
+    # Runs.
+    def insert(self, run: RunInfo) -> RunInfo:
+        """Insert ``run``; with an idempotency key already used in its scope, return that run instead."""
+        now = time.time()
+        run.created_at = run.updated_at = now
+        values = tuple(_encode(name, getattr(run, name)) for name in _COLUMNS)
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        self.db.execute(
+            f"INSERT INTO mgmflow_runs ({', '.join(_COLUMNS)}) VALUES ({placeholders}) ON CONFLICT DO NOTHING", values
+        )
+        if run.idempotency_key:
+            existing = self.by_idempotency_key(run.scope, run.idempotency_key)
+            if existing is not None:
+                return existing
+        return self.get(run.run_id)
+
+    def get(self, run_id: str, *, scope: str | None = None) -> RunInfo:
+        rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mgmflow_runs WHERE run_id = ?", (run_id,))
+        if not rows or (scope is not None and rows[0][4] != scope):
+            raise RunNotFound(f"run {run_id!r} not found")
+        return _decode(rows[0])
+
+    def by_idempotency_key(self, scope: str, key: str) -> RunInfo | None:
+        rows = self.db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM mgmflow_runs WHERE scope = ? AND idempotency_key = ?", (scope, key)
+        )
+        return _decode(rows[0]) if rows else None
+
+    def release_idempotency_key(self, run_id: str) -> None:
+        """Free a finished run's key so that the same submission starts afresh (after an error, a cancel)."""
+        self.db.execute("UPDATE mgmflow_runs SET idempotency_key = NULL WHERE run_id = ?", (run_id,))
+
+    def list(self, *, scope: str | None = None, thread_id: str | None = None, status: str | None = None,
+             workflow: str | None = None, limit: int = 100, offset: int = 0) -> list[RunInfo]:
+        where, params = [], []
+        for column, value in (("scope", scope), ("thread_id", thread_id), ("status", status), ("workflow", workflow)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self.db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM mgmflow_runs {clause} ORDER BY created_at DESC, run_id LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [_decode(row) for row in rows]
+
+    def update(self, run_id: str, *, unless_status: tuple[str, ...] = TERMINAL, **changes: Any) -> bool:
+        """Change fields of a run unless its status is one of ``unless_status``; True when it changed."""
+        sets = ", ".join(f"{name} = ?" for name in changes)
+        params = tuple(_encode(name, value) for name, value in changes.items())
+        guard = f" AND status NOT IN ({', '.join('?' for _ in unless_status)})" if unless_status else ""
+        return self.db.changed(
+            f"UPDATE mgmflow_runs SET {sets}, updated_at = ? WHERE run_id = ?{guard}",
+            (*params, time.time(), run_id, *unless_status),
+        ) == 1
+
+    def blocking_run(self, run: RunInfo) -> str | None:
+        """An earlier active run on the same thread, which ``run`` must wait for (runs on a thread are serial)."""
+        rows = self.db.execute(
+            "SELECT run_id FROM mgmflow_runs WHERE thread_id = ? AND run_id != ? AND created_at <= ?"
+            f" AND status IN ({', '.join('?' for _ in ACTIVE)}) ORDER BY created_at LIMIT 1",
+            (run.thread_id, run.run_id, run.created_at, *ACTIVE),
+        )
+        return rows[0][0] if rows else None
+
+    def next_pending(self, thread_id: str) -> str | None:
+        rows = self.db.execute(
+            "SELECT run_id FROM mgmflow_runs WHERE thread_id = ? AND status = 'pending' ORDER BY created_at LIMIT 1",
+            (thread_id,),
+        )
+        return rows[0][0] if rows else None
+
+    def stale(self, *, older_than: float) -> list[RunInfo]:
+        """Active runs nobody holds, not touched for ``older_than`` seconds: the sweeper's candidates."""
+        now = time.time()
+        rows = self.db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM mgmflow_runs WHERE status IN ('pending', 'running', 'interrupted')"
+            " AND updated_at < ? AND lease_expires < ? ORDER BY created_at",
+            (now - older_than, now),
+        )
+        return [_decode(row) for row in rows]
+
+    def position(self, run: RunInfo) -> int:
+        """Runs admitted before this one that have not started yet (its place in the queue)."""
+        rows = self.db.execute(
+            "SELECT COUNT(*) FROM mgmflow_runs WHERE status = 'pending' AND created_at < ?", (run.created_at,)
+        )
+        return int(rows[0][0]) if run.status == "pending" else 0
+
+    # The lease: one process drives a run at a time; a dead holder's lease expires.
+    def acquire(self, run_id: str, owner: str, ttl: float) -> bool:
+        now = time.time()
+        return self.db.changed(
+            "UPDATE mgmflow_runs SET lease_owner = ?, lease_expires = ? WHERE run_id = ?"
+            " AND (lease_owner IS NULL OR lease_owner = ? OR lease_expires < ?)",
+            (owner, now + ttl, run_id, owner, now),
+        ) == 1
+
+    def renew(self, run_id: str, owner: str, ttl: float) -> bool:
+        return self.db.changed(
+            "UPDATE mgmflow_runs SET lease_expires = ? WHERE run_id = ? AND lease_owner = ?",
+            (time.time() + ttl, run_id, owner),
+        ) == 1
+
+    def release(self, run_id: str, owner: str) -> None:
+        self.db.execute(
+            "UPDATE mgmflow_runs SET lease_owner = NULL, lease_expires = 0 WHERE run_id = ? AND lease_owner = ?",
+            (run_id, owner),
+        )
+
+
+def _encode(name: str, value: Any) -> Any:
+    if name in _JSON:
+        return None if value is None and name in ("interrupt", "error", "resume_value") else json.dumps(value)
+    if name == "approve":
+        return int(bool(value))
+    return value
+
+
+def _decode(row: tuple) -> RunInfo:
+    values = {}
+    for name, value in zip(_COLUMNS, row):
+        if name in _JSON:
+            value = json.loads(value) if value is not None else None
+        elif name == "approve":
+            value = bool(value)
+        values[name] = value
+    values["awaited"] = values["awaited"] or []
+    values["metadata"] = values["metadata"] or {}
+    return RunInfo(**values)

@@ -1,0 +1,167 @@
+"""Runs and threads as a service: the one API the CLI and the HTTP API use to start, follow, resume and cancel.
+
+A run executes one workflow on a thread; runs on a thread are serial and see the thread's earlier state
+(messages, artifacts). Submitting only writes a record and dispatches ``orchestrator.advance``: an orchestration
+worker (in-process when embedded) drives the graph; everything else reads records, checkpoints and events.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from models.errors import InvalidInputError
+from orchestrator.driver import get_orchestrator
+from orchestrator.records import ACTIVE, TERMINAL, RunInfo, RunNotFound
+from orchestrator.workflow import get_workflow
+
+DEFAULT_SCOPE = "default"
+
+
+class RunService:
+    """Start, read, follow, resume and cancel runs; read threads' state and history."""
+
+    def __init__(self, settings: Any = None) -> None:
+        self.orchestrator = get_orchestrator(settings)
+        self.settings = self.orchestrator.settings
+        self.runs = self.orchestrator.runs
+        if self.settings.embedded:
+            # No orchestration worker exists elsewhere: this process drives runs and sweeps for lost ones.
+            self.orchestrator.start_sweeper()
+
+    # Threads.
+    def create_thread(self, *, scope: str = DEFAULT_SCOPE, thread_id: str | None = None,
+                      metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.runs.create_thread(scope=scope, thread_id=thread_id, metadata=metadata)
+
+    def get_thread(self, thread_id: str, *, scope: str | None = None) -> dict[str, Any]:
+        return self.runs.get_thread(thread_id, scope=scope)
+
+    def thread_state(self, thread_id: str, *, scope: str | None = None) -> dict[str, Any]:
+        """The thread's latest state values (empty before its first run)."""
+        snapshot = self._snapshot(thread_id, scope)
+        return dict(snapshot.values) if snapshot is not None else {}
+
+    def thread_history(self, thread_id: str, *, scope: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """The thread's checkpoints, newest first: ``{checkpoint_id, run_id, step, next, values}``."""
+        thread = self.runs.get_thread(thread_id, scope=scope)
+        if not thread["workflow"]:
+            return []
+        graph = self.orchestrator.graph(thread["workflow"])
+        history = graph.get_state_history({"configurable": {"thread_id": thread_id}}, limit=limit)
+        return [
+            {"checkpoint_id": snapshot.config["configurable"]["checkpoint_id"],
+             "run_id": (snapshot.metadata or {}).get("run_id"), "step": (snapshot.metadata or {}).get("step"),
+             "next": list(snapshot.next), "values": dict(snapshot.values)}
+            for snapshot in history
+        ]
+
+    def _snapshot(self, thread_id: str, scope: str | None) -> Any:
+        thread = self.runs.get_thread(thread_id, scope=scope)
+        if not thread["workflow"]:
+            return None
+        return self.orchestrator.graph(thread["workflow"]).get_state({"configurable": {"thread_id": thread_id}})
+
+    # Runs.
+    def create_run(self, workflow: str, input: dict[str, Any], *, thread_id: str | None = None,
+                   scope: str = DEFAULT_SCOPE, approve: bool = False, idempotency_key: str | None = None,
+                   priority: int = 5, metadata: dict[str, Any] | None = None) -> RunInfo:
+        """Validate ``input`` against the workflow, record the run and dispatch it.
+
+        The same ``idempotency_key`` in the same scope returns the existing run instead of a new one.
+        """
+        definition = get_workflow(workflow)
+        validated = definition.validate_input(input).model_dump(mode="json")
+        if not 0 <= priority <= 9:
+            raise InvalidInputError(f"priority must be within 0..9, got {priority}")
+        if idempotency_key:
+            existing = self.runs.by_idempotency_key(scope, idempotency_key)
+            if existing is not None:
+                return existing
+        if thread_id is None:
+            thread = self.runs.create_thread(scope=scope, workflow=workflow)
+        else:
+            try:
+                thread = self.runs.get_thread(thread_id, scope=scope)
+            except RunNotFound:
+                thread = self.runs.create_thread(scope=scope, thread_id=thread_id, workflow=workflow)
+                if thread["scope"] != scope:
+                    raise
+        if thread["workflow"] not in (None, workflow):
+            raise InvalidInputError(
+                f"thread {thread['thread_id']} belongs to workflow {thread['workflow']!r}, not {workflow!r}"
+            )
+        self.runs.bind_thread(thread["thread_id"], workflow)
+        run = self.runs.insert(RunInfo(
+            run_id=str(uuid.uuid4()), thread_id=thread["thread_id"], workflow=workflow, status="pending",
+            scope=scope, input=validated, approve=approve, priority=priority, idempotency_key=idempotency_key,
+            metadata=metadata or {},
+        ))
+        self.orchestrator.dispatch(run.run_id)
+        return run
+
+    def get_run(self, run_id: str, *, scope: str | None = None) -> RunInfo:
+        return self.runs.get(run_id, scope=scope)
+
+    def list_runs(self, *, scope: str | None = None, thread_id: str | None = None, status: str | None = None,
+                  workflow: str | None = None, limit: int = 100, offset: int = 0) -> list[RunInfo]:
+        return self.runs.list(scope=scope, thread_id=thread_id, status=status, workflow=workflow, limit=limit,
+                              offset=offset)
+
+    def position(self, run: RunInfo) -> int:
+        """Runs admitted before ``run`` that have not started yet."""
+        return self.runs.position(run)
+
+    def resume(self, run_id: str, resume_value: Any, *, scope: str | None = None) -> RunInfo:
+        """Answer a run waiting for approval, e.g. ``{"approved": True}`` or ``{"prompt": "an edited prompt"}``."""
+        run = self.runs.get(run_id, scope=scope)
+        if run.status != "interrupted":
+            raise InvalidInputError(f"run {run_id} is {run.status}, not waiting for approval")
+        value = resume_value if resume_value is not None else {"approved": True}
+        if not self.runs.update(run_id, unless_status=("pending", "running", *TERMINAL), status="running",
+                                resume_value=value):
+            raise InvalidInputError(f"run {run_id} is no longer waiting for approval")
+        self.orchestrator.dispatch(run_id)
+        return self.runs.get(run_id)
+
+    def restart(self, run_id: str, *, scope: str | None = None) -> RunInfo:
+        """Dispatch an active run again (after its driver died); a no-op for a run that is being driven."""
+        run = self.runs.get(run_id, scope=scope)
+        if run.status in ACTIVE:
+            self.orchestrator.dispatch(run_id)
+        return run
+
+    def cancel(self, run_id: str, *, scope: str | None = None) -> RunInfo:
+        """Mark the run cancelled and cancel its tasks; a finished run stays as it was."""
+        run = self.runs.get(run_id, scope=scope)
+        if self.runs.update(run_id, status="cancelled", awaited=[], interrupt=None, resume_value=None):
+            self.orchestrator.client.cancel(run_id)
+            self.orchestrator.client.publish(run_id, "run", {"status": "cancelled"})
+            self.orchestrator.start_next(run.thread_id)
+        return self.runs.get(run_id)
+
+    def events(self, run_id: str, after: str | None = None, *, block_ms: int = 0, scope: str | None = None) -> list:
+        """The run's events after event id ``after`` (``Event(id, type, data)``)."""
+        self.runs.get(run_id, scope=scope)
+        return self.orchestrator.client.events(run_id, after=after, block_ms=block_ms)
+
+    def wait(self, run_id: str, *, timeout: float | None = None, until: tuple[str, ...] = (*TERMINAL, "interrupted"),
+             poll_s: float = 0.1) -> RunInfo:
+        """Block until the run's status is in ``until`` (terminal or interrupted); ``TimeoutError`` otherwise."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = self.runs.get(run_id)
+            if run.status in until:
+                return run
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} still {run.status} after {timeout} s")
+            time.sleep(poll_s)
+
+    def context(self, run: RunInfo) -> Any:
+        """A RunContext for code outside the graph (a workflow's ``write_output``)."""
+        return self.orchestrator.context_for(run)
+
+    def output_values(self, run: RunInfo) -> dict[str, Any]:
+        """The final state values of a finished run (its thread's state right after it)."""
+        return self.thread_state(run.thread_id)

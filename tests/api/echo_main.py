@@ -1,0 +1,15 @@
+"""`mgmflow` with the test-only ``echo`` workflow registered: how the distributed tests and the load benchmark
+start API and worker subprocesses that know it (``python tests/api/echo_main.py serve ...``)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from echo_workflow import register_echo  # noqa: E402
+
+from orchestrator.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    register_echo()
+    main()

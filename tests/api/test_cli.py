@@ -1,0 +1,57 @@
+"""`mgmflow submit`, `mgmflow models` and `mgmflow serve`'s checks, through the real click entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import free_port
+
+from orchestrator.cli import main
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_submit_sends_a_batch_and_downloads_its_results(live_server, tmp_path):
+    batch = tmp_path / "inputs.jsonl"
+    batch.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "results"
+    result = CliRunner().invoke(main, ["submit", str(batch), "--workflow", "echo", "--server", live_server.url,
+                                       "--concurrency", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "batch success" in result.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["output"]["answer"] for row in rows] == [f"LINE {i}" for i in range(4)]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".results-")]  # no staging left behind
+
+
+def test_submit_errors_are_one_line(live_server, tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(main, ["submit", str(tmp_path / "nope.jsonl"), "-w", "echo"])
+    assert missing.exit_code == 2 and "not found" in missing.output and "Traceback" not in missing.output
+
+    batch = tmp_path / "inputs.jsonl"
+    batch.write_text('{"text": "x"}\n')
+    port = free_port()  # nothing listens there
+    down = runner.invoke(main, ["submit", str(batch), "-w", "echo", "--server", f"http://127.0.0.1:{port}"])
+    assert down.exit_code == 2 and "cannot reach the mgmflow server" in down.output
+
+    unknown = runner.invoke(main, ["submit", str(batch), "-w", "nope", "--server", live_server.url,
+                                   "--out", str(tmp_path / "never")])
+    assert unknown.exit_code == 2 and "unknown workflow" in unknown.output
+    assert not (tmp_path / "never").exists()
+
+
+def test_models_lists_presets_and_where_weights_go():
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("mini-gemini") and "mgm-7b-hd" in line for line in lines)
+    assert any(line.startswith("diffusion") and "sdxl-base" in line for line in lines)
+
+
+def test_serve_says_when_the_broker_is_unreachable(monkeypatch):
+    monkeypatch.setenv("MGMFLOW_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    result = CliRunner().invoke(main, ["serve", "--port", str(free_port())])
+    assert result.exit_code == 2 and "cannot reach the broker" in result.output

@@ -1,0 +1,50 @@
+"""/healthz stays fast while a model runs, /readyz names what is unreachable, /metrics exposes the figures."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import free_port, make_app, wait_until
+from fastapi.testclient import TestClient
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_healthz_answers_within_a_second_while_a_model_runs(live_server):
+    model = httpx.get(f"{live_server.url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "a long answer please"}]}
+    chat = threading.Thread(target=httpx.post, args=(f"{live_server.url}/v1/chat/completions",),
+                            kwargs={"json": body, "timeout": 120})
+    chat.start()
+    try:
+        worst = 0.0
+        while chat.is_alive():
+            started = time.perf_counter()
+            assert httpx.get(f"{live_server.url}/healthz", timeout=5).status_code == 200
+            worst = max(worst, time.perf_counter() - started)
+            time.sleep(0.1)
+        assert worst < 1.0, f"/healthz took {worst:.2f} s while the model ran"
+    finally:
+        chat.join(120)
+
+
+def test_readyz_reports_each_dependency(client, api_env):
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"broker": "ok", "store": "ok", "checkpointer": "ok"}
+    with TestClient(make_app(broker_url=f"redis://127.0.0.1:{free_port()}/0")) as broken:
+        response = broken.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["broker"].startswith("unreachable")
+
+
+def test_metrics_expose_queue_runs_tasks_and_errors(client):
+    run = client.post("/runs", json={"assistant_id": "echo", "input": {"text": "metered"}}).json()
+    wait_until(lambda: client.get(f"/runs/{run['run_id']}").json()["status"] == "success")
+    client.get("/runs/no-such-run")
+    text = client.get("/metrics").text
+    assert 'mgmflow_run_seconds_count{status="success",workflow="echo"}' in text
+    assert 'mgmflow_http_requests_total{method="GET",route="/runs/{run_id}",status="404"}' in text
+    assert "mgmflow_queue_depth" in text and "mgmflow_task_seconds" in text and "mgmflow_errors_total" in text

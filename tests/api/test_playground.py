@@ -1,0 +1,111 @@
+"""The playground end to end in Debian's headless chromium (no browser download), driven over the DevTools
+protocol: start a 2-page story from the page, see progress, and both pages' images in the storyboard."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from conftest import free_port
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/dev.sh setup installs it)"),
+]
+
+
+class Page:
+    """A minimal DevTools client: evaluate JavaScript in one page."""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+
+        self.socket = connect(ws_url, max_size=None, open_timeout=20)
+        self.ids = itertools.count(1)
+
+    def call(self, method: str, **params):
+        message_id = next(self.ids)
+        self.socket.send(json.dumps({"id": message_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.socket.recv(timeout=30))
+            if reply.get("id") == message_id:
+                if "error" in reply:
+                    raise RuntimeError(reply["error"])
+                return reply["result"]
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(result["exceptionDetails"])
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.25)
+        log = self.evaluate('document.getElementById("events").innerText')
+        raise TimeoutError(f"{expression} stayed false; page log: {log}")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--remote-debugging-port={port}", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as response:
+                    pages = [t for t in json.load(response) if t["type"] == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("chromium did not start its DevTools endpoint")
+            time.sleep(0.2)
+        page = Page(pages[0]["webSocketDebuggerUrl"])
+        yield page
+        page.socket.close()
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_story_from_the_playground(live_server, browser):
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=f"{live_server.url}/")
+    browser.wait_for('document.querySelector("#workflow option[value=story]") !== null', 30)
+    browser.wait_for('document.getElementById("field-premise") !== null', 30)
+    browser.evaluate("""
+        document.getElementById("field-premise").value = "A lighthouse keeper befriends a whale.";
+        document.getElementById("field-pages").value = "2";
+        document.getElementById("field-seed").value = "7";
+        document.getElementById("field-rounds").value = "1";
+        document.getElementById("start").click();
+        true
+    """)
+    # Progress shows while it runs; then both pages appear in the storyboard.
+    browser.wait_for('/progress|task/.test(document.getElementById("events").innerText)', 120)
+    browser.wait_for('document.querySelectorAll("#storyboard img").length === 2', 240)
+    assert browser.evaluate('document.getElementById("status").textContent') == "success"
+    sizes = browser.evaluate("""Promise.all([...document.querySelectorAll("#storyboard img")].map(
+        (img) => img.decode().then(() => [img.naturalWidth, img.naturalHeight])))""")
+    assert len(sizes) == 2 and all(width > 0 and height > 0 for width, height in sizes)
+    captions = browser.evaluate('[...document.querySelectorAll("#storyboard figcaption")].map((c) => c.textContent)')
+    assert len(captions) == 2 and all(caption for caption in captions)
+    assert browser.evaluate('document.querySelectorAll("#images img").length') >= 2  # images arrived while it ran

@@ -1,0 +1,93 @@
+"""Runs and threads over HTTP (embedded app): create, wait, read with position and progress, list, cancel,
+idempotency, priorities, scoping by API key."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import KEYS, auth, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _wait(client, run, headers=None):
+    return wait_until(lambda: (r := client.get(f"/runs/{run['run_id']}", headers=headers).json())["status"]
+                      in ("success", "error", "cancelled", "timeout") and r)
+
+
+def test_background_run_completes_and_reports_progress(client):
+    response = client.post("/runs", json={"assistant_id": "echo", "input": {"text": "hello", "steps": 3}})
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert run["assistant_id"] == "echo" and run["status"] in ("pending", "running")
+    assert response.headers["content-location"] == f"/threads/{run['thread_id']}/runs/{run['run_id']}"
+    done = _wait(client, run)
+    assert done["status"] == "success" and done["position"] is None
+    state = client.get(f"/threads/{run['thread_id']}/state").json()
+    assert state["values"]["answer"] == "HELLO"
+    listed = client.get(f"/threads/{run['thread_id']}/runs").json()
+    assert [r["run_id"] for r in listed] == [run["run_id"]]
+
+
+def test_wait_returns_the_final_state(client):
+    response = client.post("/runs/wait", json={"assistant_id": "echo", "input": {"text": "abc"}})
+    assert response.status_code == 200 and response.json()["answer"] == "ABC"
+
+
+def test_running_run_shows_progress_and_queued_runs_their_position(client):
+    thread = client.post("/threads", json={}).json()["thread_id"]
+    slow = {"assistant_id": "echo", "input": {"text": "slow", "steps": 6, "delay": 0.3}}
+    first, second, third = (client.post(f"/threads/{thread}/runs", json=slow).json() for _ in range(3))
+    # Runs on a thread are serial: the second and third wait; the third has the second ahead of it.
+    progress = wait_until(lambda: client.get(f"/runs/{first['run_id']}").json()["progress"])
+    assert progress["stage"] == "echo" and 1 <= progress["done"] <= 6 and progress["total"] == 6
+    waiting = client.get(f"/threads/{thread}/runs/{third['run_id']}").json()
+    assert waiting["status"] == "pending" and waiting["position"] >= 1
+    assert client.get(f"/runs/{second['run_id']}").json()["position"] < waiting["position"]
+    for run in (third, second, first):
+        cancelled = client.post(f"/threads/{thread}/runs/{run['run_id']}/cancel?wait=1").json()
+        assert cancelled["status"] == "cancelled"
+
+
+def test_idempotency_key_returns_the_same_run(client):
+    body = {"assistant_id": "echo", "input": {"text": "once"}}
+    headers = {"Idempotency-Key": "submission-42"}
+    first = client.post("/runs", json=body, headers=headers).json()
+    second = client.post("/runs", json=body, headers=headers).json()
+    assert first["run_id"] == second["run_id"]
+    third = client.post("/runs", json=body, headers={"Idempotency-Key": "submission-43"}).json()
+    assert third["run_id"] != first["run_id"]
+
+
+def test_run_listing_is_paginated(client):
+    for text in ("p1", "p2", "p3"):
+        client.post("/runs", json={"assistant_id": "echo", "input": {"text": text}})
+    page1 = client.get("/runs", params={"limit": 2}).json()
+    page2 = client.get("/runs", params={"limit": 2, "offset": 2}).json()
+    assert len(page1) == 2 and page2
+    assert not {r["run_id"] for r in page1} & {r["run_id"] for r in page2}
+
+
+def test_batch_of_runs(client):
+    body = [{"assistant_id": "echo", "input": {"text": f"b{i}"}} for i in range(3)]
+    runs = client.post("/runs/batch", json=body).json()
+    assert len({r["run_id"] for r in runs}) == 3
+    assert all(_wait(client, run)["status"] == "success" for run in runs)
+
+
+def test_keys_see_only_their_own_runs_threads_and_artifacts(keyed_client):
+    alice, bob = (auth(key) for key in KEYS)
+    assert keyed_client.post("/runs", json={"assistant_id": "echo", "input": {"text": "x"}}).status_code == 401
+    assert keyed_client.get("/runs", headers=auth("wrong")).status_code == 401
+    run = keyed_client.post("/runs", json={"assistant_id": "echo", "input": {"text": "mine"}}, headers=alice).json()
+    assert _wait(keyed_client, run, alice)["status"] == "success"
+    for path in (f"/runs/{run['run_id']}", f"/threads/{run['thread_id']}", f"/threads/{run['thread_id']}/state",
+                 f"/threads/{run['thread_id']}/runs/{run['run_id']}"):
+        assert keyed_client.get(path, headers=alice).status_code == 200, path
+        assert keyed_client.get(path, headers=bob).status_code == 404, path
+    assert run["run_id"] not in {r["run_id"] for r in keyed_client.get("/runs", headers=bob).json()}
+    # x-api-key (what langgraph-sdk sends) works too.
+    assert keyed_client.get(f"/runs/{run['run_id']}", headers={"x-api-key": KEYS[0]}).status_code == 200
+    # Bob cannot post to Alice's thread either.
+    response = keyed_client.post(f"/threads/{run['thread_id']}/runs", headers=bob,
+                                 json={"assistant_id": "echo", "input": {"text": "intrude"}})
+    assert response.status_code == 404

@@ -1,0 +1,105 @@
+"""Helpers of the orchestrator tests.
+
+``ScriptedClient`` stands in for the workers' TaskClient only in the graph-shape tests (routing with scripted
+model outputs): it answers each task from a script, at once or when released, so that park/resume of a graph can
+be driven step by step. Every runtime test of the real dispatch path uses ``workers.client.TaskClient``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
+
+from orchestrator.runtime import RunContext
+
+
+@dataclass
+class Record:
+    task_id: str
+    status: str
+    result: Any = None
+    error: Any = None
+
+
+@dataclass
+class ScriptedClient:
+    """Answers ``submit(kind, payload)`` with ``script(kind, payload, step)``; ``hold`` keeps tasks queued."""
+
+    script: Callable[[str, dict, str], dict]
+    hold: bool = False
+    records: dict[str, Record] = field(default_factory=dict)
+    submitted: list[tuple[str, str, dict]] = field(default_factory=list)
+    events: list[tuple[str, dict]] = field(default_factory=list)
+
+    def submit(self, kind, payload, *, task_id, run_id, scope, priority=5, notify=None):
+        assert json.dumps(payload)  # payloads must be JSON
+        if task_id in self.records:
+            return  # idempotent per task id
+        self.submitted.append((task_id, kind, payload))
+        self.records[task_id] = Record(task_id, "queued")
+        self._pending = getattr(self, "_pending", []) + [(task_id, kind, payload)]
+        if not self.hold:
+            self.release()
+
+    def release(self) -> None:
+        for task_id, kind, payload in getattr(self, "_pending", []):
+            step = task_id.split(":", 1)[1]
+            self.records[task_id] = Record(task_id, "done", self.script(kind, payload, step))
+        self._pending = []
+
+    def get(self, task_id):
+        return self.records.get(task_id)
+
+    def publish(self, run_id, type, data):
+        self.events.append((type, data))
+
+    def cancel(self, run_id):
+        pass
+
+
+def scripted_context(client: ScriptedClient, *, approve: bool = False, run_id: str = "run-1") -> RunContext:
+    return RunContext(run_id=run_id, thread_id="thread-1", scope="test", settings=None, client=client, store=None,
+                      approve=approve)
+
+
+def drive(graph, state: dict, client: ScriptedClient, *, approve: bool = False, answers: list | None = None,
+          max_parks: int = 100) -> dict:
+    """Run a graph to its end like the driver does: on each park, release the tasks and resume.
+
+    ``answers`` are resume values for approval interrupts, in order. Returns the final state values.
+    """
+    compiled = graph.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    context = scripted_context(client, approve=approve)
+    answers = list(answers or [])
+    command: Any = state
+    for _ in range(max_parks):
+        compiled.invoke(command, config, context=context)
+        snapshot = compiled.get_state(config)
+        if not snapshot.interrupts:
+            return dict(snapshot.values)
+        resume = {}
+        for pending in snapshot.interrupts:
+            if pending.value["kind"] == "approval":
+                resume[pending.id] = answers.pop(0)
+            else:
+                client.release()
+                resume[pending.id] = {}
+        command = Command(resume=resume)
+    raise AssertionError("graph did not finish")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s: {message}")
+

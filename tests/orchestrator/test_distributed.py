@@ -1,0 +1,73 @@
+"""Distributed runs with real parts: a private redis-server, `mgmflow worker` subprocesses (GPU queues and
+orchestration), checkpoints and run records in the machine's PostgreSQL.
+
+One story run survives kill -9 of its orchestration worker (killed on its first node event, while it drives the
+graph) and of the GPU worker running a diffusion step (killed on that step's progress event): it completes, and
+no finished step runs again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(420)]
+
+# The workers' fixtures (redis-server and `mgmflow worker` subprocesses), reused rather than copied.
+_spec = importlib.util.spec_from_file_location("workers_fixtures", Path(__file__).parents[1] / "workers" / "conftest.py")
+workers_fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(workers_fixtures)
+
+
+@pytest.fixture
+def services(tmp_path, mgmflow_home):
+    started = workers_fixtures.Services(tmp_path, mgmflow_home)
+    yield started
+    started.close()
+
+
+def _pid(owner: str) -> int:
+    return int(owner.split(":")[1])  # owners are "host:pid:nonce"
+
+
+def test_story_survives_kill_9_of_orchestration_and_gpu_workers(services, postgres_url):
+    from orchestrator.runs import RunService
+
+    redis = services.redis()
+    database = {"database_url": postgres_url}
+    gpus = [services.worker(redis, "vlm,diffusion,edit", **database) for _ in range(2)]
+    first_driver = services.worker(redis, "orchestrator", **database)
+    for worker in (*gpus, first_driver):
+        worker.wait_ready(240)
+
+    service = RunService(services.settings(redis, **database))
+    client = service.orchestrator.client
+    run = service.create_run("story", {"premise": "A lighthouse keeper befriends a whale.", "pages": 2, "seed": 5,
+                                       "rounds": 1, "steps": 4})
+
+    # 1. kill -9 the orchestration worker while it drives the graph; a new one takes over from the checkpoint
+    client.wait_for_event(run.run_id, lambda event: event.type == "node", timeout=60)
+    first_driver.kill()
+    services.worker(redis, "orchestrator", **database).wait_ready(120)
+
+    # 2. kill -9 the GPU worker that runs a diffusion step, on the step's progress event
+    step = client.wait_for_event(run.run_id, lambda event: event.type == "task.step", timeout=120)
+    killed_task = step.data["task_id"]
+    owner_pid = _pid(client.get(killed_task).owner)
+    (victim,) = [worker for worker in gpus if worker.process.pid == owner_pid]
+    victim.kill()
+
+    final = service.wait(run.run_id, timeout=240)
+    assert final.status == "success", final.error
+
+    # no finished step ran twice: each step executed to completion exactly once, the killed one included
+    started = {event.data["task_id"] for event in service.events(run.run_id) if event.type == "task.started"}
+    assert killed_task in started
+    records = {task_id: client.get(task_id) for task_id in started}
+    assert all(record.status == "done" and record.executions == 1 for record in records.values()), {
+        task_id: (record.status, record.executions) for task_id, record in records.items()}
+    assert records[killed_task].deliveries >= 2  # it was redelivered after the kill
+    values = service.output_values(final)
+    assert sorted(values["chosen"]) == ["page-01", "page-02"]

@@ -1,0 +1,118 @@
+"""Workflow discovery through entry points, state reducers, schemas, and run records on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+
+import pytest
+from pydantic import BaseModel, Field
+
+from models.errors import InvalidInputError
+from orchestrator import workflow as registry
+from orchestrator.checkpoint import open_database
+from orchestrator.records import RunInfo, RunNotFound, RunStore
+from orchestrator.schemas import Critique, Regions, SceneList
+from orchestrator.state import lineage, merge_artifacts
+from workers.settings import Settings
+
+
+def test_entry_point_discovery(tmp_path, monkeypatch):
+    """A user's package registers a workflow through its metadata alone, without touching the orchestrator."""
+    package = tmp_path / "userflows.py"
+    package.write_text(textwrap.dedent("""
+        from pydantic import BaseModel
+        from langgraph.graph import StateGraph
+        from orchestrator.workflow import Workflow
+
+        class Input(BaseModel):
+            text: str
+
+        workflow = Workflow("echo-user", Input, lambda: StateGraph(dict), description="a user's workflow")
+        broken = 42
+    """))
+    dist = tmp_path / "userflows-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: userflows\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[mgmflow.workflows]\necho-user = userflows:workflow\nnot-a-workflow = userflows:broken\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = registry.load_workflows()
+    assert found["echo-user"].description == "a user's workflow"
+    assert "not-a-workflow" not in found
+    with pytest.raises(InvalidInputError, match="unknown workflow 'nope'.*echo-user"):
+        registry.get_workflow("nope")
+    sys.modules.pop("userflows", None)
+
+
+def test_input_validation_names_the_field():
+    class Input(BaseModel):
+        pages: int = Field(ge=1, le=64)
+
+    flow = registry.Workflow("t", Input, lambda: None)
+    with pytest.raises(InvalidInputError, match="pages: Input should be less than or equal to 64"):
+        flow.validate_input({"pages": 65})
+
+
+def test_merge_artifacts_and_lineage():
+    state = {"artifacts": merge_artifacts([{"id": "a", "parent": None}], [{"id": "b", "parent": "a"}])}
+    state["artifacts"] = merge_artifacts(state["artifacts"], [{"id": "b", "scores": {"critique": 7}}, {"id": "c", "parent": "b"}])
+    assert [ref["id"] for ref in state["artifacts"]] == ["a", "b", "c"]
+    assert state["artifacts"][1] == {"id": "b", "parent": "a", "scores": {"critique": 7}}
+    assert [ref["id"] for ref in lineage(state, "c")] == ["c", "b", "a"]
+
+
+def test_schemas_are_bounded_for_constrained_decoding():
+    schema = SceneList.json_schema(scenes=4)
+    assert schema["properties"]["scenes"]["minItems"] == schema["properties"]["scenes"]["maxItems"] == 4
+    assert "$ref" not in str(schema) and schema["properties"]["scenes"]["items"]["properties"]["title"]["maxLength"]
+    assert Critique.json_schema()["properties"]["verdict"]["enum"] == ["accept", "refine", "edit"]
+    # a weak model's degenerate box still gives a usable, ordered region
+    (region,) = Regions.model_validate({"regions": [{"x0": 0.9, "y0": 0.5, "x1": 0.2, "y1": 0.5, "question": "?"}]}).regions
+    assert region.x0 < region.x1 and region.y1 - region.y0 == pytest.approx(0.05)
+
+
+def _store(url: str, tmp_path) -> RunStore:
+    settings = Settings(home=tmp_path, database_url=url)
+    return RunStore(open_database(settings))
+
+
+def _run(run_id: str, thread_id: str, **fields) -> RunInfo:
+    return RunInfo(run_id=run_id, thread_id=thread_id, workflow="w", status="pending", scope="s", input={"x": 1},
+                   **fields)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        return _store(None, tmp_path)
+    return _store(request.getfixturevalue("postgres_url"), tmp_path)
+
+
+def test_records_roundtrip_idempotency_and_serial_threads(store):
+    thread = store.create_thread(scope="s")["thread_id"]
+    first = store.insert(_run("r1", thread, idempotency_key="k"))
+    again = store.insert(_run("r2", thread, idempotency_key="k"))
+    assert again.run_id == "r1" and first.input == {"x": 1}
+    time.sleep(0.01)
+    second = store.insert(_run("r3", thread))
+    assert store.blocking_run(second) == "r1" and store.next_pending(thread) == "r1"
+    assert store.update("r1", status="success")
+    assert not store.update("r1", status="running")  # a finished run stays finished
+    assert store.blocking_run(second) is None
+    with pytest.raises(RunNotFound):
+        store.get("r1", scope="other")
+
+
+def test_lease_is_exclusive_until_released_or_expired(store):
+    thread = store.create_thread(scope="s")["thread_id"]
+    store.insert(_run("lease", thread))
+    assert store.acquire("lease", "a", 30)
+    assert not store.acquire("lease", "b", 30)
+    store.release("lease", "a")
+    assert store.acquire("lease", "b", 0.05)
+    time.sleep(0.1)
+    assert store.acquire("lease", "a", 30)  # b's lease expired: b died
+    assert not store.renew("lease", "b", 30)

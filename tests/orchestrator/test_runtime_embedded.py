@@ -1,0 +1,133 @@
+"""Runs over the real embedded path: in-process Celery worker on the memory transport, tiny models, SQLite.
+
+Parking is internal (status stays running, the run awaits task ids), approval shows as interrupted, threads carry
+their messages and images, cancel stops a run, the sweeper resumes a run whose completion notice was lost, and bad
+input gets a typed error.
+"""
+
+from __future__ import annotations
+
+import pytest
+from flows import register_all
+from orch_helpers import wait_for
+
+from models.errors import InvalidInputError
+from orchestrator.records import RunNotFound
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def service(mgmflow_home):
+    from orchestrator.runs import RunService
+    from workers.settings import Settings
+
+    register_all()
+    return RunService(Settings(home=mgmflow_home))
+
+
+def refine_steps(values: dict) -> list[str]:
+    """Every task step a finished test-refine run executed (plan=False: prompt, draft, critique per round)."""
+    rounds = values["items"][0]["round"]
+    return [f"refine:main:r{r}:{part}" for r in range(rounds) for part in ("prompt", "d0", "d0:critique")]
+
+
+def test_park_and_resume_keep_the_run_running(service):
+    run = service.create_run("test-refine", {"request": "a red fox in snow", "budget": 1})
+    parked = wait_for(lambda: (r := service.get_run(run.run_id)).awaited and r, 60, "the run parks on its tasks")
+    assert parked.status == "running"  # parking for a GPU task is internal
+    final = service.wait(run.run_id, timeout=120)
+    assert final.status == "success", final.error
+    values = service.output_values(final)
+    chosen = values["chosen"]["main"]
+    assert service.orchestrator.store.get(chosen, scope=final.scope)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert values["artifacts"][0]["tool"] == "diffusion.text2img" and values["artifacts"][0]["round"] == 1
+    # every step ran exactly once
+    for step in refine_steps(values):
+        record = service.orchestrator.client.get(f"{run.run_id}:{step}")
+        assert record.status == "done" and record.executions == 1, step
+    events = service.events(run.run_id)
+    kinds = {(event.type, event.data.get("phase") or event.data.get("status")) for event in events}
+    assert {("node", "parked"), ("run", "running"), ("run", "success")} <= kinds
+    assert ("run", "interrupted") not in kinds
+
+
+def test_a_thread_carries_messages_and_images_across_runs(service):
+    first = service.create_run("test-turns", {"text": "draw a lighthouse", "draw": True})
+    assert service.wait(first.run_id, timeout=120).status == "success"
+    second = service.create_run("test-turns", {"text": "now make it red"}, thread_id=first.thread_id)
+    assert second.thread_id == first.thread_id
+    final = service.wait(second.run_id, timeout=120)
+    assert final.status == "success", final.error
+    state = service.thread_state(first.thread_id)
+    assert state["images_seen"] == [0, 1]  # the second turn's model call was shown the first turn's image
+    messages = state["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    image = messages[1]["images"][0]
+    assert messages[2]["text"] == "now make it red"
+    history = service.thread_history(first.thread_id, limit=50)
+    assert {entry["run_id"] for entry in history} >= {first.run_id, second.run_id}
+    assert service.orchestrator.store.info(image, scope="default").media_type == "image/png"
+
+
+def test_approval_interrupt_resumed_with_an_edited_prompt(service):
+    run = service.create_run("test-refine", {"request": "a castle", "budget": 1}, approve=True)
+    waiting = service.wait(run.run_id, timeout=120)
+    assert waiting.status == "interrupted"
+    (pending,) = waiting.interrupt
+    assert pending["kind"] == "approval" and pending["items"][0]["key"] == "main"
+    service.resume(run.run_id, {"approved": True, "prompt": "a blue castle at dawn"})
+    final = service.wait(run.run_id, timeout=120)
+    assert final.status == "success", final.error
+    values = service.output_values(final)
+    assert values["artifacts"][0]["prompt"] == "a blue castle at dawn"
+
+
+def test_cancel_stops_a_parked_run(service):
+    run = service.create_run("test-refine", {"request": "a long task", "budget": 3})
+    wait_for(lambda: service.get_run(run.run_id).awaited, 60, "the run parks")
+    assert service.cancel(run.run_id).status == "cancelled"
+    with pytest.raises(TimeoutError):  # it never leaves cancelled, whatever finishes meanwhile
+        service.wait(run.run_id, timeout=3, until=("success", "error", "running"))
+    assert service.get_run(run.run_id).status == "cancelled"
+
+
+def test_sweeper_resumes_a_run_whose_completion_notice_was_lost(service, monkeypatch):
+    import workers.steps
+
+    dropped = []
+    original = workers.steps._notify
+
+    def lossy(task, header):
+        if header.notify and header.notify[1].get("run_id") == run_id and not dropped:
+            dropped.append(header.task_id)  # the first completion notice of this run is lost
+            return
+        original(task, header)
+
+    swept = []
+    sweep = service.orchestrator.sweep
+    monkeypatch.setattr(service.orchestrator, "sweep", lambda: swept.extend(sweep()) or swept)
+    monkeypatch.setattr(workers.steps, "_notify", lossy)
+    run_id = None
+    run = service.create_run("test-refine", {"request": "a lost message", "budget": 1})
+    run_id = run.run_id
+    final = service.wait(run.run_id, timeout=120)
+    assert dropped, "no completion notice was dropped"
+    assert final.status == "success" and run.run_id in swept
+
+
+def test_bad_input_is_a_typed_error(service):
+    with pytest.raises(InvalidInputError, match="unknown workflow 'nope'.*test-refine"):
+        service.create_run("nope", {})
+    with pytest.raises(InvalidInputError, match="budget: Input should be greater than or equal to 1"):
+        service.create_run("test-refine", {"request": "x", "budget": 0})
+    with pytest.raises(InvalidInputError, match="request"):
+        service.create_run("test-refine", {"budget": 1})
+    done = service.create_run("test-turns", {"text": "hello"})
+    service.wait(done.run_id, timeout=60)
+    with pytest.raises(InvalidInputError, match="not waiting for approval"):
+        service.resume(done.run_id, {"approved": True})
+    with pytest.raises(InvalidInputError, match="belongs to workflow 'test-turns'"):
+        service.create_run("test-refine", {"request": "x"}, thread_id=done.thread_id)
+    with pytest.raises(RunNotFound):
+        service.get_run(done.run_id, scope="someone-else")

@@ -1,0 +1,136 @@
+"""Task records: the same transitions on Redis (a private redis-server) and SQLite."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from workers import records as rec
+from workers.batching import Batcher, BatchItem
+from models.errors import Cancelled
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def records(request, tmp_path):
+    if request.param == "sqlite":
+        return rec.SqliteRecords(tmp_path / "tasks.sqlite")
+    services = request.getfixturevalue("services")
+    return rec.RedisRecords(rec.redis_client(services.redis().url), ttl_s=3600)
+
+
+def header(task_id="run:step", run_id="run"):
+    return rec.StepHeader(task_id, "test.echo", run_id, "scope", ["orchestrator.resume", {"run_id": run_id}])
+
+
+def test_lifecycle_idempotent_submit_and_exactly_one_completion(records):
+    h = header()
+    assert records.register(h, resend_after_s=60) is True
+    assert records.register(h, resend_after_s=60) is False  # queued recently: no second message
+    assert records.get(h.task_id).status == rec.QUEUED
+    assert records.acquire(h, "w1", lease_s=5, max_deliveries=3) == (rec.ACQUIRED, 1)
+    assert records.acquire(h, "w2", lease_s=5, max_deliveries=3) == (rec.BUSY, 0)  # a duplicate waits
+    assert records.register(h, resend_after_s=0) is False  # running under a live lease
+    assert records.finish(h.task_id, "w2", rec.DONE, result={"x": 2}) == "lost"
+    assert records.finish(h.task_id, "w1", rec.DONE, result={"x": 1}) == "ok"
+    assert records.acquire(h, "w3", lease_s=5, max_deliveries=3) == (rec.FINISHED, 0)
+    record = records.get(h.task_id)
+    assert (record.status, record.result, record.executions, record.deliveries) == (rec.DONE, {"x": 1}, 1, 1)
+    assert record.notify == ["orchestrator.resume", {"run_id": "run"}]
+
+
+def test_a_lapsed_lease_is_taken_over_and_the_old_owner_cannot_finish(records):
+    h = header()
+    records.register(h, resend_after_s=60)
+    records.acquire(h, "w1", lease_s=0.2, max_deliveries=3)
+    time.sleep(0.3)
+    assert records.register(h, resend_after_s=60) is True  # its message may be lost: send a copy
+    assert records.acquire(h, "w2", lease_s=5, max_deliveries=3) == (rec.ACQUIRED, 2)
+    assert records.renew(h.task_id, "w1", 5) is False and records.renew(h.task_id, "w2", 5) is True
+    assert records.finish(h.task_id, "w1", rec.DONE, result={}) == "lost"
+    assert records.finish(h.task_id, "w2", rec.DONE, result={}) == "ok"
+    assert records.get(h.task_id).executions == 1
+
+
+def test_quarantine_after_max_deliveries(records):
+    h = header()
+    for owner in ("w1", "w2"):
+        assert records.acquire(h, owner, lease_s=0.05, max_deliveries=2)[0] == rec.ACQUIRED
+        time.sleep(0.1)
+    assert records.acquire(h, "w3", lease_s=5, max_deliveries=2) == (rec.QUARANTINED, 3)
+    record = records.get(h.task_id)
+    assert record.status == rec.QUARANTINED and "started 2 times" in record.error["message"]
+
+
+def test_release_for_retry_is_not_counted_and_wait_wakes_on_finish(records):
+    h = header()
+    records.acquire(h, "w1", lease_s=5, max_deliveries=1)
+    records.release(h.task_id, "w1")
+    assert records.get(h.task_id).status == rec.QUEUED
+    assert records.acquire(h, "w2", lease_s=5, max_deliveries=1) == (rec.ACQUIRED, 1)
+    threading.Timer(0.2, records.finish, (h.task_id, "w2", rec.FAILED),
+                    {"error": {"code": "x", "message": "m", "retryable": False}}).start()
+    started = time.monotonic()
+    assert records.wait(h.task_id, timeout=10).status == rec.FAILED
+    assert time.monotonic() - started < 2
+
+
+def test_cancel_run_cancels_queued_steps_and_flags_running_ones(records):
+    queued, running, other = header("run:a"), header("run:b"), header("else:a", run_id="else")
+    for h in (queued, running, other):
+        records.register(h, resend_after_s=60)
+    records.acquire(running, "w1", lease_s=5, max_deliveries=3)
+    records.cancel_run("run")
+    assert records.get("run:a").status == rec.CANCELLED
+    assert records.get("run:b").status == rec.RUNNING and records.is_cancelled("run", "run:b")
+    assert not records.is_cancelled("else", "else:a")
+    records.cancel_task("else:a")
+    assert records.is_cancelled("else", "else:a")
+    records.delete_run("run")
+    assert records.get("run:a") is None and records.get("else:a") is not None
+
+
+def test_batcher_gathers_compatible_requests_and_answers_each():
+    calls = []
+
+    def run(items, check):
+        calls.append([item.request for item in items])
+        check()
+        return [item.request * 10 for item in items]
+
+    batcher = Batcher(run, max_size=4, window_s=0.3)
+    results = {}
+    requests = [(1, "a"), (2, "a"), (3, "b"), (4, "a")]
+    threads = [threading.Thread(target=lambda r=r, k=k: results.update({r: batcher(BatchItem(r, k))}))
+               for r, k in requests]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join(5)
+    assert results == {1: 10, 2: 20, 3: 30, 4: 40}
+    assert calls == [[1, 2, 4], [3]]  # the incompatible request waits for the next batch
+
+
+def test_batcher_answers_a_stopped_request_at_once_and_stops_when_all_are():
+    cancelled = threading.Event()
+    steps = []
+
+    def run(items, check):
+        for step in range(100):
+            check()
+            steps.append(step)
+            time.sleep(0.01)
+        return [0 for _ in items]
+
+    def stop():
+        if cancelled.is_set():
+            raise Cancelled("cancelled by request")
+
+    batcher = Batcher(run, max_size=2, window_s=0)
+    threading.Timer(0.1, cancelled.set).start()
+    with pytest.raises(Cancelled):
+        batcher(BatchItem("r", "k", check=stop), timeout=5)
+    time.sleep(0.05)
+    assert len(steps) < 30

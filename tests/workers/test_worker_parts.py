@@ -1,0 +1,69 @@
+"""Worker parts without services: model cache, queue resolution, per-GPU processes."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from models.errors import ResourceExhaustedError
+from workers.model_cache import ModelCache, engine_bytes
+from workers.settings import Settings
+from workers.worker import WorkerStartError, concurrency_for, parse_models, resolve_queues, run_per_gpu
+
+
+class FakeEngine:
+    def __init__(self, name: str, floats: int):
+        self.name = name
+        self.pipeline = {"unet": torch.nn.Linear(floats, 1, bias=False)}
+
+
+def test_model_cache_keeps_within_budget_evicting_the_least_recently_used():
+    loads = []
+
+    def loader(engine, name):
+        loads.append(name)
+        return FakeEngine(name, 1000)  # 4000 bytes
+
+    cache = ModelCache(budget_bytes=9000, loader=loader)
+    a = cache.get("diffusion", "a")
+    assert engine_bytes(a) == 4000 and cache.get("edit", "a") is a  # edit and diffusion share engines
+    cache.get("vlm", "b")
+    cache.get("diffusion", "a")  # a is now the most recently used
+    cache.get("diffusion", "c")  # evicts b
+    assert [name for _, name, _ in cache.loaded()] == ["a", "c"] and loads == ["a", "b", "c"]
+
+
+def test_out_of_memory_becomes_a_retryable_error():
+    cache = ModelCache()
+    with pytest.raises(ResourceExhaustedError) as caught:
+        with cache.guard():
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert caught.value.retryable
+    with pytest.raises(ValueError):
+        with cache.guard():
+            raise ValueError("not a memory problem")
+
+
+def test_queues_models_and_threads():
+    settings = Settings(vlm_batch_size=8, diffusion_batch_size=4)
+    assert resolve_queues(settings, [], {}) == ["vlm.tiny", "diffusion.tiny", "edit.tiny", "edit.tiny-ip2p",
+                                                "orchestrator"]
+    assert resolve_queues(settings, ["vlm", "diffusion.sdxl-base"], {"vlm": "mgm-7b"}) == ["vlm.mgm-7b",
+                                                                                           "diffusion.sdxl-base"]
+    assert parse_models(["mgm-7b"], ["vlm"]) == {"vlm": "mgm-7b"}
+    with pytest.raises(WorkerStartError, match="say which family"):
+        parse_models(["mgm-7b"], ["vlm", "diffusion"])
+    assert concurrency_for(settings, ["vlm.tiny"]) == 8
+    assert concurrency_for(settings, ["edit.tiny"]) == 4
+    assert concurrency_for(settings, ["test"]) == 1
+    assert settings.visibility_timeout == 15 and Settings(vlm_model="mgm-7b").visibility_timeout == 3600
+
+
+def test_one_process_per_gpu_each_seeing_only_its_gpu(tmp_path):
+    script = ("import os, sys, pathlib; gpu = os.environ['CUDA_VISIBLE_DEVICES']; "
+              f"pathlib.Path(r'{tmp_path}', gpu).write_text(' '.join(sys.argv[1:]))")
+    assert run_per_gpu([sys.executable, "-c", script], ["0", "1"], "gpu") == 0
+    assert (tmp_path / "0").read_text() == "--gpus=0 --name=gpu0"
+    assert (tmp_path / "1").read_text() == "--gpus=1 --name=gpu1"

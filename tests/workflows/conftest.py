@@ -1,0 +1,48 @@
+"""Fixtures of the workflow tests: an embedded run service on the tiny presets, real services, a store.
+Helpers live in ``wf_helpers``."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent.parent
+
+
+def _workers_fixtures():
+    """The workers tests' real-service helpers (redis-server, `mgmflow worker` subprocesses), loaded by path."""
+    spec = importlib.util.spec_from_file_location("workers_fixtures", TESTS / "workers" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+Services = _workers_fixtures().Services
+
+
+@pytest.fixture(scope="session")
+def embedded(mgmflow_home):
+    """A RunService in the embedded mode (in-process worker, SQLite), shared by the session's tests."""
+    from orchestrator.runs import RunService
+    from workers.settings import Settings
+
+    return RunService(Settings(home=mgmflow_home))
+
+
+@pytest.fixture
+def services(tmp_path, mgmflow_home):
+    """Real redis-servers and `mgmflow worker` subprocesses, all killed afterwards."""
+    started = Services(tmp_path, mgmflow_home)
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A real artifact store in a private folder."""
+    from workers.artifacts import open_store
+    from workers.settings import Settings
+
+    return open_store(Settings(home=tmp_path))

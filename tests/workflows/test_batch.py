@@ -1,0 +1,83 @@
+"""The batch workflow: one workflow over many inputs, a concurrency limit, failures reported per item."""
+
+from __future__ import annotations
+
+import pytest
+from wf_helpers import finish
+from langgraph.graph import END, START, StateGraph
+from pydantic import BaseModel
+from typing_extensions import TypedDict
+
+from models.errors import InvalidInputError
+from orchestrator.runtime import TaskSpec, await_tasks
+from orchestrator.workflow import Workflow, get_workflow, register, unregister
+
+
+class DescribeInput(BaseModel):
+    text: str
+    fail: bool = False
+
+
+class DescribeState(TypedDict, total=False):
+    text: str
+    fail: bool
+    answer: str
+
+
+def answer(state: DescribeState) -> dict:
+    """One real (tiny) VLM task per item, so that items really run in parallel on the workers."""
+    if state["fail"]:
+        raise InvalidInputError("this item was made to fail")
+    (result,) = await_tasks([TaskSpec("answer", "vlm.chat", {
+        "messages": [{"role": "user", "text": state["text"], "images": []}], "max_new_tokens": 4})])
+    return {"answer": result["text"]}
+
+
+def build_graph() -> StateGraph:
+    graph = StateGraph(DescribeState)
+    graph.add_node("answer", answer)
+    graph.add_edge(START, "answer")
+    graph.add_edge("answer", END)
+    return graph
+
+
+@pytest.fixture
+def item_workflow():
+    register(Workflow("test-batch-item", DescribeInput, build_graph))
+    yield "test-batch-item"
+    unregister("test-batch-item")
+
+
+@pytest.mark.timeout(300)
+def test_batch_runs_every_item_and_reports_failures_per_item(embedded, item_workflow, tmp_path):
+    items = [{"text": f"item {i}"} for i in range(5)]
+    items[1] = {"text": "boom", "fail": True}  # its run fails
+    items[3] = {"fail": "not a bool", "text": 7}  # its input is refused
+    batch = finish(embedded, embedded.create_run("batch", {"workflow": item_workflow, "items": items,
+                                                           "concurrency": 2}))
+    values = embedded.output_values(batch)
+    report = get_workflow("batch").write_output(values, tmp_path, embedded.context(batch))
+    statuses = [item["status"] for item in report["items"]]
+    assert statuses == ["success", "error", "success", "invalid", "success"]
+    assert report["summary"] == {"success": 3, "error": 1, "invalid": 1}
+    assert "made to fail" in report["items"][1]["error"]["message"]
+    assert report["items"][3]["run_id"] is None and "text" in report["items"][3]["error"]["message"]
+
+    # The children are ordinary runs: readable, with their own outputs, tied to the batch.
+    children = [embedded.get_run(item["run_id"]) for item in report["items"] if item["run_id"]]
+    assert all(child.metadata["parent_run_id"] == batch.run_id for child in children)
+    assert embedded.output_values(children[0])["answer"]
+    # Never more than `concurrency` children at once: each child started after an earlier one ended.
+    starts = sorted(child.created_at for child in children)
+    ends = sorted(child.updated_at for child in children)
+    assert starts[2] >= ends[0]
+
+
+def test_batch_input_is_checked_up_front():
+    workflow = get_workflow("batch")
+    for bad, message in [({"workflow": "nope", "items": [{}]}, "unknown workflow"),
+                         ({"workflow": "batch", "items": [{}]}, "cannot run batches"),
+                         ({"workflow": "story", "items": []}, "items"),
+                         ({"workflow": "story", "items": [{}], "concurrency": 0}, "concurrency")]:
+        with pytest.raises(InvalidInputError, match=message):
+            workflow.validate_input(bad)

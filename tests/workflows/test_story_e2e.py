@@ -1,0 +1,63 @@
+"""The story workflow end to end on the tiny presets: embedded, distributed (real redis-server and a real
+`mgmflow worker` subprocess), and reproducible to the byte across both."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from wf_helpers import TINY, finish
+
+from orchestrator.workflow import get_workflow
+
+STORY = {"premise": "A small fox finds a glowing lantern in a snowy forest and follows its light home.",
+         "pages": 2, "seed": 1234, "rounds": 1, **TINY}
+
+
+def storyboard(service, run, out_dir) -> dict:
+    values = service.output_values(run)
+    return get_workflow("story").write_output(values, out_dir, service.context(run))
+
+
+def page_digests(out_dir, manifest) -> list[str]:
+    return [hashlib.sha256((out_dir / page["image"]).read_bytes()).hexdigest() for page in manifest["pages"]]
+
+
+@pytest.mark.timeout(400)
+def test_story_embedded_writes_a_storyboard_and_repeats_it_byte_for_byte(embedded, tmp_path):
+    first = finish(embedded, embedded.create_run("story", STORY))
+    manifest = storyboard(embedded, first, tmp_path / "a")
+
+    # The folder: a manifest listing every page in order, the PNGs, the page, the contact sheet.
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text()) == manifest
+    assert [page["page"] for page in manifest["pages"]] == [1, 2]
+    for page in manifest["pages"]:
+        assert (tmp_path / "a" / page["image"]).read_bytes().startswith(b"\x89PNG")
+        assert page["prompt"] and isinstance(page["seed"], int) and len(page["scores"]) == 1
+        assert page["lineage"][0]["id"] == page["artifact_id"] and page["lineage"][-1]["tool"] == "diffusion.text2img"
+    assert (tmp_path / "a" / "index.html").is_file() and (tmp_path / "a" / "contact-sheet.png").is_file()
+
+    # The same premise, pages and seed again: a new run, new tasks, the same bytes.
+    second = finish(embedded, embedded.create_run("story", STORY))
+    assert second.run_id != first.run_id
+    again = storyboard(embedded, second, tmp_path / "b")
+    assert page_digests(tmp_path / "a", manifest) == page_digests(tmp_path / "b", again)
+    pytest.story_digests = page_digests(tmp_path / "a", manifest)  # for the distributed comparison below
+
+
+@pytest.mark.services
+@pytest.mark.timeout(400)
+def test_story_distributed_matches_embedded(services, tmp_path, embedded):
+    from orchestrator.runs import RunService
+
+    expected = getattr(pytest, "story_digests", None)
+    if expected is None:  # run alone: make the embedded reference here
+        expected = page_digests(tmp_path / "e", storyboard(embedded, finish(embedded, embedded.create_run("story", STORY)),
+                                                           tmp_path / "e"))
+    redis = services.redis()
+    services.worker(redis, "vlm,diffusion,edit,orchestrator").wait_ready()
+    service = RunService(services.settings(redis))
+    run = finish(service, service.create_run("story", STORY))
+    manifest = storyboard(service, run, tmp_path / "d")
+    assert page_digests(tmp_path / "d", manifest) == expected

@@ -1,0 +1,81 @@
+"""Embedded mode: with no broker configured, the same tasks run on an in-process Celery worker.
+
+The app's broker is Celery's in-memory transport; a ``WorkController`` with a thread pool consumes the same
+queues a deployment's workers would, and runs the same step code (records in SQLite, events in memory), so
+the main job needs no Redis and still exercises the whole dispatch, wait and resume path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import socket
+import threading
+
+from celery.worker import WorkController
+
+from workers.app import get_app
+from workers.settings import ORCHESTRATOR_QUEUE, Settings
+from workers.steps import start_runtime
+
+logger = logging.getLogger(__name__)
+
+
+def embedded_queues(settings: Settings) -> list[str]:
+    models = {"vlm": [settings.vlm_model], "diffusion": [settings.diffusion_model],
+              "edit": [settings.edit_model, settings.instruct_model]}
+    return [*dict.fromkeys(f"{family}.{m}" for family, names in models.items() for m in names), ORCHESTRATOR_QUEUE]
+
+
+class _Controller(WorkController):
+    def __init__(self, *args, **kwargs):
+        self.ready = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer):
+        super().on_consumer_ready(consumer)
+        self.ready.set()
+
+
+class EmbeddedWorker:
+    """One in-process worker thread pool serving every queue of ``settings``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = get_app(settings)
+        self.runtime = start_runtime(settings)
+        self.queues = embedded_queues(settings)
+        self.controller = _Controller(
+            app=self.app, hostname=f"embedded@{socket.gethostname()}", pool="threads",
+            concurrency=settings.embedded_concurrency, queues=self.queues, loglevel="WARNING",
+            without_heartbeat=True, without_mingle=True, without_gossip=True)
+        self._thread = threading.Thread(target=self.controller.start, name="mgmflow-embedded-worker", daemon=True)
+        self._thread.start()
+        if not self.controller.ready.wait(30):
+            raise RuntimeError("the embedded worker did not start within 30 s")
+        self._known_tasks = len(self.app.tasks)
+        logger.info("embedded worker serving %s", ", ".join(self.queues))
+
+    def refresh(self) -> None:
+        """Let the running consumer accept tasks registered after it started (e.g. the orchestrator's)."""
+        if len(self.app.tasks) != self._known_tasks and self.controller.consumer is not None:
+            self._known_tasks = len(self.app.tasks)
+            self.controller.consumer.update_strategies()
+
+    def stop(self) -> None:
+        self.controller.stop(in_sighandler=False)
+        self._thread.join(10)
+
+
+_embedded: EmbeddedWorker | None = None
+_lock = threading.Lock()
+
+
+def ensure_embedded(settings: Settings) -> EmbeddedWorker:
+    """Start this process's embedded worker once; later calls (any settings) share it."""
+    global _embedded
+    with _lock:
+        if _embedded is None:
+            _embedded = EmbeddedWorker(settings)
+            atexit.register(_embedded.stop)
+        return _embedded

@@ -1,0 +1,163 @@
+"""Mini-Gemini steps: ``vlm.chat``, ``vlm.describe``, ``vlm.write_prompt`` (``<GEN>``), ``vlm.critique``.
+
+Images and long histories arrive as artifact ids. Concurrent requests for the same model run as one batched
+``MGMEngine.chat`` call; a chat turn with a ``thread_id`` reuses that thread's KV prefix on this worker.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.errors import InvalidInputError
+from workers.batching import BatchItem
+from workers.steps import StepContext, get_runtime, step
+
+MAX_TEXT = 16_000  # characters of one inline message; longer histories travel as an artifact
+
+
+class _ChatParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    max_new_tokens: int = Field(default=256, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0, le=5)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = None
+
+
+class MessageInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    text: str = Field(max_length=MAX_TEXT)
+    images: list[str] = Field(default_factory=list, max_length=16)  # artifact ids
+
+
+class ChatInput(_ChatParams):
+    messages: list[MessageInput] | None = None
+    messages_artifact: str | None = None  # a JSON list of messages, for histories too long for a message
+    thread_id: str | None = Field(default=None, max_length=200)
+    json_schema: dict | None = None
+    generate_image: bool = False
+
+    @model_validator(mode="after")
+    def _one_history(self):
+        if (self.messages is None) == (self.messages_artifact is None):
+            raise ValueError("give exactly one of messages and messages_artifact")
+        return self
+
+
+class DescribeInput(_ChatParams):
+    image: str
+    prompt: str = Field(default="Describe this image in detail.", max_length=MAX_TEXT)
+
+
+class WritePromptInput(_ChatParams):
+    request: str = Field(min_length=1, max_length=MAX_TEXT)
+    images: list[str] = Field(default_factory=list, max_length=16)
+
+
+class CritiqueInput(_ChatParams):
+    image: str
+    intent: str = Field(min_length=1, max_length=MAX_TEXT)
+    max_new_tokens: int = Field(default=320, ge=64, le=8192)
+
+
+class Critique(BaseModel):
+    """The VLM's verdict on an image against the intent behind it."""
+
+    score: int = Field(ge=0, le=10)
+    verdict: Literal["accept", "refine", "edit"]
+    feedback: str = Field(max_length=300)
+
+
+CRITIQUE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "score": {"type": "integer", "minimum": 0, "maximum": 10},
+        "verdict": {"enum": ["accept", "refine", "edit"]},
+        "feedback": {"type": "string", "maxLength": 200},
+    },
+    "required": ["score", "verdict", "feedback"],
+    "additionalProperties": False,
+}
+CRITIQUE_PROMPT = (
+    "The image was made for this intent: {intent}\n"
+    "Rate from 0 to 10 how well it matches. Answer accept if it does, refine if the prompt should be rewritten, "
+    "edit if a local change would fix it, with short feedback. Answer in JSON."
+)
+
+
+def _messages(ctx: StepContext, messages: list[MessageInput]):
+    from models.mgm.engine import Message
+
+    return [Message(m.role, m.text, [ctx.read_artifact(image) for image in m.images]) for m in messages]
+
+
+def _chat(ctx: StepContext, params: _ChatParams, messages: list[MessageInput], **options) -> dict:
+    """One chat request through this model's batcher; the result as JSON."""
+    from models.mgm.engine import ChatRequest
+
+    runtime = get_runtime()
+    request = ChatRequest(_messages(ctx, messages), max_new_tokens=params.max_new_tokens,
+                          temperature=params.temperature, top_p=params.top_p, seed=params.seed, **options)
+
+    def run(items: list[BatchItem], check) -> list:
+        engine = runtime.models.get("vlm", params.model)
+
+        def on_token(index: int, text: str) -> None:
+            if not items[index].stopped:
+                items[index].on_progress(text)
+
+        with runtime.models.guard():
+            results = engine.chat([item.request for item in items], on_token=on_token, check=check)
+        return [(result, len(items)) for result in results]
+
+    batcher = runtime.batcher(("chat", params.model), run, max_size=runtime.settings.vlm_batch_size)
+    engine = runtime.models.get("vlm", params.model)
+    result, batch_size = batcher(BatchItem(request, engine.compatibility_key(request), check=ctx.check,
+                                           on_progress=ctx.on_token))
+    return {"text": result.text, "image_prompt": result.image_prompt, "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "model": params.model, "batch_size": batch_size}
+
+
+@step("vlm.chat", ChatInput)
+def chat(ctx: StepContext, data: ChatInput) -> dict:
+    messages = data.messages
+    if messages is None:
+        try:
+            messages = [MessageInput.model_validate(m) for m in json.loads(ctx.read_artifact(data.messages_artifact))]
+        except (ValueError, TypeError, ValidationError) as error:
+            raise InvalidInputError(f"messages_artifact is not a JSON list of messages: {error}") from error
+    result = _chat(ctx, data, messages, json_schema=data.json_schema, generate_image=data.generate_image,
+                   cache_key=data.thread_id)
+    if data.thread_id is not None:
+        get_runtime().affinity.remember(data.thread_id, f"vlm.{data.model}")
+    return result
+
+
+@step("vlm.describe", DescribeInput)
+def describe(ctx: StepContext, data: DescribeInput) -> dict:
+    return _chat(ctx, data, [MessageInput(role="user", text=data.prompt, images=[data.image])])
+
+
+@step("vlm.write_prompt", WritePromptInput)
+def write_prompt(ctx: StepContext, data: WritePromptInput) -> dict:
+    return _chat(ctx, data, [MessageInput(role="user", text=data.request, images=data.images)],
+                 generate_image=True)
+
+
+@step("vlm.critique", CritiqueInput)
+def critique(ctx: StepContext, data: CritiqueInput) -> dict:
+    message = MessageInput(role="user", text=CRITIQUE_PROMPT.format(intent=data.intent), images=[data.image])
+    answer = _chat(ctx, data, [message], json_schema=CRITIQUE_SCHEMA)
+    try:
+        verdict = Critique.model_validate_json(answer["text"])
+    except ValidationError as error:  # only when the answer hit max_new_tokens before closing the JSON
+        raise InvalidInputError(f"the critique was cut off ({answer['finish_reason']}); raise max_new_tokens: "
+                                f"{error.errors()[0]['msg']}") from error
+    return {**verdict.model_dump(), "model": data.model, "batch_size": answer["batch_size"]}
