@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -93,20 +92,25 @@ def main() -> None:
         from workers.settings import Settings
 
         client = TaskClient(Settings(broker_url=url, home=home))
-        ours, theirs = [], []
+        # Bare Celery twice: .get() at its default interval (0.5 s) and at its fastest (1 ms), the fair baseline.
+        times: dict[str, list[float]] = {"ours": [], "bare": [], "bare-default": []}
         for index in range(args.round_trips + 10):  # interleaved; the first 10 warm up
             start = time.perf_counter()
             client.submit("bench.noop", {"value": index}, task_id=f"rt:{index}", run_id="bench", scope="b")
             assert client.wait(f"rt:{index}", timeout=10).status == "done"
-            middle = time.perf_counter()
+            ours = time.perf_counter()
+            assert bare_noop.apply_async((index,)).get(timeout=10, interval=0.001) == {"value": index}
+            bare = time.perf_counter()
             assert bare_noop.apply_async((index,)).get(timeout=10) == {"value": index}
             end = time.perf_counter()
             if index >= 10:
-                ours.append(middle - start)
-                theirs.append(end - middle)
-        ours_ms, bare_ms = statistics.median(ours) * 1000, statistics.median(theirs) * 1000
-        print(f"round trip, median of {args.round_trips}: ours {ours_ms:.2f} ms, bare Celery {bare_ms:.2f} ms, "
-              f"ratio {ours_ms / bare_ms:.2f}x (goal <= 1.5x)")
+                times["ours"].append(ours - start)
+                times["bare"].append(bare - ours)
+                times["bare-default"].append(end - bare)
+        ms = {name: statistics.median(values) * 1000 for name, values in times.items()}
+        print(f"round trip, median of {args.round_trips}: ours {ms['ours']:.2f} ms, bare Celery {ms['bare']:.2f} ms "
+              f"(.get(interval=0.001); {ms['bare-default']:.2f} ms at the default interval), "
+              f"ratio {ms['ours'] / ms['bare']:.2f}x (goal <= 1.5x)")
 
         broker_bytes(client, url)
         vlm_throughput(processes, env, folder, url, home, args.vlm_requests)

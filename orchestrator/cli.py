@@ -46,17 +46,19 @@ def serve(host: str | None, port: int, log_level: str) -> None:
     import uvicorn
 
     from orchestrator.api import create_app
+    from orchestrator.api.logs import configure_logging
     from orchestrator.api.server import check_reachable, default_host
     from orchestrator.api.settings import ApiSettings
 
     settings = ApiSettings()
     check_reachable(settings)
     host = host or default_host(settings)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_level)
     if settings.open_access and host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("mgmflow.serve").warning(
             "no API keys configured (MGMFLOW_API_KEYS): anyone who reaches %s:%d can use this server", host, port)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, log_config=None,
+                timeout_graceful_shutdown=5)
 
 
 @main.command()
@@ -198,7 +200,7 @@ def _draw_to_file(request, model: str, loras: tuple[str, ...], out: Path) -> Non
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from models.diffusion import DiffusionEngine, LoraSpec
+    from models.diffusion import LoraSpec
 
     if out.suffix.lower() != ".png":
         raise click.UsageError(f"--out must name a .png file, got {out}")
@@ -214,9 +216,28 @@ def _draw_to_file(request, model: str, loras: tuple[str, ...], out: Path) -> Non
     for library in (diffusers_logging, transformers_logging):  # one line of output, not loading bars
         library.disable_progress_bar()
         library.set_verbosity_error()
-    [image] = DiffusionEngine.from_pretrained(model, loras=specs).run(request)
-    _write_atomically(out, image.png)
-    click.echo(f"{out} (seed {image.seed})")
+    # Through the workers: in-process without a broker, on the deployment's workers with MGMFLOW_BROKER_URL.
+    import uuid
+
+    from workers.client import TaskClient
+    from workers.settings import get_settings
+    from workers.tasks.diffusion import task_for
+
+    client, run_id = TaskClient(get_settings()), f"cli-{uuid.uuid4().hex}"
+    kind, payload = task_for(request, client.store, scope="cli", model=model,
+                             loras=[(spec.path, spec.weight) for spec in specs])
+    client.submit(kind, payload, task_id=f"{run_id}:draw", run_id=run_id, scope="cli", priority=0)
+    try:
+        record = client.wait(f"{run_id}:draw", timeout=7 * 24 * 3600)
+    except KeyboardInterrupt:
+        client.cancel(run_id)
+        raise
+    if record.status != "done":
+        raise MGMFlowError(record.error["message"])
+    [image] = record.result["images"]
+    _write_atomically(out, client.store.get(image["artifact"], scope="cli"))
+    client.delete_run(run_id)
+    click.echo(f"{out} (seed {image['seed']})")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

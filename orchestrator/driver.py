@@ -69,14 +69,16 @@ class Orchestrator:
 
     def advance(self, run_id: str) -> None:
         """Drive ``run_id`` while it is ready; return when it parks, waits for a human, ends, or is held elsewhere."""
+        # One owner per thread: two advance tasks of one run in one worker process must not both hold its lease.
+        owner = f"{self.owner}:{threading.get_ident()}"
         while self.ready(self.runs.get(run_id)):
-            if not self.runs.acquire(run_id, self.owner, self.lease_s):
+            if not self.runs.acquire(run_id, owner, self.lease_s):
                 return  # another process drives it; it re-checks readiness after releasing
             try:
-                with self._heartbeat(run_id):
+                with self._heartbeat(run_id, owner):
                     self._step(self.runs.get(run_id))
             finally:
-                self.runs.release(run_id, self.owner)
+                self.runs.release(run_id, owner)
 
     def ready(self, run: RunInfo) -> bool:
         """Whether ``run`` can make progress now."""
@@ -217,12 +219,12 @@ class Orchestrator:
         return self._graphs[key]
 
     @contextlib.contextmanager
-    def _heartbeat(self, run_id: str) -> Iterator[None]:
+    def _heartbeat(self, run_id: str, owner: str) -> Iterator[None]:
         stop = threading.Event()
 
         def renew() -> None:
             while not stop.wait(self.lease_s / 3):
-                self.runs.renew(run_id, self.owner, self.lease_s)
+                self.runs.renew(run_id, owner, self.lease_s)
 
         thread = threading.Thread(target=renew, name=f"lease-{run_id}", daemon=True)
         thread.start()
@@ -301,11 +303,26 @@ def register(app: Any, settings: Any) -> None:
 
     @app.task(name=ADVANCE, ignore_result=True, acks_late=True)
     def advance(run_id: str) -> None:
-        get_orchestrator(settings).advance(run_id)
+        _owner_of(run_id, settings).advance(run_id)
 
     @app.task(name=RESUME, ignore_result=True, acks_late=True)
     def resume(run_id: str, task_id: str | None = None) -> None:
-        get_orchestrator(settings).advance(run_id)
+        _owner_of(run_id, settings).advance(run_id)
+
+
+def _owner_of(run_id: str, settings: Any) -> Orchestrator:
+    """The orchestrator of this process whose database holds ``run_id`` (a process may serve several
+    databases, e.g. SQLite and PostgreSQL; a worker process serves one)."""
+    first = get_orchestrator(settings)
+    with _orchestrators_lock:
+        others = [orchestrator for orchestrator in _orchestrators.values() if orchestrator is not first]
+    for orchestrator in (first, *others):
+        try:
+            orchestrator.runs.get(run_id)
+            return orchestrator
+        except Exception:  # not there, or a database this process no longer reaches: not the owner
+            continue
+    return first
 
 
 def serve(settings: Any = None) -> Orchestrator:

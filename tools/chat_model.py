@@ -8,7 +8,9 @@ Image content blocks may carry base64 data, a data URL (``image_url`` blocks too
 (``file_id``); data is validated by :func:`models.images.load_image` and stored as an artifact, since task messages
 carry references only. With ``generate_images``, a reply whose ``<h>…</h>`` prompt MGM wrote is drawn by the
 diffusion worker and comes back as an image content block (``file_id`` = artifact id, plus base64 PNG).
-Streaming follows the worker's token events for the request's task.
+Streaming follows the worker's token events for the request's task. Tool calling (``bind_tools``, so the model
+works in LangChain/LangGraph agents) is constrained decoding too: the answer is JSON that either calls one of the
+bound tools with arguments under its schema, or (unless a tool is required) answers in text.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.errors import InvalidInputError
@@ -34,6 +37,7 @@ from tools.tasks import ToolTaskError, check_image
 
 ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "user"}
 INLINE_LIMIT = 2500  # bytes of inline messages; longer histories travel as an artifact (task messages ≤ 4 KB)
+ANSWER_CHARS = 2000  # a text answer when tools are bound
 
 
 class MGMChatModel(BaseChatModel):
@@ -64,8 +68,12 @@ class MGMChatModel(BaseChatModel):
                 "generate_images": self.generate_images}
 
     # 1. Messages → a vlm.chat payload with artifact references.
-    def to_payload(self, messages: list[BaseMessage], json_schema: dict | None = None) -> dict[str, Any]:
+    def to_payload(self, messages: list[BaseMessage], json_schema: dict | None = None,
+                   tools: list[dict[str, Any]] | None = None, tool_choice: Any = None) -> dict[str, Any]:
         converted = [self._message(message) for message in messages]
+        if tools:
+            converted.insert(0, {"role": "system", "text": tools_prompt(tools), "images": []})
+            json_schema = tools_schema(tools, tool_choice)
         payload: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
                                    "seed": self.seed, "generate_image": self.generate_images and not json_schema}
         if self.model:
@@ -84,6 +92,8 @@ class MGMChatModel(BaseChatModel):
             raise InvalidInputError(f"unsupported message type {message.type!r}")
         blocks = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else message.content
         texts, images = [], []
+        if message.type == "tool":
+            texts.append(f"Result of the tool {getattr(message, 'name', None) or 'call'}:")
         for block in blocks:
             if isinstance(block, str):
                 texts.append(block)
@@ -93,6 +103,8 @@ class MGMChatModel(BaseChatModel):
                 images.append(self._image(block))
             else:
                 raise InvalidInputError(f"unsupported content block type {block.get('type')!r}")
+        for call in getattr(message, "tool_calls", None) or []:  # an agent's earlier calls, as the model wrote them
+            texts.append(json.dumps({"tool": call["name"], "arguments": call["args"]}))
         return {"role": role, "text": "\n".join(texts), "images": images}
 
     def _image(self, block: dict[str, Any]) -> str:
@@ -154,14 +166,24 @@ class MGMChatModel(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                   **kwargs: Any) -> ChatResult:
         run_id = self.run_id or f"chat-{uuid.uuid4().hex}"
-        task_id = self._submit(self.to_payload(messages, kwargs.get("json_schema")), run_id)
-        text, images, metadata = self._finish(task_id, run_id)
-        content: str | list = [{"type": "text", "text": text}, *images] if images else text
-        message = AIMessage(content=content, response_metadata=metadata)
+        payload = self.to_payload(messages, kwargs.get("json_schema"), kwargs.get("tools"), kwargs.get("tool_choice"))
+        text, images, metadata = self._finish(self._submit(payload, run_id), run_id)
+        if kwargs.get("tools"):
+            message = tool_message(text, metadata)
+        else:
+            content: str | list = [{"type": "text", "text": text}, *images] if images else text
+            message = AIMessage(content=content, response_metadata=metadata)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        if kwargs.get("tools"):  # a tool call is only usable whole: one chunk
+            message = self._generate(messages, stop, run_manager, **kwargs).generations[0].message
+            yield ChatGenerationChunk(message=AIMessageChunk(
+                content=message.content, response_metadata=message.response_metadata,
+                tool_call_chunks=[{"name": call["name"], "args": json.dumps(call["args"]), "id": call["id"],
+                                   "index": index} for index, call in enumerate(message.tool_calls)]))
+            return
         run_id = self.run_id or f"chat-{uuid.uuid4().hex}"
         after = self._last_event(run_id)
         task_id = self._submit(self.to_payload(messages, kwargs.get("json_schema")), run_id)
@@ -187,7 +209,18 @@ class MGMChatModel(BaseChatModel):
         events = self.client.events(run_id)
         return events[-1].id if events else None
 
-    # 3. Structured output: the worker decodes under the JSON schema; the parser validates.
+    # 3. Tools and structured output: the worker decodes under a JSON schema; the result is parsed and validated.
+    def bind_tools(self, tools: list, *, tool_choice: Any = None, **kwargs: Any) -> Runnable:
+        """Bind LangChain tools (or functions, pydantic models, OpenAI tool dicts). ``tool_choice``: None/"auto"
+        (call a tool or answer), "any"/"required" (call one), or a tool's name (call that one)."""
+        specs = [convert_to_openai_tool(tool)["function"] for tool in tools]
+        if isinstance(tool_choice, dict):  # {"type": "function", "function": {"name": ...}}
+            tool_choice = tool_choice.get("function", {}).get("name")
+        names = {spec["name"] for spec in specs}
+        if tool_choice not in (None, "auto", "any", "required", *names):
+            raise ValueError(f"tool_choice {tool_choice!r} is none of auto, any, required, {', '.join(sorted(names))}")
+        return self.bind(tools=specs, tool_choice=tool_choice, **kwargs)
+
     def with_structured_output(self, schema: dict | type, *, include_raw: bool = False,
                                **kwargs: Any) -> Runnable:
         """Answers constrained to ``schema`` (a pydantic class or a JSON schema dict); ``method`` is always
@@ -208,6 +241,38 @@ class MGMChatModel(BaseChatModel):
                 return {"raw": raw, "parsed": None, "parsing_error": error}
 
         return bound | RunnableLambda(parse)
+
+
+def tools_prompt(tools: list[dict[str, Any]]) -> str:
+    listed = "\n".join(f"- {tool['name']}: {tool.get('description', '')}" for tool in tools)
+    return (f"You can call these tools:\n{listed}\nTo call one, answer {{\"tool\": name, \"arguments\": {{...}}}}; "
+            "otherwise answer {\"answer\": text}.")
+
+
+def tools_schema(tools: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any]:
+    """The JSON schema of a reply: a call of an allowed tool, or (unless a call is required) a text answer."""
+    allowed = [tool for tool in tools if tool_choice in (None, "auto", "any", "required") or tool["name"] == tool_choice]
+    options = [{"type": "object", "properties": {"tool": {"const": tool["name"]},
+                                                  "arguments": tool.get("parameters") or {"type": "object"}},
+                "required": ["tool", "arguments"], "additionalProperties": False} for tool in allowed]
+    if tool_choice in (None, "auto"):
+        options.append({"type": "object", "properties": {"answer": {"type": "string", "maxLength": ANSWER_CHARS}},
+                        "required": ["answer"], "additionalProperties": False})
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def tool_message(text: str, metadata: dict[str, Any]) -> AIMessage:
+    """The reply to a tools-bound request as an AIMessage: its tool call, or its answer."""
+    try:
+        reply = json.loads(text)
+    except json.JSONDecodeError as error:  # only when the answer hit max_new_tokens before closing the JSON
+        raise InvalidInputError(f"the model's reply was cut off ({metadata.get('finish_reason')}); raise "
+                                f"max_new_tokens: {error}") from None
+    if "tool" in reply:
+        call = {"name": reply["tool"], "args": reply["arguments"], "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "tool_call"}
+        return AIMessage(content="", tool_calls=[call], response_metadata=metadata)
+    return AIMessage(content=reply["answer"], response_metadata=metadata)
 
 
 def _b64(data: str) -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,7 +23,7 @@ from models.errors import InvalidInputError, MGMFlowError
 from models.images import load_image
 
 MAX_TEXT = 2000  # characters of a prompt, question or instruction (task messages are capped at 4 KB)
-Text = Field(min_length=1, max_length=MAX_TEXT)
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 
 
 class ToolTaskError(MGMFlowError):
@@ -115,7 +115,7 @@ class DescribeArgs(ImageArgs):
 
 
 class AskArgs(ImageArgs):
-    question: str = Text
+    question: Text
 
 
 class Box(BaseModel):
@@ -140,13 +140,13 @@ class ZoomArgs(AskArgs):
 
 class WritePromptArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    request: str = Text
+    request: Text
     images: list[str] = Field(default_factory=list, max_length=4, description="artifact ids the prompt is about")
 
 
 class DrawArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Text
+    prompt: Text
     seed: int | None = Field(None, ge=0, lt=2**32)
     steps: int | None = Field(None, ge=1, le=150)
     guidance_scale: float | None = Field(None, ge=0, le=30)
@@ -164,7 +164,7 @@ class Img2ImgArgs(DrawArgs, ImageArgs):
 
 
 class InstructArgs(ImageArgs):
-    instruction: str = Text
+    instruction: Text
     seed: int | None = Field(None, ge=0, lt=2**32)
     steps: int | None = Field(None, ge=1, le=150)
 

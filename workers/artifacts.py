@@ -268,7 +268,8 @@ class ArtifactStore:
 
 
 def open_store(settings: Settings) -> ArtifactStore:
-    """The store ``settings.artifacts_url`` names: ``file:///path`` (folder, shared volume) or ``s3://bucket/prefix``."""
+    """The store ``settings.artifacts_url`` names: ``file:///path`` (a folder, a shared volume) or
+    ``s3://bucket/prefix``."""
     url = urlparse(settings.artifacts_url)
     if url.scheme == "file":
         backend: _Backend = FolderBackend(Path(url.path))

@@ -15,16 +15,19 @@ import threading
 from celery.worker import WorkController
 
 from workers.app import get_app
-from workers.settings import ORCHESTRATOR_QUEUE, Settings
-from workers.steps import start_runtime
+from workers.settings import MODEL_FAMILIES, ORCHESTRATOR_QUEUE, Settings
+from workers.steps import STEPS, start_runtime
 
 logger = logging.getLogger(__name__)
 
 
 def embedded_queues(settings: Settings) -> list[str]:
+    """The default model queues, the orchestrator's, and those of other step families imported so far."""
     models = {"vlm": [settings.vlm_model], "diffusion": [settings.diffusion_model],
               "edit": [settings.edit_model, settings.instruct_model]}
-    return [*dict.fromkeys(f"{family}.{m}" for family, names in models.items() for m in names), ORCHESTRATOR_QUEUE]
+    others = sorted({kind.partition(".")[0] for kind in STEPS} - set(MODEL_FAMILIES))
+    return [*dict.fromkeys(f"{family}.{m}" for family, names in models.items() for m in names), ORCHESTRATOR_QUEUE,
+            *others]
 
 
 class _Controller(WorkController):
@@ -63,6 +66,8 @@ class EmbeddedWorker:
             self.controller.consumer.update_strategies()
 
     def stop(self) -> None:
+        """Stop at exit: running steps are abandoned at their next check (the next run takes them over)."""
+        self.runtime.abandoning.set()
         self.controller.stop(in_sighandler=False)
         self._thread.join(10)
 
@@ -77,5 +82,7 @@ def ensure_embedded(settings: Settings) -> EmbeddedWorker:
     with _lock:
         if _embedded is None:
             _embedded = EmbeddedWorker(settings)
-            atexit.register(_embedded.stop)
+            # The pool's threads are joined at interpreter exit before ``atexit`` runs, so a Ctrl-C would wait
+            # for the running steps to end; this hook (the one concurrent.futures itself uses) runs first.
+            getattr(threading, "_register_atexit", atexit.register)(_embedded.stop)
         return _embedded

@@ -23,15 +23,18 @@ logger = logging.getLogger(__name__)
 ENGINE_OF_FAMILY = {"vlm": "mgm", "diffusion": "diffusion", "edit": "diffusion"}
 
 
-def load_engine(engine: str, name: str) -> Any:
+Loras = tuple[tuple[str, float], ...]  # (adapter path, weight): part of a diffusion engine's identity
+
+
+def load_engine(engine: str, name: str, loras: Loras = ()) -> Any:
     """Load one engine; the model packages are imported only by workers that use them."""
     if engine == "mgm":
         from models.mgm.engine import MGMEngine
 
         return MGMEngine.from_pretrained(name)
-    from models.diffusion import DiffusionEngine
+    from models.diffusion import DiffusionEngine, LoraSpec
 
-    return DiffusionEngine.from_pretrained(name)
+    return DiffusionEngine.from_pretrained(name, loras=[LoraSpec(path, weight) for path, weight in loras])
 
 
 def engine_bytes(engine: Any) -> int:
@@ -63,27 +66,27 @@ def engine_bytes(engine: Any) -> int:
 
 
 class ModelCache:
-    def __init__(self, budget_bytes: int | None = None, loader: Callable[[str, str], Any] = load_engine):
+    def __init__(self, budget_bytes: int | None = None, loader: Callable[[str, str, Loras], Any] = load_engine):
         self.budget_bytes = budget_bytes
         self._loader = loader
-        self._engines: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
+        self._engines: OrderedDict[tuple[str, str, Loras], tuple[Any, int]] = OrderedDict()
         self._lock = threading.RLock()  # held while loading: two threads never load the same weights twice
 
-    def get(self, family: str, name: str) -> Any:
-        """The engine for ``family``'s model ``name``, loading it (and evicting others) if needed."""
-        key = (ENGINE_OF_FAMILY[family], name)
+    def get(self, family: str, name: str, loras: Loras = ()) -> Any:
+        """The engine for ``family``'s model ``name`` (with LoRA adapters), loading it (and evicting others)."""
+        key = (ENGINE_OF_FAMILY[family], name, tuple(loras))
         with self._lock:
             if key in self._engines:
                 self._engines.move_to_end(key)
                 return self._engines[key][0]
-            logger.info("loading %s model %r", *key)
+            logger.info("loading %s model %r %s", *key)
             engine = self._loader(*key)
             size = engine_bytes(engine)
             self._make_room(size)
             self._engines[key] = (engine, size)
             return engine
 
-    def loaded(self) -> list[tuple[str, str, int]]:
+    def loaded(self) -> list[tuple[str, str, Loras, int]]:
         with self._lock:
             return [(*key, size) for key, (_, size) in self._engines.items()]
 
@@ -92,7 +95,7 @@ class ModelCache:
             return
         while self._engines and sum(s for _, s in self._engines.values()) + size > self.budget_bytes:
             key, _ = self._engines.popitem(last=False)
-            logger.info("evicting %s model %r to stay within %d bytes", *key, self.budget_bytes)
+            logger.info("evicting %s model %r %s to stay within %d bytes", *key, self.budget_bytes)
         free_memory()
 
     @contextmanager

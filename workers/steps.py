@@ -13,6 +13,7 @@ A task module declares ``@step("diffusion.text2img", Text2ImgInput)`` over a pla
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -94,6 +95,9 @@ class Runtime:
     leases: LeaseKeeper
     affinity: Affinity
     batchers: dict[tuple, Batcher] = field(default_factory=dict)
+    # Set when this process exits mid-step (Ctrl-C of an embedded run): steps stop at their next check without
+    # recording anything, so that the next run takes them over instead of finding them cancelled.
+    abandoning: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -150,7 +154,7 @@ class StepContext:
         """Raise to stop between steps/tokens: Cancelled, DeadlineExceeded, or LeaseLost."""
         if self.header.deadline is not None and time.time() > self.header.deadline:
             raise DeadlineExceeded("the step's deadline passed")
-        if self.runtime.leases.lost(self.owner):
+        if self.runtime.leases.lost(self.owner) or self.runtime.abandoning.is_set():
             raise LeaseLost()
         now = time.monotonic()
         if now >= self._next_cancel_poll:
@@ -162,7 +166,16 @@ class StepContext:
         self.runtime.events.publish(self.header.run_id, type, {"task_id": self.header.task_id, **data})
 
     def on_step(self, step: int, total: int, preview=None) -> None:
-        self.publish("task.step", {"step": step, "total": total})
+        """Publish a step; a preview (PIL image) is stored, short-lived, and its artifact id published."""
+        data = {"step": step, "total": total}
+        if preview is not None:
+            buffer = io.BytesIO()
+            preview.save(buffer, "PNG")
+            data["preview"] = self.runtime.store.put(
+                buffer.getvalue(), scope=self.scope, media_type="image/png",
+                retention_s=self.runtime.settings.events_ttl_s,
+                metadata={"preview": True, "step": step, "task_id": self.header.task_id}).id
+        self.publish("task.step", data)
 
     def on_token(self, text: str) -> None:
         self.publish("task.token", {"text": text})

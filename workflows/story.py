@@ -134,6 +134,9 @@ def make_pages(state: StoryState) -> dict[str, Any]:
         for number, scene in enumerate(state["scenes"], start=1)
     ]
     generation = {name: state[name] for name in ("width", "height", "steps") if state.get(name) is not None}
+    # Each page is drawn alone (never merged into a dynamic batch with whatever else arrived), so its bytes depend
+    # only on its prompt and seed, whatever the execution mode, the number of workers or a redelivery.
+    generation["exclusive"] = True
     return {"items": items, "budget": state["rounds"], "generation": generation}
 
 
@@ -174,6 +177,7 @@ def write_output(values: dict[str, Any], out_dir: Path, context: RunContext) -> 
 def storyboard_pages(values: dict[str, Any]) -> list[dict[str, Any]]:
     """Per page, in page order: the chosen image, its prompt and seed, the best score of each round, lineage."""
     chosen = values.get("chosen") or {}
+    critiques = {critique["artifact"]: critique for critique in values.get("critiques") or []}
     pages = []
     for number, scene in enumerate(values.get("scenes") or [], start=1):
         key = page_key(number)
@@ -182,7 +186,6 @@ def storyboard_pages(values: dict[str, Any]) -> list[dict[str, Any]]:
         chain = lineage(values, chosen[key])
         root = chain[-1]  # the text-to-image draft every edit descends from
         rounds = [entry for entry in values.get("scores") or [] if entry["item"] == key]
-        critiques = {critique["artifact"]: critique for critique in values.get("critiques") or []}
         pages.append({
             "page": number,
             "artifact_id": chosen[key],

@@ -1,6 +1,6 @@
 """``visual_reasoning``: a question about one or more images, answered with its evidence.
 
-    load_images → plan → look → crop → inspect → stage_answer → answer → END
+    load_images → plan → look → crop → inspect → stage_answer → write_answer → END
 
 The VLM plans (``Plan``), looks at every image and names the regions worth a closer look (``Regions``, one
 join for all images); the regions are cropped from the *original* high-resolution artifacts (new artifacts whose
@@ -114,7 +114,7 @@ def stage_answer(state: VisualReasoningState) -> dict[str, Any]:
     return {"answer_request": stage_messages(messages)}
 
 
-def answer(state: VisualReasoningState) -> dict[str, Any]:
+def write_answer(state: VisualReasoningState) -> dict[str, Any]:
     """Answer the question from the images and the evidence."""
     (result,) = await_tasks([TaskSpec("answer", "vlm.chat", {
         "messages_artifact": state["answer_request"], "max_new_tokens": ANSWER_TOKENS, "seed": state["seed"]})])
@@ -125,9 +125,10 @@ def answer(state: VisualReasoningState) -> dict[str, Any]:
 
 def build_graph() -> StateGraph:
     graph = StateGraph(VisualReasoningState)
-    names = ("load_images", "plan", "look", "crop", "inspect", "stage_answer", "answer")
-    for name in names:
-        graph.add_node(name, globals()[name])
+    nodes = (load_images, plan, look, crop, inspect, stage_answer, write_answer)
+    names = [node.__name__ for node in nodes]
+    for node in nodes:
+        graph.add_node(node.__name__, node)
     graph.add_edge(START, names[0])
     for first, second in zip(names, names[1:]):
         graph.add_edge(first, second)

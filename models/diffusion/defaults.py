@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Mini-Gemini's fixed negative prompt for the SDXL images of VLM-written prompts: the `common_neg_prompt` that the
-# official CLI and worker pass with every prompt (mgm-official §7), word for word, repetition included.
+# official CLI and worker pass with every prompt (mgm-official §7), word for word, repetition included. It is longer
+# than CLIP's 77-token window, so the pipelines truncate it, as they did in MGM's demo.
 NEGATIVE_PROMPT = (
     "out of frame, lowres, text, error, cropped, worst quality, low quality, jpeg artifacts, ugly, duplicate, "
     "morbid, mutilated, out of frame, extra fingers, mutated hands, poorly drawn hands, poorly drawn face, mutation, "

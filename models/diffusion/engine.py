@@ -88,8 +88,8 @@ _PREVIEW_FACTORS = {
 
 @dataclass(frozen=True)
 class MemoryOptions:
-    """Trade speed for memory: attention in slices, the VAE in tiles / one image at a time, modules on the GPU
-    only while they run (``cpu_offload``, CUDA only)."""
+    """Trade speed for memory: attention in slices, the VAE in tiles / one image at a time, and each module on
+    the GPU only while it runs (``cpu_offload``, CUDA only; the small VAE stays there between requests)."""
 
     attention_slicing: bool = False
     vae_tiling: bool = False
@@ -153,6 +153,11 @@ class DiffusionEngine:
             raise InvalidInputError("model CPU offload needs a CUDA device")
         path = presets.resolve(name_or_path)
         pipeline = loading.load_pipeline(path, dtype=dtype)
+        if not isinstance(pipeline, tuple(_PIPELINES.values())):
+            raise InvalidInputError(
+                f"{loading.display_name(str(name_or_path))} is a {type(pipeline).__name__}; the diffusion engine runs "
+                "Stable Diffusion 1.x/2.x and SDXL-architecture models"
+            )
         lora_records = loading.attach_loras(pipeline, tuple(loras))
         if memory.attention_slicing:
             pipeline.enable_attention_slicing()
@@ -160,8 +165,11 @@ class DiffusionEngine:
             pipeline.vae.enable_tiling()
         if memory.vae_slicing:
             pipeline.vae.enable_slicing()
-        if not memory.cpu_offload:
-            with _out_of_memory_as_typed(f"loading {name_or_path}"):
+        with _out_of_memory_as_typed(f"loading {name_or_path}"):
+            if memory.cpu_offload:
+                # Hooks on the modules themselves, so every task's pipeline over them offloads too.
+                pipeline.enable_model_cpu_offload(device=device)
+            else:
                 pipeline.to(device)
         preset = presets.PRESETS.get(str(name_or_path))
         defaults = preset.defaults if preset else FAMILY_DEFAULTS[loading.family_of(pipeline)]
@@ -251,6 +259,7 @@ class DiffusionEngine:
         on_step: OnStep | None,
         check: Check | None,
     ) -> list[GeneratedImage]:
+        """One pipeline call: ``call`` holds the task's own pipeline arguments, ``recorded`` what PNGs keep of them."""
         if task not in self.tasks:
             raise InvalidInputError(f"model {self.model!r} cannot do {task} (it does: {', '.join(self.tasks)})")
         seeds = request.seeds or random_seeds(len(request.prompts))
@@ -302,8 +311,6 @@ class DiffusionEngine:
         config = {name: shared.config[name] for name in options if name in shared.config}
         pipeline = pipeline_class(**(shared.components | {"scheduler": self._scheduler(scheduler_name)}), **config)
         pipeline.set_progress_bar_config(disable=True)
-        if self.memory.cpu_offload:
-            pipeline.enable_model_cpu_offload(device=self.device)
         return pipeline
 
     def _task_pipeline(self, task: str) -> DiffusionPipeline:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from models.diffusion.defaults import SD, SDXL, ModelDefaults
 from models.errors import ModelNotFoundError
+from models.paths import hub_cache, mgmflow_home, models_dir
 
 TASKS = ("text_to_image", "img2img", "instruct_edit", "inpaint")
 
@@ -88,15 +89,6 @@ class PresetInfo:
     location: str
     available: bool
     description: str
-
-
-def mgmflow_home() -> Path:
-    return Path(os.environ.get("MGMFLOW_HOME") or Path.home() / ".mgmflow")
-
-
-def models_dir() -> Path:
-    """Where real weights are looked for first: ``$MGMFLOW_MODELS_DIR`` (default ``$MGMFLOW_HOME/models``)."""
-    return Path(os.environ.get("MGMFLOW_MODELS_DIR") or mgmflow_home() / "models")
 
 
 def tiny_presets_dir() -> Path:
@@ -172,15 +164,9 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def _hub_cache(hub_id: str) -> Path | None:
-    """The cached snapshot of ``hub_id``, or None: never a network call."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        folder = Path(snapshot_download(hub_id, local_files_only=True))
-    except (LocalEntryNotFoundError, ValueError):
-        return None
-    return folder if (folder / "model_index.json").is_file() else None
+    """The cached snapshot of ``hub_id`` if it is a diffusers folder, or None."""
+    folder = hub_cache(hub_id)
+    return folder if folder is not None and (folder / "model_index.json").is_file() else None
 
 
 def _build_tiny(preset: Preset) -> Path:

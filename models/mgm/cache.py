@@ -8,6 +8,7 @@ what is new since the last turn, instead of the whole history and its images aga
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -133,7 +134,7 @@ class PrefixCache:
         return matched, tuple((k[..., :length, :], v[..., :length, :]) for k, v in entry.past)
 
     def store(self, key: str, items: Sequence[PromptItem], item_lengths: Sequence[int], past: PastKV) -> None:
-        ends = tuple(torch.tensor(item_lengths).cumsum(0).tolist())
+        ends = tuple(itertools.accumulate(item_lengths))
         if ends and ends[-1] != past[0][0].shape[-2]:
             raise ValueError(f"prefix of {ends[-1]} positions does not match a KV cache of {past[0][0].shape[-2]}")
         entry = _PrefixEntry(tuple(items), ends, past)

@@ -168,6 +168,16 @@ class MGMEngine:
         """
         return self.model_id, sum(len(m.images) for m in request.messages)
 
+    def validate(self, request: ChatRequest) -> None:
+        """Raise the ``InvalidInputError`` that ``chat`` would raise for this request, without running the model.
+
+        A batcher calls it before queueing, so that one bad request never fails the batch it would have joined.
+        It takes no lock: it can run while a batch decodes.
+        """
+        entry = self._prepare(request)
+        length = sum(entry.item_lengths(self.model.num_visual_tokens))
+        self._constraint(request, min(request.max_new_tokens, self.context_length - length))
+
     def chat(
         self,
         requests: Sequence[ChatRequest],
@@ -281,8 +291,9 @@ class MGMEngine:
 
     def _grammar_compiler(self) -> GrammarCompiler:
         if self._grammars is None:  # built on first use: about a second for a large vocabulary
-            vocab_size = self.model.language_model.get_output_embeddings().weight.shape[0]
-            self._grammars = GrammarCompiler(self.tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids)
+            self._grammars = GrammarCompiler(
+                self.tokenizer, vocab_size=self.model.config.text_config.vocab_size, stop_token_ids=self.stop_token_ids
+            )
         return self._grammars
 
     def _stop_token_ids(self) -> tuple[int, ...]:

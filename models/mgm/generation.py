@@ -11,7 +11,6 @@ decodes the same tokens batched as alone (up to float noise). Finished rows leav
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -20,8 +19,6 @@ import torch
 from transformers import DynamicCache
 
 from models.errors import InvalidInputError
-
-logger = logging.getLogger(__name__)
 
 # Per layer (keys, values), each [1, kv_heads, length, head_dim]: one row's KV cache.
 PastKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]

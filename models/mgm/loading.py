@@ -30,7 +30,8 @@ from models.mgm.configuration import MGMConfig
 from models.mgm.convnext import ConvNeXtTrunk
 from models.mgm.hf_logging import quiet_transformers
 from models.mgm.modeling import CHECKPOINT_PREFIXES, MGMForCausalLM, from_checkpoint_name, to_checkpoint_name
-from models.mgm.presets import hub_cache, resolve
+from models.mgm.presets import resolve
+from models.paths import hub_cache
 from models.mgm.processing import MGMProcessor
 
 logger = logging.getLogger(__name__)

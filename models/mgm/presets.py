@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models.errors import ModelNotFoundError
+from models.paths import hub_cache, mgmflow_home, models_dir
 
 # Bump when the build procedure changes: the content hash (and so the folder) changes with it.
 BUILD_VERSION = 1
@@ -64,18 +65,21 @@ TINY_PRESETS: dict[str, TinySpec] = {
         "llama", _TINY_LLAMA_TEXT, _TINY_CLIP, image_size_aux=384, image_grid=2, image_global=True,
         tokenizer_model_max_length=4096,
     ),  # fmt: skip
-    # Benchmarks: 144 visual tokens per image over an 8x8 aux window each (the real ratio), a 6-layer GQA LLM.
+    # Benchmarks, in a released model's proportions at CPU scale: the real visual geometry (CLIP 336/14 -> 24x24 =
+    # 576 tokens per image; ConvNeXt at 768 -> a 192x192 map, so an 8x8 mining window under each token) with
+    # narrow, shallow towers, and a 52M-parameter GQA LLM whose prefill of a one-image prompt (~620 tokens)
+    # outweighs both towers several times over, as the 7B LLM outweighs CLIP-L + ConvNeXt-L.
     "small": TinySpec(
         "llama",
         {
-            "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 6,
-            "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
+            "num_key_value_heads": 4, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
             "tie_word_embeddings": False,
         },  # fmt: skip
-        {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 1024, "image_size": 168, "patch_size": 14},
+        {"hidden_size": 128, "num_hidden_layers": 3, "intermediate_size": 512, "image_size": 336, "patch_size": 14},
         aux_depths=(1, 1, 3, 1),
-        aux_dims=(32, 64, 128, 256),
-        image_size_aux=384,
+        aux_dims=(8, 16, 32, 64),
+        image_size_aux=768,
     ),
 }
 ALIASES = {"tiny": "tiny-llama"}
@@ -95,10 +99,6 @@ class PresetInfo:
     kind: str  # "tiny" (built locally) or "released"
     location: str  # the folder it is (or will be) in, or where its weights are expected
     available: bool
-
-
-def mgmflow_home() -> Path:
-    return Path(os.environ.get("MGMFLOW_HOME", "~/.mgmflow")).expanduser()
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -124,46 +124,33 @@ def list_presets() -> list[PresetInfo]:
         folder = _tiny_folder(name)
         infos.append(PresetInfo(name, "tiny", str(folder), folder.is_dir()))
     for name, repo in REAL_PRESETS.items():
-        local = _models_dir_entry(name)
-        cached = None if local else hub_cache(repo)
-        where = local or cached
-        expected = f"{_models_dir_entry(name, must_exist=False) or '$MGMFLOW_MODELS_DIR/' + name} or hub {repo}"
-        infos.append(PresetInfo(name, "released", str(where) if where else expected, where is not None))
+        found = _find_released(name)
+        expected = f"{_local_folder(name)} or hub {repo}"
+        infos.append(PresetInfo(name, "released", str(found or expected), found is not None))
     return infos
 
 
 # -- released checkpoints --------------------------------------------------------------------------------------
 
 
-def _models_dir_entry(name: str, must_exist: bool = True) -> Path | None:
-    models_dir = os.environ.get("MGMFLOW_MODELS_DIR")
-    if not models_dir:
-        return None
-    folder = Path(models_dir).expanduser() / name
-    return folder if folder.is_dir() or not must_exist else None
+def _local_folder(name: str) -> Path:
+    """Where ``$MGMFLOW_MODELS_DIR`` says a released checkpoint lives (whether or not it is there)."""
+    return models_dir() / name
 
 
-def hub_cache(repo_id: str) -> Path | None:
-    """The local Hugging Face cache snapshot of ``repo_id``, or None (nothing is ever downloaded)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached, or not a repo id at all (we never download)
-        return None
+def _find_released(name: str) -> Path | None:
+    local = _local_folder(name)
+    return local if local.is_dir() else hub_cache(REAL_PRESETS[name])
 
 
 def _released_folder(name: str) -> Path:
-    repo = REAL_PRESETS[name]
-    folder = _models_dir_entry(name) or hub_cache(repo)
+    folder = _find_released(name)
     if folder is not None:
         return folder
-    local = _models_dir_entry(name, must_exist=False)
-    looked = f"{local} (MGMFLOW_MODELS_DIR) and " if local else ""
+    repo, local = REAL_PRESETS[name], _local_folder(name)
     raise ModelNotFoundError(
-        f"weights of {name} not found: looked in {looked}the Hugging Face cache for {repo}. "
-        f"Download them first, e.g. `huggingface-cli download {repo} --local-dir "
-        f"{local or '$MGMFLOW_MODELS_DIR/' + name}` (and set MGMFLOW_MODELS_DIR)"
+        f"weights of {name} not found: looked in {local} ($MGMFLOW_MODELS_DIR) and the Hugging Face cache "
+        f"for {repo}. Download them first, e.g. `huggingface-cli download {repo} --local-dir {local}`"
     )
 
 

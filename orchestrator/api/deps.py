@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
@@ -31,6 +32,7 @@ class ApiContext:
     limiter: RateLimiter
     metrics: ApiMetrics
     background: set[asyncio.Task] = field(default_factory=set)  # webhook deliveries in flight
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))  # when workflows were loaded
 
 
 def get_context(request: Request) -> ApiContext:
@@ -44,16 +46,8 @@ def get_settings(context: Context) -> ApiSettings:
     return context.settings
 
 
-def get_runs(context: Context) -> RunService:
-    return context.runs
-
-
 def get_store(context: Context) -> Any:
     return context.store
-
-
-def get_workflows(context: Context) -> dict[str, Workflow]:
-    return context.workflows
 
 
 def current_scope(request: Request, context: Context) -> str:
@@ -69,7 +63,5 @@ def current_scope(request: Request, context: Context) -> str:
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
-Runs = Annotated["RunService", Depends(get_runs)]
 Store = Annotated[Any, Depends(get_store)]
-Workflows = Annotated[dict[str, "Workflow"], Depends(get_workflows)]
 CurrentScope = Annotated[str, Depends(current_scope)]

@@ -31,8 +31,8 @@ class AssistantPublic(BaseModel):
     context: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     version: int = 1
-    created_at: datetime = datetime(2026, 1, 1)
-    updated_at: datetime = datetime(2026, 1, 1)
+    created_at: datetime  # when this server loaded the workflow
+    updated_at: datetime
 
 
 class AssistantSchemas(BaseModel):

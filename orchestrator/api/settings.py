@@ -32,7 +32,7 @@ class ApiSettings(Settings):
     # Token bucket per key: sustained requests per second and burst size; 0 turns it off.
     rate_limit_per_second: float = Field(200.0, ge=0)
     rate_limit_burst: int = Field(2_000, ge=1)
-    # Runs a key may have pending or running at once (a quota); 0 turns it off.
+    # Runs a key may have waiting (admitted, not started) at once: a quota; 0 turns it off.
     max_active_runs_per_key: int = Field(5_000, ge=0)
 
     @field_validator("api_keys", "image_url_hosts", "webhook_hosts", mode="before")

@@ -75,11 +75,16 @@ async def _events(context: ApiContext, run: Any, scope: str, after: str | None,
                   cancel_on_disconnect: bool) -> AsyncIterator[ServerSentEvent]:
     if after is None:
         yield ServerSentEvent(event="metadata", data=json.dumps({"run_id": run.run_id, "thread_id": run.thread_id}))
-    finished = False
+    finished, position = False, None
     try:
         while True:
             # Status first, then events: everything published before the run ended is in this read.
             current = await run_in_threadpool(context.runs.get_run, run.run_id, scope=scope)
+            if current.status == "pending":  # `queued` (not stored, so without an id) whenever the place changes
+                now = await run_in_threadpool(context.runs.position, current)
+                if now != position:
+                    position = now
+                    yield ServerSentEvent(event="queued", data=json.dumps({"position": position}))
             events = await run_in_threadpool(context.runs.events, run.run_id, after)
             for event in events:
                 after = event.id

@@ -16,7 +16,7 @@ from schemathesis.checks import not_a_server_error
 pytestmark = pytest.mark.timeout(300)
 
 BLOCKING = ("/stream", "/wait", "/join")
-EXAMPLES = 5  # per operation and mode: ~40 operations x 2 modes x 5 keeps this near a minute
+EXAMPLES = 4  # per operation and mode: ~40 operations x 2 modes x 4 keeps this near a minute
 
 
 def _fuzz(operation, mode: GenerationMode, base_url: str) -> None:
@@ -32,7 +32,8 @@ def _fuzz(operation, mode: GenerationMode, base_url: str) -> None:
             assert case.path.endswith(BLOCKING), f"{case.method} {case.path} did not answer in {timeout} s"
             return
         finally:
-            requests.post(f"{base_url}/runs/cancel", json={"status": "all"}, timeout=20)
+            if case.method == "POST" and ("/runs" in case.path or case.path.startswith("/batches")):
+                requests.post(f"{base_url}/runs/cancel", json={"status": "all"}, timeout=20)
         case.validate_response(response, checks=[not_a_server_error])
 
     try:

@@ -102,3 +102,42 @@ def test_generated_image_comes_back_as_markdown_and_artifact_ids(openai_client, 
     assert Image.open(io.BytesIO(image.content)).size[0] > 0
     meta = httpx.get(f"{live_server.url}/artifacts/{artifacts[0]}", timeout=10).json()
     assert meta["metadata"]["parameters"]  # prompt, seed, model as A1111 parameters
+
+
+def test_remote_image_urls_only_from_allow_listed_hosts(api_env):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from conftest import LiveServer, make_app
+
+    png = base64.b64decode(_png_data_url().split(",", 1)[1])
+    fetched = []
+
+    class Images(BaseHTTPRequestHandler):
+        def do_GET(self):
+            fetched.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    images = HTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    try:
+        with LiveServer(make_app(image_url_hosts=["127.0.0.1"])) as server:
+            client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=240)
+            url = f"http://127.0.0.1:{images.server_port}/fox.png"
+            completion = client.chat.completions.create(model=_model(client), max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}])
+            assert completion.choices[0].message.role == "assistant" and fetched == ["/fox.png"]
+            with pytest.raises(BadRequestError):  # "localhost" is the same machine, but not on the list
+                client.chat.completions.create(model=_model(client), messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": f"http://localhost:{images.server_port}/x.png"}}]}])
+            assert fetched == ["/fox.png"]
+    finally:
+        images.shutdown()

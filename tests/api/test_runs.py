@@ -91,3 +91,47 @@ def test_keys_see_only_their_own_runs_threads_and_artifacts(keyed_client):
     response = keyed_client.post(f"/threads/{run['thread_id']}/runs", headers=bob,
                                  json={"assistant_id": "echo", "input": {"text": "intrude"}})
     assert response.status_code == 404
+
+
+def test_stream_says_queued_with_the_position(client):
+    thread = client.post("/threads", json={}).json()["thread_id"]
+    slow = {"assistant_id": "echo", "input": {"text": "first", "steps": 4, "delay": 0.2}}
+    first = client.post(f"/threads/{thread}/runs", json=slow).json()
+    with client.stream("POST", f"/threads/{thread}/runs/stream",
+                       json={"assistant_id": "echo", "input": {"text": "second"}}) as response:
+        text = "".join(response.iter_text())
+    events = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
+    assert events[0] == "metadata" and events[1] == "queued" and events[-1] == "end"
+    assert events.index("queued") < events.index("node")
+    assert client.get(f"/runs/{first['run_id']}").json()["status"] == "success"
+
+
+def test_webhook_is_called_when_the_run_ends(api_env):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from conftest import make_app
+    from fastapi.testclient import TestClient
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with TestClient(make_app(webhook_hosts=["127.0.0.1"])) as hooked:
+            run = hooked.post("/runs", json={"assistant_id": "echo", "input": {"text": "hook"},
+                                             "webhook": f"http://127.0.0.1:{server.server_port}/done"}).json()
+            wait_until(lambda: received, timeout=30)
+        assert received[0]["run_id"] == run["run_id"] and received[0]["status"] == "success"
+    finally:
+        server.shutdown()

@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
-
-
-@pytest.fixture
-def free_port():
-    def pick() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    return pick
 
 
 def postgres_available() -> bool:

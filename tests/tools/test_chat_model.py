@@ -1,5 +1,5 @@
 """MGMChatModel in LangChain calls: an image content block in, text and a generated image out, streaming,
-structured output, bad image blocks refused."""
+structured output, tool calls run by a LangGraph ToolNode, bad image blocks refused."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 from tool_helpers import png
 from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.tools import tool
+from langgraph.prebuilt import ToolNode
 from pydantic import BaseModel, Field
 
 from models.errors import InvalidInputError
@@ -77,3 +79,29 @@ def test_bad_image_blocks_are_refused(client, block, message):
     model = MGMChatModel(client=client, scope=SCOPE)
     with pytest.raises(InvalidInputError, match=message):
         model.invoke([HumanMessage(content=[{"type": "text", "text": "hi"}, block])])
+
+
+class AddArgs(BaseModel):
+    a: int = Field(ge=0, le=9)
+    b: int = Field(ge=0, le=9)
+
+
+@tool(args_schema=AddArgs)
+def add(a: int, b: int) -> int:
+    """Add two digits."""
+    return a + b
+
+
+@pytest.mark.timeout(300)
+def test_tool_calls_run_in_a_langgraph_tool_node(client):
+    model = MGMChatModel(client=client, scope=SCOPE, max_new_tokens=96)
+    call = model.bind_tools([add], tool_choice="add").invoke("What is 2 + 3? Use the tool.")
+    (tool_call,) = call.tool_calls
+    assert tool_call["name"] == "add" and AddArgs.model_validate(tool_call["args"])
+    # The agent's next step: LangGraph's ToolNode runs the call; the model reads its result back.
+    result = ToolNode([add]).invoke({"messages": [HumanMessage("What is 2 + 3?"), call]})["messages"][0]
+    assert result.content == str(tool_call["args"]["a"] + tool_call["args"]["b"])
+    free = model.bind_tools([add]).invoke([HumanMessage("What is 2 + 3?"), call, result])
+    assert free.tool_calls or isinstance(free.content, str)  # "auto": a call or an answer, both well-formed
+    with pytest.raises(ValueError, match="tool_choice"):
+        model.bind_tools([add], tool_choice="subtract")

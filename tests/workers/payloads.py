@@ -27,7 +27,7 @@ def inputs(client: TaskClient, scope: str = "alice") -> tuple[str, str]:
 def round_trip_payloads(image: str, mask: str) -> dict[str, dict]:
     draw = {"seeds": [5], "steps": 3}
     return {
-        "diffusion.text2img": {"prompts": ["a red fox"], **draw},
+        "diffusion.text2img": {"prompts": ["a red fox"], "preview_every": 2, **draw},
         "edit.img2img": {"prompts": ["a red fox"], "image": image, **draw},
         "edit.instruct": {"prompts": ["make it blue"], "image": image, **draw},
         "edit.inpaint": {"prompts": ["a cat"], "image": image, "mask": mask, **draw},

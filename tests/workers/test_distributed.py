@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 import worker_test_steps  # noqa: E402,F401 — registers the test-only kinds in this process too
@@ -41,6 +43,11 @@ def test_every_kind_round_trips_on_a_default_worker(stack):
         record = client.wait(f"rt:{kind}", timeout=120)
         assert record.status == "done", (kind, record.error)
         check_result(client, kind, record.result)
+    steps = [e.data for e in client.events("rt")
+             if e.type == "task.step" and e.data["task_id"] == "rt:diffusion.text2img"]
+    assert [(s["step"], "preview" in s) for s in steps] == [(1, False), (2, True), (3, True)]  # every 2nd, and last
+    preview = client.store.get(steps[-1]["preview"], scope="alice")
+    assert Image.open(io.BytesIO(preview)).size == (8, 8)  # latent resolution: 1/8 of the 64x64 image
 
 
 def test_bad_input_fails_clearly_and_the_worker_keeps_serving(stack):
@@ -238,3 +245,29 @@ def test_thread_turns_prefer_the_worker_holding_the_thread(pair):
                                "thread_id": "thread-1"}, task_id="aff:after", run_id="aff", scope="s")
     record = client.wait("aff:after", timeout=60)
     assert record.status == "done" and int(record.owner.split(":")[1]) != home.process.pid
+
+
+def test_mgmflow_generate_runs_on_the_deployment_workers_when_a_broker_is_set(stack, tmp_path):
+    services, client, worker = stack
+    out = tmp_path / "fox.png"
+    env = {**os.environ, "MGMFLOW_BROKER_URL": client.settings.broker_url, "MGMFLOW_HOME": str(services.home)}
+    done = subprocess.run([MGMFLOW, "generate", "--prompt", "a fox", "--seed", "9", "--steps", "2", "--out",
+                           str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{out} (seed 9)"
+    from models.diffusion import read_parameters
+
+    assert read_parameters(out.read_bytes())["seed"] == 9
+    assert f"Task diffusion.text2img[cli-" in worker.text()  # drawn by the worker, not in the CLI process
+
+
+def test_a_bad_request_does_not_fail_the_batch_it_arrives_with(stack):
+    _, client, _ = stack
+    image, _ = inputs(client)
+    broken = client.store.put(b"\x89PNG\r\n\x1a\n truncated", scope="alice", media_type="image/png", metadata={}).id
+    for index, target in enumerate([image, broken, image]):
+        client.submit("vlm.describe", {"image": target, "prompt": f"look {index}", "max_new_tokens": 4},
+                      task_id=f"mixed:{index}", run_id="mixed", scope="alice")
+    good, bad, other = (client.wait(f"mixed:{index}", timeout=60) for index in range(3))
+    assert good.status == other.status == "done" and good.result["batch_size"] == other.result["batch_size"] == 2
+    assert bad.status == "failed" and bad.error["code"] == "invalid_image"

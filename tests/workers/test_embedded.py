@@ -9,6 +9,7 @@ import pytest
 from celery import shared_task
 
 sys.path.insert(0, str(Path(__file__).parent))
+import worker_test_steps  # noqa: E402,F401 — test-only kinds, served by the embedded worker too
 from payloads import check_result, inputs, round_trip_payloads  # noqa: E402
 
 from workers.client import TaskClient  # noqa: E402
@@ -82,22 +83,24 @@ def test_deadline_and_oversized_message(client):
         client.submit("vlm.nope", {}, task_id="edl:c", run_id="edl", scope="alice")
 
 
-def test_a_rerun_after_an_interrupted_process_keeps_finished_steps_and_redoes_the_rest(client, tmp_path):
+def test_a_rerun_after_ctrl_c_keeps_finished_steps_and_redoes_the_rest(client, tmp_path):
     import os
     import signal
     import subprocess
     import time
 
     script = f"""
-import time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job inherits SIG_IGN)
+sys.path.insert(0, r"{Path(__file__).parent}")
+import worker_test_steps
 from workers.client import TaskClient
 from workers.settings import Settings
 client = TaskClient(Settings(home=r"{client.settings.home}"))
-client.submit("diffusion.text2img", {{"prompts": ["quick"], "seeds": [1], "steps": 2}}, task_id="ctrlc:a",
-              run_id="ctrlc", scope="alice")
-client.wait("ctrlc:a", timeout=120)
-client.submit("diffusion.text2img", {{"prompts": ["slow"], "seeds": [2], "steps": 200}}, task_id="ctrlc:b",
-              run_id="ctrlc", scope="alice")
+client.submit("test.echo", {{"value": 1}}, task_id="ctrlc:a", run_id="ctrlc", scope="alice")
+client.wait("ctrlc:a", timeout=60)
+client.submit("test.echo", {{"value": 2, "steps": 600, "step_s": 0.1}}, task_id="ctrlc:b", run_id="ctrlc",
+              scope="alice")
 time.sleep(600)
 """
     process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -106,13 +109,16 @@ time.sleep(600)
         while (record := client.get("ctrlc:b")) is None or record.status != "running":
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.1)
+        process.send_signal(signal.SIGINT)  # Ctrl-C: the running step is abandoned, not waited for or cancelled
+        process.wait(timeout=20)
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    client.submit("diffusion.text2img", {"prompts": ["quick"], "seeds": [1], "steps": 2}, task_id="ctrlc:a",
-                  run_id="ctrlc", scope="alice")
-    client.submit("diffusion.text2img", {"prompts": ["slow"], "seeds": [2], "steps": 4}, task_id="ctrlc:b",
-                  run_id="ctrlc", scope="alice")
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert client.get("ctrlc:b").status == "running"
+    client.submit("test.echo", {"value": 1}, task_id="ctrlc:a", run_id="ctrlc", scope="alice")
+    client.submit("test.echo", {"value": 2}, task_id="ctrlc:b", run_id="ctrlc", scope="alice")
     finished, redone = client.wait("ctrlc:a", timeout=5), client.wait("ctrlc:b", timeout=60)
     assert finished.status == "done" and finished.executions == 1 and finished.deliveries == 1
     assert redone.status == "done" and redone.executions == 1 and redone.deliveries == 2
+    assert redone.result["pid"] == os.getpid()  # redone here, not by the killed process

@@ -22,7 +22,7 @@ class FakeEngine:
 def test_model_cache_keeps_within_budget_evicting_the_least_recently_used():
     loads = []
 
-    def loader(engine, name):
+    def loader(engine, name, loras):
         loads.append(name)
         return FakeEngine(name, 1000)  # 4000 bytes
 
@@ -32,7 +32,10 @@ def test_model_cache_keeps_within_budget_evicting_the_least_recently_used():
     cache.get("vlm", "b")
     cache.get("diffusion", "a")  # a is now the most recently used
     cache.get("diffusion", "c")  # evicts b
-    assert [name for _, name, _ in cache.loaded()] == ["a", "c"] and loads == ["a", "b", "c"]
+    assert [name for _, name, _, _ in cache.loaded()] == ["a", "c"]
+    cache.get("diffusion", "a", (("style.safetensors", 0.5),))  # adapters make another engine; evicts plain a
+    assert [(name, loras) for _, name, loras, _ in cache.loaded()] == [("c", ()), ("a", (("style.safetensors", 0.5),))]
+    assert loads == ["a", "b", "c", "a"]
 
 
 def test_out_of_memory_becomes_a_retryable_error():

@@ -38,8 +38,11 @@ def test_story_embedded_writes_a_storyboard_and_repeats_it_byte_for_byte(embedde
         assert page["lineage"][0]["id"] == page["artifact_id"] and page["lineage"][-1]["tool"] == "diffusion.text2img"
     assert (tmp_path / "a" / "index.html").is_file() and (tmp_path / "a" / "contact-sheet.png").is_file()
 
-    # The same premise, pages and seed again: a new run, new tasks, the same bytes.
-    second = finish(embedded, embedded.create_run("story", STORY))
+    # The same premise, pages and seed again, this time beside another story whose draws arrive at the workers
+    # at the same moment (and would share dynamic batches): a new run, new tasks, the same bytes.
+    second = embedded.create_run("story", STORY)
+    other = embedded.create_run("story", {**STORY, "seed": 99})
+    second, other = finish(embedded, second), finish(embedded, other)
     assert second.run_id != first.run_id
     again = storyboard(embedded, second, tmp_path / "b")
     assert page_digests(tmp_path / "a", manifest) == page_digests(tmp_path / "b", again)
@@ -47,9 +50,10 @@ def test_story_embedded_writes_a_storyboard_and_repeats_it_byte_for_byte(embedde
 
 
 @pytest.mark.services
-@pytest.mark.timeout(400)
-def test_story_distributed_matches_embedded(services, tmp_path, embedded):
+@pytest.mark.timeout(500)
+def test_distributed_story_matches_embedded_beside_the_other_workflows(services, tmp_path, embedded):
     from orchestrator.runs import RunService
+    from workers.artifacts import open_store
 
     expected = getattr(pytest, "story_digests", None)
     if expected is None:  # run alone: make the embedded reference here
@@ -58,6 +62,28 @@ def test_story_distributed_matches_embedded(services, tmp_path, embedded):
     redis = services.redis()
     services.worker(redis, "vlm,diffusion,edit,orchestrator").wait_ready()
     service = RunService(services.settings(redis))
-    run = finish(service, service.create_run("story", STORY))
-    manifest = storyboard(service, run, tmp_path / "d")
+    # The other workflows run beside the story on the same worker: a batch of chat turns (its children wake
+    # it through the orchestration queue) and a visual question.
+    image = open_store(services.settings(redis)).put(_png(), scope="default", media_type="image/png", metadata={})
+    story = service.create_run("story", STORY)
+    batch = service.create_run("batch", {"workflow": "chat", "concurrency": 2, "items": [
+        {"message": "Draw a red boat.", **TINY}, {"message": "hello"}, {"message": "edit the last picture"}]})
+    question = service.create_run("visual_reasoning", {"question": "What is it?", "images": [image.id]})
+
+    manifest = storyboard(service, finish(service, story), tmp_path / "d")
     assert page_digests(tmp_path / "d", manifest) == expected
+    report = get_workflow("batch").write_output(service.output_values(finish(service, batch)), tmp_path / "b",
+                                                 None)
+    assert report["summary"] == {"success": 3}
+    answer = service.output_values(finish(service, question))
+    assert answer["answer"] and answer["regions"] and all(region["crop"] for region in answer["regions"])
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), "green").save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -112,7 +112,7 @@ def test_story_regenerates_and_edits_outliers_within_the_budget(store):
     draws = {task_id.split(":", 1)[1]: payload for task_id, kind, payload in client.submitted
              if kind in ("diffusion.text2img", "edit.instruct")}
     assert draws["pages:page-03:r1:d0"]["seeds"] == [derive_seed(11, 2, 1, 0)]
-    assert draws["pages:page-01:r0:d0"]["width"] == 64
+    assert draws["pages:page-01:r0:d0"]["width"] == 64 and draws["pages:page-02:r1:d0"]["exclusive"] is True
     # No task message carries the premise inline: it travels as an artifact.
     scene_payload = next(p for t, _, p in client.submitted if ":scenes:" in t)
     assert "messages" not in scene_payload

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from orchestrator.api.deps import CurrentScope, Workflows
+from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import not_found
 from orchestrator.api.schemas import AssistantPublic, AssistantSchemas, AssistantSearch
 from orchestrator.workflow import Workflow
@@ -12,32 +12,33 @@ from orchestrator.workflow import Workflow
 router = APIRouter(prefix="/assistants", tags=["assistants"])
 
 
-def _public(workflow: Workflow) -> AssistantPublic:
+def _public(context, workflow: Workflow) -> AssistantPublic:
     return AssistantPublic(assistant_id=workflow.name, graph_id=workflow.name, name=workflow.name,
-                           description=workflow.description or None)
+                           description=workflow.description or None, created_at=context.started_at,
+                           updated_at=context.started_at)
 
 
-def _get(workflows: dict[str, Workflow], assistant_id: str) -> Workflow:
-    if assistant_id not in workflows:
+def _get(context, assistant_id: str) -> Workflow:
+    if assistant_id not in context.workflows:
         raise not_found(f"assistant {assistant_id!r}")
-    return workflows[assistant_id]
+    return context.workflows[assistant_id]
 
 
 @router.post("/search", response_model=list[AssistantPublic])
-def search_assistants(body: AssistantSearch, workflows: Workflows, _: CurrentScope) -> list[AssistantPublic]:
+def search_assistants(body: AssistantSearch, context: Context, _: CurrentScope) -> list[AssistantPublic]:
     """List the workflows, optionally those of one graph id."""
-    found = [_public(w) for name, w in sorted(workflows.items()) if body.graph_id in (None, name)]
+    found = [_public(context, w) for name, w in sorted(context.workflows.items()) if body.graph_id in (None, name)]
     return found[body.offset: body.offset + body.limit]
 
 
 @router.get("/{assistant_id}", response_model=AssistantPublic)
-def read_assistant(assistant_id: str, workflows: Workflows, _: CurrentScope) -> AssistantPublic:
+def read_assistant(assistant_id: str, context: Context, _: CurrentScope) -> AssistantPublic:
     """One workflow."""
-    return _public(_get(workflows, assistant_id))
+    return _public(context, _get(context, assistant_id))
 
 
 @router.get("/{assistant_id}/schemas", response_model=AssistantSchemas)
-def read_assistant_schemas(assistant_id: str, workflows: Workflows, _: CurrentScope) -> AssistantSchemas:
+def read_assistant_schemas(assistant_id: str, context: Context, _: CurrentScope) -> AssistantSchemas:
     """The JSON schema of a workflow's input (its fields are the flags of ``mgmflow run <workflow>``)."""
-    workflow = _get(workflows, assistant_id)
+    workflow = _get(context, assistant_id)
     return AssistantSchemas(graph_id=workflow.name, input_schema=workflow.input_model.model_json_schema())

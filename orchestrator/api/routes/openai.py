@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from models.diffusion.defaults import NEGATIVE_PROMPT
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError
+from orchestrator.api.logs import current_run, current_task
 from orchestrator.api.routes.artifacts import store_image
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -242,6 +243,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     payload = await _chat_payload(context, body, scope)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     task_id = f"{completion_id}:chat"
+    current_run.set(completion_id)
+    current_task.set(task_id)
     await _submit(context, "vlm.chat", payload, task_id=task_id, run_id=completion_id, scope=scope)
     base = {"id": completion_id, "created": int(time.time()), "model": body.model}
     base_url = str(request.base_url)

@@ -8,12 +8,13 @@ import logging
 from typing import Annotated, Any, Literal
 
 import httpx
-from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError, not_found
+from orchestrator.api.logs import current_run
 from orchestrator.api.schemas import RunCreate, RunPublic, RunsCancel, RunStatus
 from orchestrator.api.streaming import (
     TERMINAL, check_event_id, final_values, run_location, run_public, stream_response, wait_for_end,
@@ -45,6 +46,8 @@ async def _start(context, body: RunCreate, scope: str, thread_id: str | None, id
             raise ApiError(409, f"thread {thread_id!r} has no run waiting for approval", code="not_interrupted")
         return await run_in_threadpool(context.runs.resume, waiting[0].run_id, body.command.resume, scope=scope)
     run = await admit(context, body, scope=scope, thread_id=thread_id, idempotency_key=idempotency_key)
+    current_run.set(run.run_id)
+    logger.debug("run %s of %s admitted (priority %d)", run.run_id, run.workflow, run.priority)
     if body.webhook:
         _spawn_webhook(context, run, scope, body.webhook)
     return run
@@ -87,6 +90,7 @@ async def _get(context, run_id: str, scope: str, thread_id: str | None = None) -
     run = await run_in_threadpool(context.runs.get_run, run_id, scope=scope)
     if thread_id is not None and run.thread_id != thread_id:
         raise not_found(f"run {run_id!r}")
+    current_run.set(run.run_id)
     return run
 
 

@@ -139,6 +139,10 @@ function onEvent(event, data) {
   switch (event) {
     case "metadata":
       return log(`run ${data.run_id}`);
+    case "queued":
+      $("status").textContent = "queued";
+      $("position").textContent = `position ${data.position}`;
+      return log(`queued, position ${data.position}`);
     case "run":
       $("status").textContent = data.status;
       return log(`run ${data.status}${data.error ? `: ${data.error.message}` : ""}`, data.error ? "error" : "");

@@ -275,3 +275,26 @@ def test_a_playground_style_checkpoint_runs_with_its_own_scheduler(tmp_path):
     [again] = engine.text_to_image(request)
     assert image.parameters["scheduler"] == "EDMDPMSolverMultistepScheduler" and image.png == again.png
     assert image.parameters["model"] == "playground-like" and image.parameters["guidance_scale"] == 5.0
+
+
+def test_other_pipeline_kinds_are_refused_clearly(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(InvalidInputError, match="ddpm is a DDPMPipeline; the diffusion engine runs Stable Diffusion"):
+        DiffusionEngine.from_pretrained(str(tmp_path / "ddpm"))
+
+
+def test_concurrent_requests_on_one_engine_do_not_interfere(engine, photo):
+    """Each request has its own pipeline object and scheduler, so threads may share an engine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [TextToImageRequest(prompts=["a cat"], seeds=[21], steps=2, guidance_scale=3.0),
+                Img2ImgRequest(prompts=["a dog"], seeds=[22], steps=3, image=photo),
+                TextToImageRequest(prompts=["a sky"], seeds=[23], steps=3, scheduler="DDIMScheduler")]
+    alone = [engine.run(request)[0].png for request in requests]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        together = [result[0].png for result in pool.map(engine.run, requests)]
+    assert together == alone

@@ -84,6 +84,25 @@ def test_prompt_longer_than_the_context_is_refused(engine):
         engine.chat([_ask("word " * 5000)])
 
 
+@pytest.mark.parametrize(
+    "request_",
+    [_ask("word " * 5000), _ask("look <image> here"), _ask("x", json_schema={"type": "objekt"}),
+     _ask("x", regex="(unclosed"), _ask("x", generate_image=True, max_new_tokens=8)],
+)
+def test_validate_finds_bad_requests_without_running_the_model(engine, request_, monkeypatch):
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("validate ran the model")
+
+    monkeypatch.setattr(engine.model, "encode_images", no_model_work)
+    monkeypatch.setattr("models.mgm.engine.generate", no_model_work)
+    with pytest.raises(InvalidInputError):
+        engine.validate(request_)
+
+
+def test_validate_accepts_a_good_request(engine):
+    engine.validate(_ask("What is it?", _image(0), json_schema={"type": "object"}))
+
+
 def test_image_placeholder_in_text_is_refused(engine):
     with pytest.raises(InvalidInputError, match="placeholder"):
         engine.chat([_ask("look <image> here")])
@@ -143,3 +162,11 @@ def test_gemma_preset_uses_the_gemma_template_and_its_stops(mgmflow_home):
     assert prompt.endswith("What is it?<end_of_turn>\n<start_of_turn>model\n")
     [result] = engine.chat([request])
     assert result.completion_tokens <= 6
+
+
+def test_llama3_override_stops_on_eot(engine):
+    llama3 = MGMEngine(engine.model, engine.processor, model_id="tiny", template="llama_3")
+    assert llama3.template.name == "llama_3"
+    assert engine.tokenizer.convert_tokens_to_ids("<|eot_id|>") in llama3.stop_token_ids
+    with pytest.raises(InvalidInputError, match="unknown conversation template"):
+        MGMEngine(engine.model, engine.processor, model_id="tiny", template="alpaca")

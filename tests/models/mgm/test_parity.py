@@ -125,3 +125,21 @@ def test_gemma_mlp_uses_exact_gelu(oracle_dir):
 
     x = torch.linspace(-3, 3, 7)
     assert torch.allclose(ACT2FN[config.text_config.hidden_act](x), torch.nn.functional.gelu(x), atol=0)
+
+
+@torch.inference_mode()
+def test_oracle_tells_the_two_gelus_apart(oracle_dir):
+    """The pin matters: with tanh-GELU (what transformers 5 would pick) the logits leave the tolerance."""
+    from models.mgm import load_pretrained
+    from transformers.activations import ACT2FN
+
+    root = oracle_dir / "mgm_gemma"
+    model, _ = load_pretrained(root / "checkpoint")
+    for layer in model.language_model.model.layers:
+        layer.mlp.act_fn = ACT2FN["gelu_pytorch_tanh"]
+    logits = model(
+        input_ids=load(root, "inputs/input_ids"),
+        images=load(root, "inputs/images"),
+        images_aux=load(root, "inputs/images_aux"),
+    ).logits
+    assert max_diff(logits, load(root, "reference/logits")) > 1e-4
