@@ -70,6 +70,9 @@ _SCHEMA = (
     "CREATE UNIQUE INDEX IF NOT EXISTS mgmflow_runs_idem ON mgmflow_runs (scope, idempotency_key)",
     "CREATE INDEX IF NOT EXISTS mgmflow_runs_thread ON mgmflow_runs (thread_id, created_at)",
     "CREATE INDEX IF NOT EXISTS mgmflow_runs_status ON mgmflow_runs (status, updated_at)",
+    # A key's runs of one status in list order, read without a sort: the quota check on every submission
+    # (one row at offset limit-1 of its pending runs) and the listing pages.
+    "CREATE INDEX IF NOT EXISTS mgmflow_runs_scope ON mgmflow_runs (scope, status, created_at DESC, run_id)",
     """CREATE TABLE IF NOT EXISTS mgmflow_threads (
         thread_id TEXT PRIMARY KEY, scope TEXT NOT NULL, workflow TEXT, metadata TEXT NOT NULL,
         created_at DOUBLE PRECISION NOT NULL)""",

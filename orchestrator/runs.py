@@ -79,26 +79,28 @@ class RunService:
             existing = self.runs.by_idempotency_key(scope, idempotency_key)
             if existing is not None:
                 return existing
-        if thread_id is None:
-            thread = self.runs.create_thread(scope=scope, workflow=workflow)
-        else:
-            try:
-                thread = self.runs.get_thread(thread_id, scope=scope)
-            except RunNotFound:
-                thread = self.runs.create_thread(scope=scope, thread_id=thread_id, workflow=workflow)
-                if thread["scope"] != scope:
-                    raise
-        if thread["workflow"] not in (None, workflow):
-            raise InvalidInputError(
-                f"thread {thread['thread_id']} belongs to workflow {thread['workflow']!r}, not {workflow!r}"
-            )
-        self.runs.bind_thread(thread["thread_id"], workflow)
-        run = self.runs.insert(RunInfo(
-            run_id=str(uuid.uuid4()), thread_id=thread["thread_id"], workflow=workflow, status="pending",
-            scope=scope, input=validated, approve=approve, priority=priority, idempotency_key=idempotency_key,
-            metadata=metadata or {},
-        ))
-        self.orchestrator.dispatch(run.run_id)
+        with self.orchestrator.database.transaction():  # thread and run: one commit, none on an error
+            if thread_id is None:
+                thread = self.runs.create_thread(scope=scope, workflow=workflow)
+            else:
+                try:
+                    thread = self.runs.get_thread(thread_id, scope=scope)
+                except RunNotFound:
+                    thread = self.runs.create_thread(scope=scope, thread_id=thread_id, workflow=workflow)
+                    if thread["scope"] != scope:
+                        raise
+            if thread["workflow"] not in (None, workflow):
+                raise InvalidInputError(
+                    f"thread {thread['thread_id']} belongs to workflow {thread['workflow']!r}, not {workflow!r}"
+                )
+            if thread["workflow"] is None:
+                self.runs.bind_thread(thread["thread_id"], workflow)
+            run = self.runs.insert(RunInfo(
+                run_id=str(uuid.uuid4()), thread_id=thread["thread_id"], workflow=workflow, status="pending",
+                scope=scope, input=validated, approve=approve, priority=priority, idempotency_key=idempotency_key,
+                metadata=metadata or {},
+            ))
+        self.orchestrator.dispatch(run.run_id)  # after the commit: the driver must find the record
         return run
 
     def get_run(self, run_id: str, *, scope: str | None = None) -> RunInfo:

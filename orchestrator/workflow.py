@@ -72,8 +72,15 @@ def unregister(name: str) -> None:
     _registered.pop(name, None)
 
 
+# The entry-point workflows of the last scan: a scan reads every installed distribution's metadata (tens of ms),
+# too slow for each run submitted, so get_workflow reads this and rescans only for a name it does not know.
+_discovered: dict[str, Workflow] | None = None
+
+
 def load_workflows() -> dict[str, Workflow]:
-    """Every workflow of the entry-point group (plus in-process registrations), by name."""
+    """Every workflow of the entry-point group (plus in-process registrations), by name: a fresh scan, which
+    also refreshes what :func:`get_workflow` looks names up in."""
+    global _discovered
     found: dict[str, Workflow] = {}
     for point in entry_points(group=ENTRY_POINT_GROUP):
         try:
@@ -85,12 +92,18 @@ def load_workflows() -> dict[str, Workflow]:
             logger.error("entry point %s = %s is not an orchestrator.workflow.Workflow", point.name, point.value)
             continue
         found[point.name] = workflow
-    found.update(_registered)
-    return found
+    _discovered = found
+    return {**found, **_registered}
 
 
 def get_workflow(name: str) -> Workflow:
-    """The workflow called ``name``; an unknown name raises :class:`InvalidInputError` listing the known ones."""
+    """The workflow called ``name``; an unknown name raises :class:`InvalidInputError` listing the known ones.
+
+    Looks in the in-process registrations, then in the last entry-point scan; a name found in neither gets one
+    fresh scan (a package installed since) before it is called unknown."""
+    workflow = _registered.get(name) or (_discovered or {}).get(name)
+    if workflow is not None:
+        return workflow
     workflows = load_workflows()
     if name not in workflows:
         known = ", ".join(sorted(workflows)) or "none installed"

@@ -251,14 +251,20 @@ def tools_prompt(tools: list[dict[str, Any]]) -> str:
 
 def tools_schema(tools: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any]:
     """The JSON schema of a reply: a call of an allowed tool, or (unless a call is required) a text answer."""
-    allowed = [tool for tool in tools if tool_choice in (None, "auto", "any", "required") or tool["name"] == tool_choice]
-    options = [{"type": "object", "properties": {"tool": {"const": tool["name"]},
-                                                  "arguments": tool.get("parameters") or {"type": "object"}},
+    free = tool_choice in (None, "auto", "any", "required")
+    allowed = [tool for tool in tools if free or tool["name"] == tool_choice]
+    options = [{"type": "object", "properties": {"tool": {"const": tool["name"]}, "arguments": closed(tool)},
                 "required": ["tool", "arguments"], "additionalProperties": False} for tool in allowed]
     if tool_choice in (None, "auto"):
         options.append({"type": "object", "properties": {"answer": {"type": "string", "maxLength": ANSWER_CHARS}},
                         "required": ["answer"], "additionalProperties": False})
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def closed(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool's argument schema without room for arguments it does not declare (a weak model would add some)."""
+    parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+    return {**parameters, "additionalProperties": parameters.get("additionalProperties", False)}
 
 
 def tool_message(text: str, metadata: dict[str, Any]) -> AIMessage:

@@ -66,7 +66,7 @@ def write_storyboard(
 def contact_sheet(images: Sequence[Image.Image], labels: Sequence[int]) -> bytes:
     """All pages as numbered thumbnails on one PNG, four to a row."""
     columns = min(4, max(1, len(images)))
-    rows = (len(images) + columns - 1) // columns
+    rows = max(1, (len(images) + columns - 1) // columns)  # an empty storyboard (every page rejected) is one blank row
     cell = max(
         (min(THUMBNAIL, max(image.size)) for image in images), default=THUMBNAIL
     )

@@ -6,7 +6,8 @@ merged), optionally after a KV prefix reused from an earlier turn. The batch is 
     row i:  [pad | cached prefix_i | pad | prompt_i] generated tokens...
 
 with the attention mask zero on the pads and position ids counted over each row's real tokens only, so a row
-decodes the same tokens batched as alone (up to float noise). Finished rows leave the batch.
+decodes the same tokens batched as alone (up to float noise). Finished rows leave the batch. The KV cache is
+allocated once for the whole generation (see ``_PreallocatedLayer``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from models.errors import InvalidInputError
 
@@ -212,7 +213,7 @@ def generate(
 
     if check:
         check()
-    cache, mask, positions, embeds = _prefill_batch(prompts)
+    cache, mask, positions, embeds = _prefill_batch(language_model, prompts, max(p.max_new_tokens for p in params))
     logits = language_model(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
         logits_to_keep=1,
@@ -254,10 +255,54 @@ def generate(
         next_position = next_position + 1
 
 
-def _prefill_batch(prompts: Sequence[Prompt]):
+class _PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` that writes each step's keys and values into buffers sized for the whole generation.
+
+    ``DynamicLayer`` concatenates at every step, copying the whole KV cache once per token: for a batch of
+    multimodal prompts (hundreds of visual tokens each) that copy moves as many bytes as the weights do.
+    ``keys`` / ``values`` stay what transformers expects, views [B, kv_heads, length, head_dim] of the buffers.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            # First call, or a generation longer than planned: (re)allocate, keeping what is there.
+            length = max(end, self.capacity)
+            self._key_buffer = self._reallocate(self.keys if start else None, key_states, length)
+            self._value_buffer = self._reallocate(self.values if start else None, value_states, length)
+            self.device, self.is_initialized = key_states.device, True
+        self._key_buffer[..., start:end, :] = key_states
+        self._value_buffer[..., start:end, :] = value_states
+        self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    @staticmethod
+    def _reallocate(kept: torch.Tensor | None, states: torch.Tensor, length: int) -> torch.Tensor:
+        buffer = states.new_empty(*states.shape[:-2], length, states.shape[-1])
+        if kept is not None:
+            buffer[..., : kept.shape[-2], :] = kept
+        return buffer
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices``, with their room to grow."""
+        if self._key_buffer is not None:
+            end = self.get_seq_length()
+            self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+            self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
+
+
+def _prefill_batch(language_model, prompts: Sequence[Prompt], max_new_tokens: int):
     """Left-pad the rows' cached prefixes and their prompts into one batch (see the module docstring).
 
-    Returns (cache, attention mask [B, P+S], position ids [B, S], embeds [B, S, H]).
+    Returns (cache, attention mask [B, P+S], position ids [B, S], embeds [B, S, H]); the cache has room for
+    ``max_new_tokens`` more positions.
     """
     past_len = max(p.past_length for p in prompts)
     new_len = max(p.embeds.shape[0] for p in prompts)
@@ -274,22 +319,23 @@ def _prefill_batch(prompts: Sequence[Prompt]):
         mask[b, past_len - p : past_len] = 1
         mask[b, past_len + new_len - n :] = 1
         positions[b, new_len - n :] = torch.arange(p, p + n, device=first.device)
+    n_layers = language_model.config.get_text_config().num_hidden_layers
+    cache = Cache(layers=[_PreallocatedLayer(past_len + new_len + max_new_tokens) for _ in range(n_layers)])
     if past_len == 0:
-        return DynamicCache(), mask, positions, embeds
-    layers = []
+        return cache, mask, positions, embeds
     reference = next(p.past for p in prompts if p.past is not None)
-    for layer, (ref_keys, ref_values) in enumerate(reference):
+    for index, (ref_keys, ref_values) in enumerate(reference):
         keys = ref_keys.new_zeros(batch, ref_keys.shape[1], past_len, ref_keys.shape[-1])
         values = ref_values.new_zeros(batch, ref_values.shape[1], past_len, ref_values.shape[-1])
         for b, prompt in enumerate(prompts):
             if prompt.past is not None:
-                keys[b, :, past_len - prompt.past_length :] = prompt.past[layer][0][0]
-                values[b, :, past_len - prompt.past_length :] = prompt.past[layer][1][0]
-        layers.append((keys, values))
-    return DynamicCache(ddp_cache_data=layers), mask, positions, embeds
+                keys[b, :, past_len - prompt.past_length :] = prompt.past[index][0][0]
+                values[b, :, past_len - prompt.past_length :] = prompt.past[index][1][0]
+        cache.layers[index].update(keys, values)
+    return cache, mask, positions, embeds
 
 
-def _row_past(cache: DynamicCache, mask: torch.Tensor, slot: int) -> PastKV:
+def _row_past(cache: Cache, mask: torch.Tensor, slot: int) -> PastKV:
     """One row's KV over its real (unmasked) positions, detached from the batch."""
     real = mask[slot].bool()
     return tuple(

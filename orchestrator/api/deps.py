@@ -35,22 +35,24 @@ class ApiContext:
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))  # when workflows were loaded
 
 
-def get_context(request: Request) -> ApiContext:
+# The dependencies are ``async def`` although they never await: they do no blocking work, and FastAPI runs a plain
+# ``def`` dependency in the thread pool, a hand-off to a thread and back (two for the scope) on every request.
+async def get_context(request: Request) -> ApiContext:
     return request.app.state.context
 
 
 Context = Annotated[ApiContext, Depends(get_context)]
 
 
-def get_settings(context: Context) -> ApiSettings:
+async def get_settings(context: Context) -> ApiSettings:
     return context.settings
 
 
-def get_store(context: Context) -> Any:
+async def get_store(context: Context) -> Any:
     return context.store
 
 
-def current_scope(request: Request, context: Context) -> str:
+async def current_scope(request: Request, context: Context) -> str:
     """The caller's scope from ``Authorization: Bearer <key>`` (or ``x-api-key``, as ``langgraph-sdk`` sends);
     every request that passes is also counted against the scope's rate limit."""
     header = request.headers.get("authorization", "")

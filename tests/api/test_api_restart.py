@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, wait_until
+from testkit import free_port, wait_for
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.services]
 
@@ -46,10 +46,10 @@ def deployment(tmp_path):
 
     def start_api() -> subprocess.Popen:
         process = start("api", "serve", "--port", str(api_port), "--log-level", "warning")
-        wait_until(lambda: _healthy(url), timeout=60, interval=0.2)
+        wait_for(lambda: _healthy(url), timeout=60, interval=0.2)
         return process
 
-    wait_until(lambda: _redis_up(redis_port), timeout=10)
+    wait_for(lambda: _redis_up(redis_port), timeout=10)
     start("worker", "worker", "--queues", "orchestrator", "--concurrency", "8", "--name", "orch")
     start_api()
     yield {"url": url, "start_api": start_api, "processes": processes, "logs": logs}
@@ -124,7 +124,7 @@ def test_api_killed_and_restarted_during_runs(deployment):
 
     # 3. Every run completed and is readable through the new API process.
     for run in runs:
-        final = wait_until(lambda r=run: (x := http.get(f"/runs/{r['run_id']}").json())["status"] == "success" and x,
+        final = wait_for(lambda r=run: (x := http.get(f"/runs/{r['run_id']}").json())["status"] == "success" and x,
                            timeout=60)
         assert final["run_id"] == run["run_id"]
         assert http.get(f"/threads/{run['thread_id']}/state").json()["values"]["answer"] == "SURVIVE"

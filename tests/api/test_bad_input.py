@@ -8,7 +8,8 @@ import struct
 import zlib
 
 import pytest
-from conftest import make_app, wait_until
+from testkit import wait_for
+from api_support import make_app
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -130,7 +131,7 @@ def test_quota_of_waiting_runs(strict_client):
     first = strict_client.post(f"/threads/{thread}/runs", json=slow)
     assert first.status_code == 200, first.text
     first = first.json()
-    wait_until(lambda: strict_client.get(f"/runs/{first['run_id']}").json()["status"] == "running")
+    wait_for(lambda: strict_client.get(f"/runs/{first['run_id']}").json()["status"] == "running")
     second = strict_client.post(f"/threads/{thread}/runs", json=slow).json()  # waits behind the first
     assert strict_client.get(f"/runs/{second['run_id']}").json()["status"] == "pending"
     response = strict_client.post(f"/threads/{thread}/runs", json=slow)

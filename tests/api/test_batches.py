@@ -7,13 +7,13 @@ import json
 import time
 
 import pytest
-from conftest import wait_until
+from testkit import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def _finished(client, batch_id):
-    return wait_until(lambda: (b := client.get(f"/batches/{batch_id}").json())["run"]["status"]
+    return wait_for(lambda: (b := client.get(f"/batches/{batch_id}").json())["run"]["status"]
                       in ("success", "error", "cancelled") and b, timeout=120)
 
 
@@ -61,7 +61,7 @@ def test_jsonl_upload_and_its_errors(client):
 def test_interactive_runs_are_not_starved_by_a_big_batch(client):
     slow = [{"text": f"b{i}", "steps": 2, "delay": 0.25} for i in range(200)]
     batch = client.post("/batches", json={"assistant_id": "echo", "items": slow, "concurrency": 4}).json()
-    wait_until(lambda: client.get(f"/batches/{batch['batch_id']}").json()["done"] >= 4, timeout=60)
+    wait_for(lambda: client.get(f"/batches/{batch['batch_id']}").json()["done"] >= 4, timeout=60)
     started = time.monotonic()
     answer = client.post("/runs/wait", json={"assistant_id": "echo", "input": {"text": "urgent"}}).json()
     elapsed = time.monotonic() - started

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import free_port
+from testkit import free_port
 
 from orchestrator.cli import main
 

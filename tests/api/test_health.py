@@ -7,7 +7,8 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, make_app, wait_until
+from testkit import free_port, wait_for
+from api_support import make_app
 from fastapi.testclient import TestClient
 
 pytestmark = pytest.mark.timeout(180)
@@ -44,7 +45,7 @@ def test_readyz_reports_each_dependency(client, api_env):
 
 def test_metrics_expose_queue_runs_tasks_and_errors(client):
     run = client.post("/runs", json={"assistant_id": "echo", "input": {"text": "metered"}}).json()
-    wait_until(lambda: client.get(f"/runs/{run['run_id']}").json()["status"] == "success")
+    wait_for(lambda: client.get(f"/runs/{run['run_id']}").json()["status"] == "success")
     client.get("/runs/no-such-run")
     text = client.get("/metrics").text
     assert 'mgmflow_run_seconds_count{status="success",workflow="echo"}' in text

@@ -108,7 +108,7 @@ def test_remote_image_urls_only_from_allow_listed_hosts(api_env):
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from conftest import LiveServer, make_app
+    from api_support import LiveServer, make_app
 
     png = base64.b64decode(_png_data_url().split(",", 1)[1])
     fetched = []

@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import free_port
+from testkit import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -4,13 +4,14 @@ idempotency, priorities, scoping by API key."""
 from __future__ import annotations
 
 import pytest
-from conftest import KEYS, auth, wait_until
+from testkit import wait_for
+from api_support import KEYS, auth
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _wait(client, run, headers=None):
-    return wait_until(lambda: (r := client.get(f"/runs/{run['run_id']}", headers=headers).json())["status"]
+    return wait_for(lambda: (r := client.get(f"/runs/{run['run_id']}", headers=headers).json())["status"]
                       in ("success", "error", "cancelled", "timeout") and r)
 
 
@@ -38,7 +39,7 @@ def test_running_run_shows_progress_and_queued_runs_their_position(client):
     slow = {"assistant_id": "echo", "input": {"text": "slow", "steps": 6, "delay": 0.3}}
     first, second, third = (client.post(f"/threads/{thread}/runs", json=slow).json() for _ in range(3))
     # Runs on a thread are serial: the second and third wait; the third has the second ahead of it.
-    progress = wait_until(lambda: client.get(f"/runs/{first['run_id']}").json()["progress"])
+    progress = wait_for(lambda: client.get(f"/runs/{first['run_id']}").json()["progress"])
     assert progress["stage"] == "echo" and 1 <= progress["done"] <= 6 and progress["total"] == 6
     waiting = client.get(f"/threads/{thread}/runs/{third['run_id']}").json()
     assert waiting["status"] == "pending" and waiting["position"] >= 1
@@ -111,7 +112,7 @@ def test_webhook_is_called_when_the_run_ends(api_env):
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from conftest import make_app
+    from api_support import make_app
     from fastapi.testclient import TestClient
 
     received = []
@@ -131,7 +132,7 @@ def test_webhook_is_called_when_the_run_ends(api_env):
         with TestClient(make_app(webhook_hosts=["127.0.0.1"])) as hooked:
             run = hooked.post("/runs", json={"assistant_id": "echo", "input": {"text": "hook"},
                                              "webhook": f"http://127.0.0.1:{server.server_port}/done"}).json()
-            wait_until(lambda: received, timeout=30)
+            wait_for(lambda: received, timeout=30)
         assert received[0]["run_id"] == run["run_id"] and received[0]["status"] == "success"
     finally:
         server.shutdown()

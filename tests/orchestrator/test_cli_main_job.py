@@ -25,9 +25,15 @@ def _env(home: Path) -> dict:
 
 
 def _executions(home: Path) -> dict[str, tuple[str, int]]:
+    """Every step's (status, completed executions), from the embedded task records."""
+    if not (home / "tasks.sqlite").exists():
+        return {}
     with sqlite3.connect(home / "tasks.sqlite") as db:
-        return {task_id: (status, executions)
-                for task_id, status, executions in db.execute("SELECT task_id, status, executions FROM tasks")}
+        try:
+            rows = db.execute("SELECT task_id, status, executions FROM tasks").fetchall()
+        except sqlite3.OperationalError:  # the table is being created
+            return {}
+    return {task_id: (status, executions) for task_id, status, executions in rows}
 
 
 def test_ctrl_c_then_the_same_command_continues(tmp_path):
@@ -37,8 +43,7 @@ def test_ctrl_c_then_the_same_command_continues(tmp_path):
     first = subprocess.Popen(command, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # interrupt once the run has finished model steps of its own (the scene list at least)
-        done = wait_for(lambda: (home / "tasks.sqlite").exists() and
-                        [t for t, (status, _) in _executions(home).items() if status == "done"], 240,
+        done = wait_for(lambda: [t for t, (status, _) in _executions(home).items() if status == "done"], 240,
                         "a finished step")
         first.send_signal(signal.SIGINT)
         assert first.wait(60) == 130

@@ -16,7 +16,7 @@ import pytest
 pytestmark = [pytest.mark.services, pytest.mark.timeout(420)]
 
 # The workers' fixtures (redis-server and `mgmflow worker` subprocesses), reused rather than copied.
-_spec = importlib.util.spec_from_file_location("workers_fixtures", Path(__file__).parents[1] / "workers" / "conftest.py")
+_spec = importlib.util.spec_from_file_location("workers_fixtures", Path(__file__).parents[1] / "workers" / "worker_support.py")
 workers_fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(workers_fixtures)
 

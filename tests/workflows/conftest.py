@@ -13,7 +13,7 @@ TESTS = Path(__file__).resolve().parent.parent
 
 def _workers_fixtures():
     """The workers tests' real-service helpers (redis-server, `mgmflow worker` subprocesses), loaded by path."""
-    spec = importlib.util.spec_from_file_location("workers_fixtures", TESTS / "workers" / "conftest.py")
+    spec = importlib.util.spec_from_file_location("workers_fixtures", TESTS / "workers" / "worker_support.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -24,41 +24,42 @@ def page_digests(out_dir, manifest) -> list[str]:
     return [hashlib.sha256((out_dir / page["image"]).read_bytes()).hexdigest() for page in manifest["pages"]]
 
 
-@pytest.mark.timeout(400)
-def test_story_embedded_writes_a_storyboard_and_repeats_it_byte_for_byte(embedded, tmp_path):
-    first = finish(embedded, embedded.create_run("story", STORY))
-    manifest = storyboard(embedded, first, tmp_path / "a")
+@pytest.fixture(scope="module")
+def reference(embedded, tmp_path_factory):
+    """The story run once, embedded: its run and the digests of its pages (the reference of both tests)."""
+    out = tmp_path_factory.mktemp("reference")
+    run = finish(embedded, embedded.create_run("story", STORY))
+    manifest = storyboard(embedded, run, out)
+    return {"run": run, "out": out, "manifest": manifest, "digests": page_digests(out, manifest)}
 
+
+@pytest.mark.timeout(400)
+def test_story_embedded_writes_a_storyboard_and_repeats_it_byte_for_byte(embedded, reference, tmp_path):
+    out, manifest = reference["out"], reference["manifest"]
     # The folder: a manifest listing every page in order, the PNGs, the page, the contact sheet.
-    assert json.loads((tmp_path / "a" / "manifest.json").read_text()) == manifest
+    assert json.loads((out / "manifest.json").read_text()) == manifest
     assert [page["page"] for page in manifest["pages"]] == [1, 2]
     for page in manifest["pages"]:
-        assert (tmp_path / "a" / page["image"]).read_bytes().startswith(b"\x89PNG")
+        assert (out / page["image"]).read_bytes().startswith(b"\x89PNG")
         assert page["prompt"] and isinstance(page["seed"], int) and len(page["scores"]) == 1
         assert page["lineage"][0]["id"] == page["artifact_id"] and page["lineage"][-1]["tool"] == "diffusion.text2img"
-    assert (tmp_path / "a" / "index.html").is_file() and (tmp_path / "a" / "contact-sheet.png").is_file()
+    assert (out / "index.html").is_file() and (out / "contact-sheet.png").is_file()
 
     # The same premise, pages and seed again, this time beside another story whose draws arrive at the workers
     # at the same moment (and would share dynamic batches): a new run, new tasks, the same bytes.
     second = embedded.create_run("story", STORY)
     other = embedded.create_run("story", {**STORY, "seed": 99})
     second, other = finish(embedded, second), finish(embedded, other)
-    assert second.run_id != first.run_id
-    again = storyboard(embedded, second, tmp_path / "b")
-    assert page_digests(tmp_path / "a", manifest) == page_digests(tmp_path / "b", again)
-    pytest.story_digests = page_digests(tmp_path / "a", manifest)  # for the distributed comparison below
+    assert second.run_id != reference["run"].run_id
+    assert page_digests(tmp_path, storyboard(embedded, second, tmp_path)) == reference["digests"]
 
 
 @pytest.mark.services
 @pytest.mark.timeout(500)
-def test_distributed_story_matches_embedded_beside_the_other_workflows(services, tmp_path, embedded):
+def test_distributed_story_matches_embedded_beside_the_other_workflows(services, reference, tmp_path):
     from orchestrator.runs import RunService
     from workers.artifacts import open_store
 
-    expected = getattr(pytest, "story_digests", None)
-    if expected is None:  # run alone: make the embedded reference here
-        expected = page_digests(tmp_path / "e", storyboard(embedded, finish(embedded, embedded.create_run("story", STORY)),
-                                                           tmp_path / "e"))
     redis = services.redis()
     services.worker(redis, "vlm,diffusion,edit,orchestrator").wait_ready()
     service = RunService(services.settings(redis))
@@ -71,7 +72,7 @@ def test_distributed_story_matches_embedded_beside_the_other_workflows(services,
     question = service.create_run("visual_reasoning", {"question": "What is it?", "images": [image.id]})
 
     manifest = storyboard(service, finish(service, story), tmp_path / "d")
-    assert page_digests(tmp_path / "d", manifest) == expected
+    assert page_digests(tmp_path / "d", manifest) == reference["digests"]
     report = get_workflow("batch").write_output(service.output_values(finish(service, batch)), tmp_path / "b",
                                                  None)
     assert report["summary"] == {"success": 3}

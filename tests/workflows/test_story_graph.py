@@ -116,7 +116,8 @@ def test_story_regenerates_and_edits_outliers_within_the_budget(store):
     # No task message carries the premise inline: it travels as an artifact.
     scene_payload = next(p for t, _, p in client.submitted if ":scenes:" in t)
     assert "messages" not in scene_payload
-    assert "A fox finds a lantern." in json.loads(store.get(scene_payload["messages_artifact"], scope="test"))[0]["text"]
+    staged = json.loads(store.get(scene_payload["messages_artifact"], scope="test"))
+    assert "A fox finds a lantern." in staged[0]["text"]
 
 
 def test_storyboard_manifest_lists_every_page_in_order(store, tmp_path):
@@ -149,3 +150,27 @@ def test_storyboard_escapes_model_text(tmp_path):
     write_storyboard(tmp_path, pages=[page], header={"premise": "<img onerror=1>"}, read_png=lambda _: png((1, 2, 3)))
     index = (tmp_path / "index.html").read_text()
     assert "<script>" not in index and "<img onerror" not in index and "&lt;script&gt;" in index
+
+
+def test_story_stops_for_approval_and_draws_the_edited_prompt(store):
+    client = ScriptedClient(story_script(store, {("page-01", 0): (9, "accept"), ("page-02", 0): (9, "accept")}))
+    state = story.StoryInput(premise="A fox.", pages=2, seed=3, rounds=1).model_dump(mode="json")
+    answer = {"approved": True, "prompts": {"page-02": "a fox under the moon, ink drawing"}}
+    values = drive(story.build_graph(), state, scripted_context(client, store, approve=True), client, answers=[answer])
+    drawn = {task_id.split(":", 1)[1]: payload["prompts"][0] for task_id, kind, payload in client.submitted
+             if kind == "diffusion.text2img"}
+    assert drawn == {"pages:page-01:r0:d0": "prompt for page-01",
+                     "pages:page-02:r0:d0": "a fox under the moon, ink drawing"}
+    assert [page["prompt"] for page in story.storyboard_pages(values)] == [
+        "prompt for page-01", "a fox under the moon, ink drawing"]
+
+
+def test_a_rejected_storyboard_is_an_empty_but_valid_folder(store, tmp_path):
+    client = ScriptedClient(story_script(store, {}))
+    state = story.StoryInput(premise="A fox.", pages=2, seed=3, rounds=1).model_dump(mode="json")
+    values = drive(story.build_graph(), state, scripted_context(client, store, approve=True), client,
+                   answers=[{"approved": False}])
+    assert not [kind for _, kind, _ in client.submitted if kind == "diffusion.text2img"]  # nothing was drawn
+    path = write_storyboard(tmp_path, pages=story.storyboard_pages(values), header={"premise": "A fox."},
+                            read_png=lambda artifact_id: store.get(artifact_id, scope="test"))
+    assert json.loads(path.read_text())["pages"] == [] and (tmp_path / "contact-sheet.png").is_file()

@@ -118,7 +118,7 @@ def _chat(ctx: StepContext, params: _ChatParams, messages: list[MessageInput], *
 
     batcher = runtime.batcher(("chat", params.model), run, max_size=runtime.settings.vlm_batch_size)
     engine = runtime.models.get("vlm", params.model)
-    pass  # engine.validate(request)  # here, in the step's thread: one bad request must not fail the batch it would join
+    engine.validate(request)  # here, in the step's thread: one bad request must not fail the batch it would join
     result, batch_size = batcher(BatchItem(request, engine.compatibility_key(request), check=ctx.check,
                                            on_progress=ctx.on_token))
     return {"text": result.text, "image_prompt": result.image_prompt, "finish_reason": result.finish_reason,

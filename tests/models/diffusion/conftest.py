@@ -1,6 +1,5 @@
 """Fixtures of the diffusion tests: tiny engines (built once per session under a private MGMFLOW_HOME) and images."""
 
-import io
 
 import numpy as np
 import pytest
@@ -43,10 +42,6 @@ def square_mask() -> Image.Image:
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
     return mask
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture(scope="session")

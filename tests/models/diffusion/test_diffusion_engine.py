@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import pixels
+from diffusion_support import pixels
 from PIL import Image
 
 from models.diffusion import (

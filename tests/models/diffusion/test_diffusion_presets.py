@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import pixels
+from diffusion_support import pixels
 from safetensors.torch import save_file
 
 from models.diffusion import presets

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.errors import Cancelled, DeadlineExceeded, InvalidInputError
-from models.mgm.generation import Prompt, SamplingParams, TextAssembler, generate
+from models.mgm.generation import Prompt, SamplingParams, TextAssembler, _PreallocatedLayer, generate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -134,6 +134,22 @@ def test_continuing_from_a_returned_kv_prefix_equals_a_full_prefill(tiny_llama, 
     other = _prompt(tiny_llama, tiny_tokenizer, TEXTS[0])  # a row without a prefix in the same batch
     assert (generate(tiny_llama, tiny_tokenizer, [resumed, other], params * 2)[0].token_ids
             == generate(tiny_llama, tiny_tokenizer, [full], params)[0].token_ids)
+
+
+def test_kv_layer_writes_in_place_keeps_rows_and_grows_past_its_plan():
+    layer = _PreallocatedLayer(capacity=5)
+    prompt, step, more = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 1, 4), torch.randn(1, 1, 3, 4)
+    keys, _ = layer.update(prompt, -prompt)
+    address = keys.data_ptr()
+    keys, values = layer.update(step, -step)
+    assert keys.data_ptr() == address  # no copy of the cache per token
+    torch.testing.assert_close(keys, torch.cat([prompt, step], -2), rtol=0, atol=0)
+    torch.testing.assert_close(values, -keys, rtol=0, atol=0)
+    layer.batch_select_indices(torch.tensor([1]))
+    keys, values = layer.update(more, -more)  # 7 positions > capacity 5
+    torch.testing.assert_close(keys, torch.cat([prompt[1:], step[1:], more], -2), rtol=0, atol=0)
+    torch.testing.assert_close(values, -keys, rtol=0, atol=0)
+    assert layer.get_seq_length() == 7
 
 
 def test_incremental_detokenization_keeps_multibyte_characters_whole(tiny_tokenizer):

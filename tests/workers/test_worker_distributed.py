@@ -14,7 +14,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 import worker_test_steps  # noqa: E402,F401 — registers the test-only kinds in this process too
-from conftest import MGMFLOW, Services, wait_for  # noqa: E402
+from testkit import wait_for  # noqa: E402
+from worker_support import MGMFLOW, Services  # noqa: E402
 from payloads import check_result, inputs, round_trip_payloads  # noqa: E402
 
 from workers.client import TaskClient  # noqa: E402
