@@ -46,6 +46,9 @@ class EmbeddedWorker:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.app = get_app(settings)
+        # Celery's pool threads look tasks up on the process's default app: make it ours, or a default app
+        # created by anything else in the process (e.g. evaluating a shared_task proxy) would receive them.
+        self.app.set_default()
         self.runtime = start_runtime(settings)
         self.queues = embedded_queues(settings)
         self.controller = _Controller(
@@ -56,14 +59,13 @@ class EmbeddedWorker:
         self._thread.start()
         if not self.controller.ready.wait(30):
             raise RuntimeError("the embedded worker did not start within 30 s")
-        self._known_tasks = len(self.app.tasks)
         logger.info("embedded worker serving %s", ", ".join(self.queues))
 
     def refresh(self) -> None:
         """Let the running consumer accept tasks registered after it started (e.g. the orchestrator's)."""
-        if len(self.app.tasks) != self._known_tasks and self.controller.consumer is not None:
-            self._known_tasks = len(self.app.tasks)
-            self.controller.consumer.update_strategies()
+        consumer = self.controller.consumer
+        if consumer is not None and not set(self.app.tasks) <= set(consumer.strategies):
+            consumer.update_strategies()
 
     def stop(self) -> None:
         """Stop at exit: running steps are abandoned at their next check (the next run takes them over)."""

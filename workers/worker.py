@@ -100,7 +100,9 @@ def run_worker(settings: Settings, *, queues: list[str], models: dict[str, str],
     private = [runtime.affinity.serve(queue, name) for queue in served if queue.startswith("vlm.")]
     threads = concurrency or concurrency_for(settings, served)
     logger.info("serving %s with %d threads", ", ".join(served + private), threads)
-    get_app(settings).worker_main([
+    app = get_app(settings)
+    app.set_default()  # pool threads look tasks up on the process's default app (see workers.embedded)
+    app.worker_main([
         "worker", "--pool=threads", f"--concurrency={threads}", f"--queues={','.join(served + private)}",
         f"--hostname={name}@%h", "--without-mingle", "--without-gossip", f"--loglevel={loglevel}",
     ])
