@@ -97,7 +97,9 @@ class Orchestrator:
         finished_at = run.updated_at
         for task_id in run.awaited:
             record = self.client.get(task_id)
-            if record is None or record.status not in FINISHED:
+            if record is None:
+                continue  # its submission was lost (a process died before it): advancing submits it again
+            if record.status not in FINISHED:
                 return None
             finished_at = max(finished_at, record.updated_at or 0.0)
         return finished_at
