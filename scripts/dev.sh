@@ -3,6 +3,11 @@ set -euo pipefail
 VENV=.venv
 PY=python3.11; command -v $PY >/dev/null || PY=python3
 
+pip_install() {
+  # Some machines list local package mirrors that may be missing; pip warns for each one. Keep real errors.
+  $VENV/bin/pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location " >&2)
+}
+
 setup() {
   # System tools the tests start themselves (redis-server on free ports; chromium for the UI test).
   local missing=()
@@ -16,8 +21,8 @@ setup() {
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
     [ -d $VENV ] || $PY -m venv $VENV
     # torch first, exactly pinned: pip then takes the local CPU wheel instead of a CUDA build.
-    $VENV/bin/pip install -q --disable-pip-version-check torch==2.13.0
-    $VENV/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+    pip_install torch==2.13.0
+    pip_install -c constraints.txt -e ".[dev]"
     touch "$stamp"
   fi
 }

@@ -62,20 +62,21 @@ class ScriptedClient:
         pass
 
 
-def scripted_context(client: ScriptedClient, *, approve: bool = False, run_id: str = "run-1") -> RunContext:
-    return RunContext(run_id=run_id, thread_id="thread-1", scope="test", settings=None, client=client, store=None,
+def scripted_context(client: ScriptedClient, *, store: Any = None, approve: bool = False,
+                     run_id: str = "run-1") -> RunContext:
+    return RunContext(run_id=run_id, thread_id="thread-1", scope="test", settings=None, client=client, store=store,
                       approve=approve)
 
 
-def drive(graph, state: dict, client: ScriptedClient, *, approve: bool = False, answers: list | None = None,
-          max_parks: int = 100) -> dict:
+def drive(graph, state: dict, client: ScriptedClient, *, context: RunContext | None = None, approve: bool = False,
+          answers: list | None = None, max_parks: int = 100) -> dict:
     """Run a graph to its end like the driver does: on each park, release the tasks and resume.
 
     ``answers`` are resume values for approval interrupts, in order. Returns the final state values.
     """
     compiled = graph.compile(checkpointer=InMemorySaver())
     config = {"configurable": {"thread_id": "t"}}
-    context = scripted_context(client, approve=approve)
+    context = context or scripted_context(client, approve=approve)
     answers = list(answers or [])
     command: Any = state
     for _ in range(max_parks):

@@ -93,7 +93,7 @@ def story_script(store, critiques: dict[tuple[str, int], tuple[int, str]]):
 def run_story(store, critiques, **input_):
     client = ScriptedClient(story_script(store, critiques))
     state = story.StoryInput(premise="A fox finds a lantern.", seed=11, **input_).model_dump(mode="json")
-    values = drive(story.build_graph(), state, scripted_context(client, store), client)
+    values = drive(story.build_graph(), state, client, context=scripted_context(client, store=store))
     return values, client
 
 
@@ -156,7 +156,8 @@ def test_story_stops_for_approval_and_draws_the_edited_prompt(store):
     client = ScriptedClient(story_script(store, {("page-01", 0): (9, "accept"), ("page-02", 0): (9, "accept")}))
     state = story.StoryInput(premise="A fox.", pages=2, seed=3, rounds=1).model_dump(mode="json")
     answer = {"approved": True, "prompts": {"page-02": "a fox under the moon, ink drawing"}}
-    values = drive(story.build_graph(), state, scripted_context(client, store, approve=True), client, answers=[answer])
+    values = drive(story.build_graph(), state, client, context=scripted_context(client, store=store, approve=True),
+                   answers=[answer])
     drawn = {task_id.split(":", 1)[1]: payload["prompts"][0] for task_id, kind, payload in client.submitted
              if kind == "diffusion.text2img"}
     assert drawn == {"pages:page-01:r0:d0": "prompt for page-01",
@@ -168,7 +169,7 @@ def test_story_stops_for_approval_and_draws_the_edited_prompt(store):
 def test_a_rejected_storyboard_is_an_empty_but_valid_folder(store, tmp_path):
     client = ScriptedClient(story_script(store, {}))
     state = story.StoryInput(premise="A fox.", pages=2, seed=3, rounds=1).model_dump(mode="json")
-    values = drive(story.build_graph(), state, scripted_context(client, store, approve=True), client,
+    values = drive(story.build_graph(), state, client, context=scripted_context(client, store=store, approve=True),
                    answers=[{"approved": False}])
     assert not [kind for _, kind, _ in client.submitted if kind == "diffusion.text2img"]  # nothing was drawn
     path = write_storyboard(tmp_path, pages=story.storyboard_pages(values), header={"premise": "A fox."},
