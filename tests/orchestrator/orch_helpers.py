@@ -8,7 +8,6 @@ be driven step by step. Every runtime test of the real dispatch path uses ``work
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -94,13 +93,4 @@ def drive(graph, state: dict, client: ScriptedClient, *, context: RunContext | N
         command = Command(resume=resume)
     raise AssertionError("graph did not finish")
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s: {message}")
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from orch_helpers import wait_for
+from testkit import wait_for
 
 MGMFLOW = str(Path(sys.executable).parent / "mgmflow")
 pytestmark = pytest.mark.timeout(400)

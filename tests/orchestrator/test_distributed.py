@@ -8,22 +8,16 @@ no finished step runs again.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-pytestmark = [pytest.mark.services, pytest.mark.timeout(420)]
+from worker_support import Services
 
-# The workers' fixtures (redis-server and `mgmflow worker` subprocesses), reused rather than copied.
-_spec = importlib.util.spec_from_file_location("workers_fixtures", Path(__file__).parents[1] / "workers" / "worker_support.py")
-workers_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(workers_fixtures)
+pytestmark = [pytest.mark.services, pytest.mark.timeout(420)]
 
 
 @pytest.fixture
 def services(tmp_path, mgmflow_home):
-    started = workers_fixtures.Services(tmp_path, mgmflow_home)
+    started = Services(tmp_path, mgmflow_home)
     yield started
     started.close()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from flows import register_all
-from orch_helpers import wait_for
+from testkit import wait_for
 
 from models.errors import InvalidInputError
 from orchestrator.records import RunNotFound

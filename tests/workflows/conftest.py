@@ -3,23 +3,9 @@ Helpers live in ``wf_helpers``."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-TESTS = Path(__file__).resolve().parent.parent
-
-
-def _workers_fixtures():
-    """The workers tests' real-service helpers (redis-server, `mgmflow worker` subprocesses), loaded by path."""
-    spec = importlib.util.spec_from_file_location("workers_fixtures", TESTS / "workers" / "worker_support.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-Services = _workers_fixtures().Services
+from worker_support import Services
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from testkit import free_port, wait_for
 
-HERE = Path(__file__).parent
-REPO = HERE.parent.parent
+# `mgmflow worker --include worker_test_steps` imports the test-only step kinds from tests/workers.
+TEST_STEPS = Path(__file__).parent / "workers"
+REPO = TEST_STEPS.parent.parent
 MGMFLOW = str(Path(sys.executable).parent / "mgmflow")
 # Short reliability timings: a killed worker's step is redelivered within seconds.
 FAST = {"visibility_timeout_s": 3.0, "lease_s": 2.0, "max_deliveries": 2, "oom_backoff_s": 0.1}
@@ -102,7 +103,7 @@ class Services:
     def worker(self, redis: RedisServer, queues: str, *args, **settings) -> Worker:
         """A started `mgmflow worker` (call wait_ready); ``settings`` become MGMFLOW_* variables."""
         env = {**os.environ, "MGMFLOW_BROKER_URL": redis.url, "MGMFLOW_HOME": str(self.home),
-               "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)]), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(TEST_STEPS), str(REPO)]), "OMP_NUM_THREADS": "1",
                **{f"MGMFLOW_{k.upper()}": str(v) for k, v in {**FAST, **settings}.items()}}
         worker = Worker(redis, self.home, queues, log=self.folder / f"worker-{len(self.workers)}.log", env=env,
                         args=args)
