@@ -61,17 +61,24 @@ class Orchestrator:
         self._stop = threading.Event()
 
     # Dispatch.
-    def dispatch(self, run_id: str) -> None:
+    def dispatch(self, run_id: str, *, force: bool = False) -> None:
         """Ask an orchestration worker (in-process when embedded) to advance ``run_id``."""
         from workers.app import get_app
 
-        get_app(self.settings).send_task(ADVANCE, kwargs={"run_id": run_id}, queue=QUEUE)
+        get_app(self.settings).send_task(ADVANCE, kwargs={"run_id": run_id, "force": force}, queue=QUEUE)
 
-    def advance(self, run_id: str) -> None:
-        """Drive ``run_id`` while it is ready; return when it parks, waits for a human, ends, or is held elsewhere."""
+    def advance(self, run_id: str, force: bool = False) -> None:
+        """Drive ``run_id`` while it is ready; return when it parks, waits for a human, ends, or is held elsewhere.
+
+        ``force`` drives a running run once even while its awaited steps are unfinished: the parked node runs again
+        and re-submits them, and the task records decide whether a message was lost and must be sent again (a step
+        queued by a Ctrl-C'd embedded process). Submission is idempotent, so this is always safe.
+        """
         # One owner per thread: two advance tasks of one run in one worker process must not both hold its lease.
         owner = f"{self.owner}:{threading.get_ident()}"
-        while self.ready(self.runs.get(run_id)):
+        run = self.runs.get(run_id)
+        while (force and run.status == "running") or self.ready(run):
+            force = False
             if not self.runs.acquire(run_id, owner, self.lease_s):
                 return  # another process drives it; it re-checks readiness after releasing
             try:
@@ -79,6 +86,7 @@ class Orchestrator:
                     self._step(self.runs.get(run_id))
             finally:
                 self.runs.release(run_id, owner)
+            run = self.runs.get(run_id)
 
     def ready(self, run: RunInfo) -> bool:
         """Whether ``run`` can make progress now."""
@@ -304,8 +312,8 @@ def register(app: Any, settings: Any) -> None:
         return
 
     @app.task(name=ADVANCE, ignore_result=True, acks_late=True)
-    def advance(run_id: str) -> None:
-        _owner_of(run_id, settings).advance(run_id)
+    def advance(run_id: str, force: bool = False) -> None:
+        _owner_of(run_id, settings).advance(run_id, force)
 
     @app.task(name=RESUME, ignore_result=True, acks_late=True)
     def resume(run_id: str, task_id: str | None = None) -> None:

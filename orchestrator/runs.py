@@ -128,10 +128,11 @@ class RunService:
         return self.runs.get(run_id)
 
     def restart(self, run_id: str, *, scope: str | None = None) -> RunInfo:
-        """Dispatch an active run again (after its driver died); a no-op for a run that is being driven."""
+        """Dispatch an active run again (after its driver died), re-submitting steps whose messages were lost;
+        a no-op for a run that is being driven."""
         run = self.runs.get(run_id, scope=scope)
         if run.status in ACTIVE:
-            self.orchestrator.dispatch(run_id)
+            self.orchestrator.dispatch(run_id, force=True)
         return run
 
     def cancel(self, run_id: str, *, scope: str | None = None) -> RunInfo:
