@@ -131,6 +131,9 @@ class DiffusionEngine:
         self._pipeline = pipeline
         self._task_pipelines: dict[str, DiffusionPipeline] = {}
         self._lock = threading.Lock()
+        # One pipeline call at a time: requests share the modules and the fast tokenizers, whose truncation
+        # settings are per-object state that a concurrent call can change mid-encoding.
+        self._call_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -271,7 +274,7 @@ class DiffusionEngine:
         if check is not None:
             check()  # a request cancelled while queued never starts
         count = len(request.prompts)
-        with _out_of_memory_as_typed(f"drawing {count} image(s) with {self.model}"):
+        with self._call_lock, _out_of_memory_as_typed(f"drawing {count} image(s) with {self.model}"):
             output = pipeline(
                 prompt=list(request.prompts),
                 # Empty means none: SDXL then uses zeros, as diffusers does when no negative prompt is given.
