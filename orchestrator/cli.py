@@ -328,12 +328,16 @@ def _workflow_command(workflow) -> click.Command:
                      "(default: MGMFLOW_BROKER_URL; unset: embedded, in-process)."),
         click.Option(["--approve"], is_flag=True, help="Stop for approval before generating."),
         click.Option(["--thread"], default=None, help="Continue this thread (a multi-turn conversation)."),
+        click.Option(["--previews"], type=click.IntRange(0, 1000), default=0, metavar="N",
+                     help="Preview drawings every N denoising steps: the latest is OUT/preview.png while the run "
+                          "draws (removed at its end), and on the run's event stream."),
         click.Option(["--quiet", "-q"], is_flag=True, help="No progress bar."),
     ]
 
-    def callback(out, broker, approve, thread, quiet, **fields) -> None:
+    def callback(out, broker, approve, thread, previews, quiet, **fields) -> None:
         given = {name: value for name, value in fields.items() if value is not None and value != ()}
-        _run_workflow(workflow, given, out=out, broker=broker, approve=approve, thread=thread, quiet=quiet)
+        _run_workflow(workflow, given, out=out, broker=broker, approve=approve, thread=thread, quiet=quiet,
+                      previews=previews)
 
     return click.Command(workflow.name, params=params, callback=callback, help=workflow.description)
 
@@ -364,7 +368,7 @@ def _settings(broker: str | None):
 
 
 def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None, approve: bool = False,
-                  thread: str | None = None, quiet: bool = False) -> None:
+                  thread: str | None = None, quiet: bool = False, previews: int = 0) -> None:
     """Start (or continue: the same command continues its run from its checkpoint), follow, write the output."""
     import hashlib
     import json
@@ -376,7 +380,8 @@ def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None
     if settings.embedded:
         _quiet_libraries()  # the in-process workers share this terminal with the progress bar
     service = RunService(settings)
-    # The same command (workflow, flags, folder) names the same run: Ctrl-C and again continues it.
+    # The same command (workflow, flags, folder) names the same run: Ctrl-C and again continues it. (Previews
+    # only show the drawing: they are not part of what names the run.)
     identity = json.dumps([workflow.name, given, str(out.resolve()) if out else None, thread], sort_keys=True)
     key = "cli:" + hashlib.sha256(identity.encode()).hexdigest()[:32]
     run = service.runs.by_idempotency_key("default", key)
@@ -385,7 +390,7 @@ def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None
         run = None
     if run is None:
         run = service.create_run(workflow.name, given, thread_id=thread, approve=approve, idempotency_key=key,
-                                 metadata={"out": str(out.resolve()) if out else None})
+                                 metadata={"out": str(out.resolve()) if out else None}, previews=previews)
         click.echo(f"run {run.run_id} (thread {run.thread_id})", err=True)
     else:
         click.echo(f"continuing run {run.run_id} from its checkpoint", err=True)
@@ -412,11 +417,14 @@ def _follow(service, run_id: str, out: Path | None, *, quiet: bool = False) -> N
 
     bar = tqdm(total=0, unit="item", file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=True)
     after, checked = None, 0.0
+    preview = out / PREVIEW_FILE if out is not None else None
     try:
         while True:
             for event in service.events(run_id, after, block_ms=500):
                 after = event.id
-                if event.type == "progress":
+                if event.type == "task.step" and event.data.get("preview") and preview is not None:
+                    _write_preview(service, run_id, event.data["preview"], preview)
+                elif event.type == "progress":
                     bar.set_description(event.data.get("stage", ""), refresh=False)
                     bar.total, bar.n = event.data.get("total") or bar.total, event.data.get("done", bar.n)
                     bar.refresh()
@@ -434,7 +442,24 @@ def _follow(service, run_id: str, out: Path | None, *, quiet: bool = False) -> N
         sys.stderr.flush()
         os._exit(130)  # leave at once: in-process workers must not hold the exit up
     bar.close()
+    if preview is not None:
+        preview.unlink(missing_ok=True)
     _finish(service, run, out)
+
+
+PREVIEW_FILE = "preview.png"
+
+
+def _write_preview(service, run_id: str, artifact_id: str, path: Path) -> None:
+    """Replace ``path`` with the preview ``artifact_id`` (short-lived: one that expired already is skipped)."""
+    from workers.artifacts import ArtifactNotFound
+
+    try:
+        data = service.orchestrator.store.get(artifact_id, scope=service.get_run(run_id).scope)
+    except ArtifactNotFound:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, data)
 
 
 def _finish(service, run, out: Path | None) -> None:

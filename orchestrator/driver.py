@@ -213,7 +213,7 @@ class Orchestrator:
     def _context(self, run: RunInfo) -> RunContext:
         return RunContext(run_id=run.run_id, thread_id=run.thread_id, scope=run.scope, settings=self.settings,
                           client=self.client, store=self.store, approve=run.approve, priority=run.priority,
-                          workflow=run.workflow)
+                          workflow=run.workflow, previews=run.previews)
 
     def context_for(self, run: RunInfo) -> RunContext:
         """A :class:`RunContext` for code outside the graph (writing a workflow's output)."""

@@ -3,6 +3,11 @@
 A run record says what the run is (workflow, input, thread, scope, priority, idempotency key) and where it stands
 (status, the task ids it awaits, a pending human resume value, its error). The graph's own state lives in the
 LangGraph checkpoints. A short lease on the record makes one process at a time drive a run.
+
+A run may carry a webhook: its URL and delivery state (pending, delivered, failed; attempts, next attempt) live in
+the record too, so that a delivery survives the process that admitted the run (at least once).
+
+Columns added after the first release are added to existing databases when a store opens them (``_ADDED``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class RunInfo:
     created_at: float = 0.0
     updated_at: float = 0.0
     resume_value: Any = None
+    previews: int = 0  # store a diffusion preview every N denoising steps (0: none)
+    webhook: str | None = None  # POSTed the finished run; delivery state in the webhook_* columns
+    webhook_status: str | None = None  # pending | delivered | failed (None: no webhook)
 
     @property
     def done(self) -> bool:
@@ -56,7 +64,8 @@ class RunInfo:
 
 _COLUMNS = (
     "run_id", "thread_id", "workflow", "status", "scope", "input", "approve", "priority", "idempotency_key",
-    "awaited", "interrupt", "error", "metadata", "created_at", "updated_at", "resume_value",
+    "awaited", "interrupt", "error", "metadata", "created_at", "updated_at", "resume_value", "previews", "webhook",
+    "webhook_status",
 )
 _JSON = {"input", "awaited", "interrupt", "error", "metadata", "resume_value"}
 
@@ -67,6 +76,7 @@ _SCHEMA = (
         idempotency_key TEXT, awaited TEXT NOT NULL, interrupt TEXT, error TEXT, metadata TEXT NOT NULL,
         created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL, resume_value TEXT,
         lease_owner TEXT, lease_expires DOUBLE PRECISION NOT NULL DEFAULT 0)""",
+    # (previews and the webhook columns come from _ADDED, on new and old databases alike)
     "CREATE UNIQUE INDEX IF NOT EXISTS mgmflow_runs_idem ON mgmflow_runs (scope, idempotency_key)",
     "CREATE INDEX IF NOT EXISTS mgmflow_runs_thread ON mgmflow_runs (thread_id, created_at)",
     "CREATE INDEX IF NOT EXISTS mgmflow_runs_status ON mgmflow_runs (status, updated_at)",
@@ -78,6 +88,33 @@ _SCHEMA = (
         created_at DOUBLE PRECISION NOT NULL)""",
 )
 
+# Columns added since the first release: name → definition. Every store adds those its database lacks.
+_ADDED = {
+    "previews": "INTEGER NOT NULL DEFAULT 0",
+    "webhook": "TEXT",
+    "webhook_status": "TEXT",
+    "webhook_attempts": "INTEGER NOT NULL DEFAULT 0",
+    # The next delivery attempt (epoch s); while one process delivers, when its claim lapses.
+    "webhook_next_at": "DOUBLE PRECISION NOT NULL DEFAULT 0",
+    "webhook_error": "TEXT",  # the last attempt's failure
+}
+# Only runs whose webhook is still to be delivered, in the order they are due: the delivery loop's one query.
+_AFTER_ADDED = (
+    "CREATE INDEX IF NOT EXISTS mgmflow_runs_webhook ON mgmflow_runs (webhook_next_at)"
+    " WHERE webhook_status = 'pending'",
+)
+
+
+@dataclass(frozen=True)
+class PendingWebhook:
+    """A finished run's webhook that is due: what a delivery attempt needs."""
+
+    run_id: str
+    scope: str
+    url: str
+    attempts: int
+    next_at: float
+
 
 class RunStore:
     """CRUD of run and thread records, with compare-and-set status changes and a per-run lease."""
@@ -86,6 +123,29 @@ class RunStore:
         self.db = database
         for statement in _SCHEMA:
             self.db.execute(statement)
+        self._add_columns()
+        for statement in _AFTER_ADDED:
+            self.db.execute(statement)
+
+    def _add_columns(self) -> None:
+        """Bring a database made by an earlier release up to date (several processes may race to do it)."""
+        postgres = self.db.dialect == "postgres"
+
+        def present() -> set[str]:
+            sql = ("SELECT column_name FROM information_schema.columns WHERE table_name = 'mgmflow_runs'"
+                   " AND table_schema = current_schema()" if postgres
+                   else "SELECT name FROM pragma_table_info('mgmflow_runs')")
+            return {row[0] for row in self.db.execute(sql)}
+
+        # Look first: ALTER TABLE locks the table even when there is nothing to add.
+        existing = present()
+        for name in [name for name in _ADDED if name not in existing]:
+            try:  # (SQLite has no ADD COLUMN IF NOT EXISTS)
+                self.db.execute(f"ALTER TABLE mgmflow_runs ADD COLUMN {'IF NOT EXISTS ' if postgres else ''}"
+                                f"{name} {_ADDED[name]}")
+            except Exception:
+                if name not in present():  # not another process adding it just now: a real failure
+                    raise
 
     # Threads.
     def create_thread(self, *, scope: str, thread_id: str | None = None, workflow: str | None = None,
@@ -202,6 +262,53 @@ class RunStore:
             "SELECT COUNT(*) FROM mgmflow_runs WHERE status = 'pending' AND created_at < ?", (run.created_at,)
         )
         return int(rows[0][0]) if run.status == "pending" else 0
+
+    # Webhooks: recorded with the run (status pending), delivered once it has ended, at least once.
+    def due_webhooks(self, *, limit: int = 100) -> list[PendingWebhook]:
+        """Pending webhooks of finished runs whose next attempt is due, the longest waiting first."""
+        rows = self.db.execute(
+            "SELECT run_id, scope, webhook, webhook_attempts, webhook_next_at FROM mgmflow_runs"
+            " WHERE webhook_status = 'pending' AND webhook_next_at <= ?"
+            f" AND status IN ({', '.join('?' for _ in TERMINAL)}) ORDER BY webhook_next_at LIMIT ?",
+            (time.time(), *TERMINAL, limit),
+        )
+        return [PendingWebhook(*row) for row in rows]
+
+    def claim_webhook(self, webhook: PendingWebhook, *, for_s: float) -> bool:
+        """Take a due webhook for one attempt (compare-and-set on its due time): other processes skip it until
+        the attempt is recorded or, if this process dies, ``for_s`` seconds have passed."""
+        return self.db.changed(
+            "UPDATE mgmflow_runs SET webhook_next_at = ? WHERE run_id = ? AND webhook_status = 'pending'"
+            " AND webhook_next_at = ?",
+            (time.time() + for_s, webhook.run_id, webhook.next_at),
+        ) == 1
+
+    def webhook_attempted(self, run_id: str, *, error: str | None, retry_at: float | None) -> None:
+        """Record an attempt: delivered (``error`` None), to be retried at ``retry_at``, or failed for good."""
+        if error is None:
+            status, next_at = "delivered", 0.0
+        else:
+            status, next_at = ("pending", retry_at) if retry_at is not None else ("failed", 0.0)
+        self.db.execute(
+            "UPDATE mgmflow_runs SET webhook_status = ?, webhook_attempts = webhook_attempts + 1,"
+            " webhook_next_at = ?, webhook_error = ? WHERE run_id = ? AND webhook_status = 'pending'",
+            (status, next_at, error[:500] if error else None, run_id),
+        )
+
+    def release_webhook(self, run_id: str) -> None:
+        """Give a claimed webhook back without counting an attempt (this process is stopping)."""
+        self.db.execute("UPDATE mgmflow_runs SET webhook_next_at = 0 WHERE run_id = ? AND webhook_status = 'pending'",
+                        (run_id,))
+
+    def webhook_state(self, run_id: str) -> dict[str, Any]:
+        """``{url, status, attempts, next_at, error}`` of a run's webhook."""
+        rows = self.db.execute(
+            "SELECT webhook, webhook_status, webhook_attempts, webhook_next_at, webhook_error FROM mgmflow_runs"
+            " WHERE run_id = ?", (run_id,),
+        )
+        if not rows:
+            raise RunNotFound(f"run {run_id!r} not found")
+        return dict(zip(("url", "status", "attempts", "next_at", "error"), rows[0]))
 
     # The lease: one process drives a run at a time; a dead holder's lease expires.
     def acquire(self, run_id: str, owner: str, ttl: float) -> bool:

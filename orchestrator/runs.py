@@ -17,6 +17,7 @@ from orchestrator.records import ACTIVE, TERMINAL, RunInfo, RunNotFound
 from orchestrator.workflow import get_workflow
 
 DEFAULT_SCOPE = "default"
+MAX_PREVIEWS = 1000  # the most denoising steps between two previews
 
 
 class RunService:
@@ -66,15 +67,21 @@ class RunService:
     # Runs.
     def create_run(self, workflow: str, input: dict[str, Any], *, thread_id: str | None = None,
                    scope: str = DEFAULT_SCOPE, approve: bool = False, idempotency_key: str | None = None,
-                   priority: int = 5, metadata: dict[str, Any] | None = None) -> RunInfo:
+                   priority: int = 5, metadata: dict[str, Any] | None = None, previews: int = 0,
+                   webhook: str | None = None) -> RunInfo:
         """Validate ``input`` against the workflow, record the run and dispatch it.
 
         The same ``idempotency_key`` in the same scope returns the existing run instead of a new one.
+        ``previews``: its diffusion steps store a preview every N denoising steps (``task.step`` events carry
+        their artifact ids). ``webhook``: a URL recorded as pending with the run, for the HTTP API to deliver
+        once it has ended (the caller checks that the URL is allowed).
         """
         definition = get_workflow(workflow)
         validated = definition.validate_input(input).model_dump(mode="json")
         if not 0 <= priority <= 9:
             raise InvalidInputError(f"priority must be within 0..9, got {priority}")
+        if not 0 <= previews <= MAX_PREVIEWS:
+            raise InvalidInputError(f"previews must be within 0..{MAX_PREVIEWS} steps, got {previews}")
         if idempotency_key:
             existing = self.runs.by_idempotency_key(scope, idempotency_key)
             if existing is not None:
@@ -98,7 +105,8 @@ class RunService:
             run = self.runs.insert(RunInfo(
                 run_id=str(uuid.uuid4()), thread_id=thread["thread_id"], workflow=workflow, status="pending",
                 scope=scope, input=validated, approve=approve, priority=priority, idempotency_key=idempotency_key,
-                metadata=metadata or {},
+                metadata=metadata or {}, previews=previews, webhook=webhook,
+                webhook_status="pending" if webhook else None,
             ))
         self.orchestrator.dispatch(run.run_id)  # after the commit: the driver must find the record
         return run

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 ORCHESTRATOR_RESUME = "orchestrator.resume"  # the Celery task a finished task notifies
 FINISHED = frozenset({"done", "failed", "cancelled", "timed_out", "quarantined"})
+DRAWING_KINDS = ("diffusion.", "edit.")  # task kinds whose payload takes ``preview_every``
 
 SchemaT = TypeVar("SchemaT", bound=VLMSchema)
 
@@ -49,6 +50,7 @@ class RunContext:
     approve: bool = False
     priority: int = 5
     workflow: str = ""
+    previews: int = 0  # diffusion steps of the run store a preview every N denoising steps (0: none)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,7 +110,7 @@ def await_tasks(specs: list[TaskSpec]) -> list[Any]:
     for spec, task_id in zip(specs, task_ids):
         context.client.submit(
             spec.kind,
-            spec.payload,
+            _with_previews(spec, context.previews),
             task_id=task_id,
             run_id=context.run_id,
             scope=context.scope,
@@ -121,6 +123,15 @@ def await_tasks(specs: list[TaskSpec]) -> list[Any]:
         if not pending:
             return [_result(record) for record in records]
         interrupt({"kind": "await", "task_ids": pending})
+
+
+def _with_previews(spec: TaskSpec, every: int) -> dict[str, Any]:
+    """The payload of ``spec``, asking for a preview every ``every`` steps when it draws (``diffusion.*`` and the
+    ``edit.*`` kinds, which share its payload) and the workflow did not choose itself. The run's option is fixed
+    at its creation, so a re-submitted step has the same payload."""
+    if every and spec.kind.startswith(DRAWING_KINDS) and "preview_every" not in spec.payload:
+        return {**spec.payload, "preview_every": every}
+    return spec.payload
 
 
 RUN_REF = "run:"  # awaited ids of child runs (``await_runs``), beside task ids

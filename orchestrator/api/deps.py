@@ -31,7 +31,7 @@ class ApiContext:
     workflows: dict[str, Workflow]
     limiter: RateLimiter
     metrics: ApiMetrics
-    background: set[asyncio.Task] = field(default_factory=set)  # webhook deliveries in flight
+    background: set[asyncio.Task] = field(default_factory=set)  # webhook attempts in flight (api.webhooks)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))  # when workflows were loaded
 
 

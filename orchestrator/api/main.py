@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from orchestrator.api.routes import (
     artifacts, assistants, batches, health, openai, playground, runs, threads,
 )
 from orchestrator.api.settings import ApiSettings
+from orchestrator.api.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +58,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info("mgmflow API up (%s mode, %s)", "embedded" if settings.embedded else "distributed",
                     "open, single-user" if settings.open_access else f"{len(settings.api_keys)} API keys")
+        # Webhooks pending in the runs store, from this process or an earlier one, are delivered from here on.
+        sender = WebhookSender(context) if settings.webhook_hosts else None
+        loop_task = asyncio.create_task(sender.run()) if sender else None
         yield
-        # Webhook deliveries still waiting die with the process (documented: at most once across restarts).
-        for task in list(context.background):
-            task.cancel()
+        if sender:
+            await sender.stop(loop_task)
 
     app = FastAPI(
         title="mgmflow",

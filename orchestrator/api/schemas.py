@@ -135,6 +135,8 @@ class RunCreate(BaseModel):
     # Our additions: 0 is the most urgent; interactive runs default ahead of batch items.
     priority: int = Field(3, ge=0, le=9)
     approve: bool = False
+    # Diffusion steps of the run store a preview every N denoising steps; `task.step` events carry its id.
+    previews: int = Field(0, ge=0, le=1000)
 
 
 class RunPublic(BaseModel):

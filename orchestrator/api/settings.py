@@ -21,8 +21,12 @@ class ApiSettings(Settings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Hosts whose https image URLs chat requests may reference; nothing else is ever fetched.
     image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Hosts that run webhooks may be sent to.
+    # Hosts that run webhooks may be sent to. None: no webhooks (and no delivery loop).
     webhook_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A webhook is retried until delivered, at most this many attempts; the waits double from the backoff
+    # (1, 2, 4 … s, at most 10 minutes apart: the default gives up after about an hour).
+    webhook_max_attempts: int = Field(15, ge=1, le=100)
+    webhook_backoff_s: float = Field(1.0, gt=0, le=600)
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)

@@ -68,7 +68,8 @@ def create_run(context: ApiContext, body: RunCreate, *, scope: str, thread_id: s
     metadata = {**body.metadata, **({"webhook": body.webhook} if body.webhook else {})}
     return context.runs.create_run(
         body.assistant_id, run_input, thread_id=thread_id, scope=scope, approve=body.approve,
-        idempotency_key=idempotency_key, priority=body.priority, metadata=metadata,
+        idempotency_key=idempotency_key, priority=body.priority, metadata=metadata, previews=body.previews,
+        webhook=body.webhook,
     )
 
 

@@ -1,5 +1,6 @@
 """The playground end to end in Debian's headless chromium (no browser download), driven over the DevTools
-protocol: start a 2-page story from the page, see progress, and both pages' images in the storyboard."""
+protocol: start a 2-page story from the page, see progress, the latest preview, and both pages' images in the
+storyboard."""
 
 from __future__ import annotations
 
@@ -109,3 +110,7 @@ def test_story_from_the_playground(live_server, browser):
     captions = browser.evaluate('[...document.querySelectorAll("#storyboard figcaption")].map((c) => c.textContent)')
     assert len(captions) == 2 and all(caption for caption in captions)
     assert browser.evaluate('document.querySelectorAll("#images img").length') >= 2  # images arrived while it ran
+    # The page asks for previews (every 2 steps by default) and shows the latest one it was sent.
+    browser.wait_for('!document.getElementById("preview-panel").hidden'
+                     ' && document.getElementById("preview").naturalWidth > 0', 10)
+    assert browser.evaluate('document.getElementById("preview-caption").textContent').startswith("preview, step ")

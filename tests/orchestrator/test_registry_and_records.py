@@ -116,3 +116,55 @@ def test_lease_is_exclusive_until_released_or_expired(store):
     time.sleep(0.1)
     assert store.acquire("lease", "a", 30)  # b's lease expired: b died
     assert not store.renew("lease", "b", 30)
+
+
+# The runs table as the first release created it (before previews and webhooks).
+_FIRST_RUNS_TABLE = """CREATE TABLE mgmflow_runs (
+    run_id TEXT PRIMARY KEY, thread_id TEXT NOT NULL, workflow TEXT NOT NULL, status TEXT NOT NULL,
+    scope TEXT NOT NULL, input TEXT NOT NULL, approve INTEGER NOT NULL, priority INTEGER NOT NULL,
+    idempotency_key TEXT, awaited TEXT NOT NULL, interrupt TEXT, error TEXT, metadata TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL, resume_value TEXT,
+    lease_owner TEXT, lease_expires DOUBLE PRECISION NOT NULL DEFAULT 0)"""
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_a_database_of_the_first_release_gains_the_new_columns(dialect, request, tmp_path):
+    url = None if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    database = open_database(Settings(home=tmp_path, database_url=url))
+    database.execute(_FIRST_RUNS_TABLE)
+    database.execute(
+        "INSERT INTO mgmflow_runs (run_id, thread_id, workflow, status, scope, input, approve, priority, awaited,"
+        " metadata, created_at, updated_at) VALUES ('old', 't', 'w', 'success', 's', '{}', 0, 5, '[]', '{}', 1, 1)"
+    )
+    store = RunStore(database)
+    RunStore(database)  # a second process opening it finds nothing to add
+    old = store.get("old")
+    assert (old.previews, old.webhook, old.webhook_status) == (0, None, None)
+    assert store.due_webhooks() == []
+    new = store.insert(_run("new", "t", previews=3, webhook="http://h/x", webhook_status="pending"))
+    assert (new.previews, new.webhook, new.webhook_status) == (3, "http://h/x", "pending")
+
+
+def test_webhook_delivery_state(store):
+    thread = store.create_thread(scope="s")["thread_id"]
+    store.insert(_run("hooked", thread, webhook="http://h/x", webhook_status="pending"))
+    store.insert(_run("plain", thread))
+    assert store.due_webhooks() == []  # not before the run has ended
+    store.update("hooked", status="success")
+    store.update("plain", status="success")
+    (due,) = store.due_webhooks()
+    assert (due.run_id, due.scope, due.url, due.attempts) == ("hooked", "s", "http://h/x", 0)
+    assert store.claim_webhook(due, for_s=60)
+    assert not store.claim_webhook(due, for_s=60)  # one process per attempt
+    assert store.due_webhooks() == []  # claimed: not due until the claim lapses
+    store.webhook_attempted("hooked", error="HTTPStatusError: 500", retry_at=time.time() - 1)
+    (again,) = store.due_webhooks()
+    assert again.attempts == 1 and store.webhook_state("hooked")["error"] == "HTTPStatusError: 500"
+    assert store.claim_webhook(again, for_s=60)
+    store.release_webhook("hooked")  # a stopping process gives it back without counting an attempt
+    (again,) = store.due_webhooks()
+    assert again.attempts == 1 and store.claim_webhook(again, for_s=60)
+    store.webhook_attempted("hooked", error=None, retry_at=None)
+    state = store.webhook_state("hooked")
+    assert (state["status"], state["attempts"], state["error"]) == ("delivered", 2, None)
+    assert store.due_webhooks() == [] and store.get("hooked").webhook_status == "delivered"

@@ -3,11 +3,9 @@ each on a new thread). Create, ``/wait``, ``/stream`` (SSE), ``/batch``, cancel,
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Annotated, Any, Literal
 
-import httpx
 from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -36,7 +34,9 @@ Offset = Annotated[int, Query(ge=0)]
 
 
 async def _start(context, body: RunCreate, scope: str, thread_id: str | None, idempotency_key: str | None):
-    """Create the run, or resume the thread's interrupted run when the body carries ``command.resume``."""
+    """Create the run, or resume the thread's interrupted run when the body carries ``command.resume``.
+
+    A ``webhook`` is recorded with the run; ``orchestrator.api.webhooks`` delivers it once the run has ended."""
     if body.command is not None and body.command.resume is not None:
         if thread_id is None:
             raise ApiError(422, "command.resume needs a thread: POST /threads/{thread_id}/runs", code="invalid_request")
@@ -48,29 +48,7 @@ async def _start(context, body: RunCreate, scope: str, thread_id: str | None, id
     run = await admit(context, body, scope=scope, thread_id=thread_id, idempotency_key=idempotency_key)
     current_run.set(run.run_id)
     logger.debug("run %s of %s admitted (priority %d)", run.run_id, run.workflow, run.priority)
-    if body.webhook:
-        _spawn_webhook(context, run, scope, body.webhook)
     return run
-
-
-def _spawn_webhook(context, run: Any, scope: str, url: str) -> None:
-    """POST the finished run to ``url`` (an allow-listed host): three tries, no redirects."""
-    async def deliver() -> None:
-        finished = await wait_for_end(context, run.run_id, scope)
-        payload = run_public(finished).model_dump(mode="json")
-        async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
-            for attempt in range(3):
-                try:
-                    (await client.post(url, json=payload)).raise_for_status()
-                    return
-                except httpx.HTTPError as error:
-                    logger.warning("webhook of run %s failed (try %d): %s", run.run_id, attempt + 1, error)
-                    await asyncio.sleep(2 ** attempt)
-            context.metrics.errors.labels("webhook").inc()
-
-    task = asyncio.get_running_loop().create_task(deliver())
-    context.background.add(task)
-    task.add_done_callback(context.background.discard)
 
 
 async def _progress(context, run: Any) -> dict | None:

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { threadId: null, runId: null, schema: null, shown: new Set() };
+const state = { threadId: null, runId: null, schema: null, shown: new Set(), previewSeq: 0 };
 
 $("api-key").value = localStorage.getItem("mgmflow-api-key") || "";
 $("api-key").addEventListener("change", () => localStorage.setItem("mgmflow-api-key", $("api-key").value));
@@ -130,6 +130,21 @@ async function showImage(container, artifactId, caption) {
   container.append(figure);
 }
 
+// The latest diffusion preview of the run (`task.step` events carry one when the run asked for previews).
+async function showPreview(artifactId, step, total) {
+  const seq = ++state.previewSeq; // previews load concurrently: never let an older one replace a newer one
+  const response = await fetch(`/artifacts/${encodeURIComponent(artifactId)}/content`, { headers: headers() });
+  if (!response.ok || seq !== state.previewSeq) return;
+  const url = URL.createObjectURL(await response.blob());
+  if (seq !== state.previewSeq) return URL.revokeObjectURL(url);
+  const img = $("preview");
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.src = url;
+  img.dataset.artifact = artifactId;
+  $("preview-caption").textContent = `preview, step ${step}/${total}`;
+  $("preview-panel").hidden = false;
+}
+
 function setProgress(done, total) {
   if (total) { $("progress").max = total; $("progress").value = done; }
 }
@@ -154,6 +169,7 @@ function onEvent(event, data) {
       $("position").textContent = `${data.stage || ""} ${data.done}/${data.total}`;
       return log(`progress ${data.stage || ""} ${data.done}/${data.total}`);
     case "task.step":
+      if (data.preview) showPreview(data.preview, data.step, data.total).catch(() => {});
       return setProgress(data.step, data.total);
     case "task.started":
       return log(`task ${data.kind}`);
@@ -249,12 +265,15 @@ $("run-form").addEventListener("submit", async (event) => {
   $("start").disabled = true;
   $("events").replaceChildren(); $("images").replaceChildren(); $("storyboard").replaceChildren();
   state.shown.clear();
+  state.previewSeq++;
+  $("preview-panel").hidden = true;
   $("progress").value = 0;
   try {
     const input = await collectInput();
     const thread = await api("/threads", { method: "POST", json: {} });
+    const previews = Number($("previews").value) || 0;
     const run = await api(`/threads/${thread.thread_id}/runs`, {
-      method: "POST", json: { assistant_id: $("workflow").value, input, stream_resumable: true },
+      method: "POST", json: { assistant_id: $("workflow").value, input, stream_resumable: true, previews },
     });
     Object.assign(state, { threadId: thread.thread_id, runId: run.run_id });
     $("cancel").disabled = false;
