@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,7 +41,7 @@ class Database:
         append on SQLite instead of one per statement), rolled back on an exception. Not reentrant."""
         if self.dialect == "sqlite":
             with self._lock, self._sqlite:
-                self._sqlite.execute("BEGIN IMMEDIATE")  # take the write lock now (waits up to the busy timeout)
+                _begin_immediate(self._sqlite)  # take the write lock now
                 self._local.connection = self._sqlite
                 try:
                     yield
@@ -84,6 +85,27 @@ class Database:
             self._sqlite.close()
         if self._pool is not None:
             self._pool.close()
+
+
+def _begin_immediate(connection: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``, retried every 0.1 to 2 ms while another process holds the write lock (up to the busy
+    timeout). SQLite's own busy handler sleeps 1, 2, 5, 10 … 100 ms between tries: under contention from other
+    processes (API processes, orchestration workers) it turns waits for sub-millisecond transactions into tail
+    latencies of tens or hundreds of ms."""
+    deadline, delay = time.monotonic() + BUSY_TIMEOUT_MS / 1000, 0.0001
+    connection.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.002)
+    finally:
+        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 _databases: dict[str, Database] = {}

@@ -38,10 +38,14 @@ def main() -> None:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(host: str | None, port: int, log_level: str) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="API processes (distributed only: they share the broker, the store and the database).")
+def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
     """Serve the HTTP API and the playground. Without MGMFLOW_BROKER_URL: embedded (tiny models, in-process
     workers, SQLite), a working server with one command."""
     import logging
+    import os
+    import tempfile
 
     import uvicorn
 
@@ -57,8 +61,16 @@ def serve(host: str | None, port: int, log_level: str) -> None:
     if settings.open_access and host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("mgmflow.serve").warning(
             "no API keys configured (MGMFLOW_API_KEYS): anyone who reaches %s:%d can use this server", host, port)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, log_config=None,
-                timeout_graceful_shutdown=5)
+    options = {"host": host, "port": port, "log_level": log_level, "log_config": None, "timeout_graceful_shutdown": 5}
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    if settings.embedded:
+        raise click.UsageError("--workers above 1 needs MGMFLOW_BROKER_URL: embedded workers live in one process")
+    # The processes add up their metrics through files (prometheus_client's multiprocess mode), fresh each start.
+    settings.home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="metrics-", dir=settings.home))
+    uvicorn.run("orchestrator.api:create_app", factory=True, workers=workers, **options)
 
 
 @main.command()

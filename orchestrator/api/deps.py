@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 
 from orchestrator.api.errors import ApiError
-from orchestrator.api.limits import RateLimiter
+from orchestrator.api.limits import RateLimiter, RedisRateLimiter
 from orchestrator.api.metrics import ApiMetrics
 from orchestrator.api.settings import ApiSettings
 
@@ -29,14 +29,14 @@ class ApiContext:
     tasks: TaskClient
     store: Any  # workers.artifacts.ArtifactStore
     workflows: dict[str, Workflow]
-    limiter: RateLimiter
+    limiter: RateLimiter | RedisRateLimiter
     metrics: ApiMetrics
     background: set[asyncio.Task] = field(default_factory=set)  # webhook attempts in flight (api.webhooks)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))  # when workflows were loaded
 
 
-# The dependencies are ``async def`` although they never await: they do no blocking work, and FastAPI runs a plain
-# ``def`` dependency in the thread pool, a hand-off to a thread and back (two for the scope) on every request.
+# The dependencies are ``async def``: they do no blocking work (the shared rate limit is an asyncio Redis call), and
+# FastAPI runs a plain ``def`` dependency in the thread pool, a hand-off to a thread and back on every request.
 async def get_context(request: Request) -> ApiContext:
     return request.app.state.context
 
@@ -60,7 +60,7 @@ async def current_scope(request: Request, context: Context) -> str:
     scope = context.settings.scope_of(key)
     if scope is None:
         raise ApiError(401, "missing or invalid API key", code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
-    context.limiter.check(scope)
+    await context.limiter.check(scope)
     return scope
 
 

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import install_error_handlers
-from orchestrator.api.limits import BodySizeLimit, RateLimiter
+from orchestrator.api.limits import BodySizeLimit, rate_limiter
 from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
 from orchestrator.api.routes import (
     artifacts, assistants, batches, health, openai, playground, runs, threads,
@@ -44,8 +44,8 @@ def build_context(settings: ApiSettings) -> ApiContext:
         tasks=runs.orchestrator.client,  # the same transport the runs use (in-process when embedded)
         store=open_store(settings),
         workflows=load_workflows(),
-        limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
-        metrics=ApiMetrics(queue_depths=BrokerQueueDepths(settings.broker_url)),
+        limiter=rate_limiter(settings.broker_url, settings.rate_limit_per_second, settings.rate_limit_burst),
+        metrics=ApiMetrics(queue_depths=BrokerQueueDepths(settings.broker_url), broker_url=settings.broker_url),
     )
 
 

@@ -1,12 +1,20 @@
-"""Prometheus metrics of one app, in its own registry (several apps may live in one test process)."""
+"""Prometheus metrics of one app, in its own registry (several apps may live in one test process).
+
+With several API processes (``mgmflow serve --workers N``) prometheus_client's multiprocess mode is on
+(``PROMETHEUS_MULTIPROC_DIR``): each process writes its samples to files there and a scrape, whichever process
+answers it, adds them up. Run latencies are observed at scrape time from the runs' records; the window of run ends
+a scrape counts is then claimed in Redis, so that each run is counted by one process only.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,7 +26,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class ApiMetrics:
     """HTTP traffic, run and task latencies, errors; queue depths are read from the broker at scrape time."""
 
-    def __init__(self, queue_depths: Callable[[], dict[str, int]] | None = None):
+    WATERMARK_KEY = "mgmflow:metrics:runs-counted-until"
+
+    def __init__(self, queue_depths: Callable[[], dict[str, int]] | None = None, broker_url: str | None = None):
         self.registry = CollectorRegistry()
         self.requests = Counter("mgmflow_http_requests", "HTTP requests", ["method", "route", "status"],
                                 registry=self.registry)
@@ -29,9 +39,26 @@ class ApiMetrics:
         self.task_seconds = Histogram("mgmflow_task_seconds", "Model task latency (start to end) per queue",
                                       ["queue", "kind", "status"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.errors = Counter("mgmflow_errors", "Errors by kind", ["kind"], registry=self.registry)
-        if queue_depths is not None:
-            self.registry.register(_QueueDepthCollector(queue_depths))
+        self._queue_depths = None if queue_depths is None else _QueueDepthCollector(queue_depths)
+        if self._queue_depths is not None:
+            self.registry.register(self._queue_depths)
         self._watermark = time.time()  # runs that ended before this process started are not ours to count
+        self._shared = None  # the Redis holding the shared watermark, in multiprocess mode
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and broker_url:
+            import redis
+
+            self._shared = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
+
+    def scrape(self, runs) -> bytes:
+        """The exposition text: every process's samples in multiprocess mode, this app's otherwise."""
+        self.observe_finished_runs(runs)
+        if self._shared is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        if self._queue_depths is not None:
+            registry.register(self._queue_depths)
+        return generate_latest(registry)
 
     def observe_task(self, kind: str, status: str, seconds: float) -> None:
         self.task_seconds.labels(kind.partition(".")[0], kind, status).observe(max(seconds, 0.0))
@@ -40,17 +67,28 @@ class ApiMetrics:
                               limit: int = 500) -> None:
         """Count runs that ended since the last scrape (from their records, wherever they ran) and their model
         tasks (from the task.started / task.finished events; an event id starts with its time in ms)."""
-        newest = self._watermark
+        since, until = self._claim_window()
+        newest = since
         for status in statuses:
             for run in runs.list_runs(status=status, limit=limit):
-                if run.updated_at <= self._watermark:
+                if not since < run.updated_at <= until:
                     continue
                 newest = max(newest, run.updated_at)
                 self.run_seconds.labels(run.workflow, status).observe(max(run.updated_at - run.created_at, 0.0))
                 if status == "error":
                     self.errors.labels("run_error").inc()
                 self._observe_tasks(runs, run.run_id)
-        self._watermark = newest
+        if self._shared is None:
+            self._watermark = newest
+
+    def _claim_window(self) -> tuple[float, float]:
+        """(after, up to) the run end times this scrape counts: since this process's last count, or in
+        multiprocess mode since any process's (claimed atomically, so that no two processes count a run)."""
+        if self._shared is None:
+            return self._watermark, float("inf")
+        now = time.time()
+        previous = self._shared.getset(self.WATERMARK_KEY, repr(now))
+        return (float(previous) if previous else self._watermark), now
 
     def _observe_tasks(self, runs, run_id: str) -> None:
         started: dict[str, int] = {}

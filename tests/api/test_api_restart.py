@@ -1,14 +1,21 @@
-"""Distributed, with real parts: a redis-server, an orchestration worker and the API as subprocesses. The API is
-kill -9'd while runs are in flight and restarted: every run still completes and stays readable, and a stream
-resumed with Last-Event-ID continues exactly where it stopped."""
+"""Distributed, with real parts: a redis-server, an orchestration worker and the API as subprocesses.
+
+- The API is kill -9'd while runs are in flight and restarted: every run still completes and stays readable, and a
+  stream resumed with Last-Event-ID continues exactly where it stopped.
+- ``serve --workers 2``: two API processes share each key's rate limit (in Redis) and add up their metrics, each
+  finished run counted once."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -35,17 +42,18 @@ def deployment(tmp_path):
     logs.mkdir()
     processes = {"redis": redis}
 
-    def start(name: str, *args: str) -> subprocess.Popen:
+    def start(name: str, *args: str, **more_env: str) -> subprocess.Popen:
         log = (logs / f"{name}.log").open("ab")
-        processes[name] = subprocess.Popen([sys.executable, ECHO_MAIN, *args], env=env, stdout=log,
-                                           stderr=subprocess.STDOUT)
+        # A session of its own: the kill at the end reaches the API processes `serve --workers` spawns.
+        processes[name] = subprocess.Popen([sys.executable, ECHO_MAIN, *args], env={**env, **more_env}, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
         return processes[name]
 
     api_port = free_port()
     url = f"http://127.0.0.1:{api_port}"
 
-    def start_api() -> subprocess.Popen:
-        process = start("api", "serve", "--port", str(api_port), "--log-level", "warning")
+    def start_api(*args: str, **more_env: str) -> subprocess.Popen:
+        process = start("api", "serve", "--port", str(api_port), "--log-level", "warning", *args, **more_env)
         wait_for(lambda: _healthy(url), timeout=60, interval=0.2)
         return process
 
@@ -53,10 +61,10 @@ def deployment(tmp_path):
     start("worker", "worker", "--queues", "orchestrator", "--concurrency", "8", "--name", "orch")
     start_api()
     yield {"url": url, "start_api": start_api, "processes": processes, "logs": logs}
-    for process in processes.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+    for name, process in processes.items():
+        with contextlib.suppress(ProcessLookupError):
+            process.kill() if name == "redis" else os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 def _healthy(url: str) -> bool:
@@ -129,3 +137,65 @@ def test_api_killed_and_restarted_during_runs(deployment):
         assert final["run_id"] == run["run_id"]
         assert http.get(f"/threads/{run['thread_id']}/state").json()["values"]["answer"] == "SURVIVE"
     assert len({r["run_id"] for r in http.get("/runs", params={"limit": 100}).json()}) == len(runs)
+
+
+def _stop_api(deployment) -> None:
+    api = deployment["processes"]["api"]
+    os.killpg(api.pid, signal.SIGKILL)
+    api.wait(10)
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample of the exposition text (0 when absent)."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in metrics.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match and ",".join(sorted(match.group(1).split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def test_api_processes_share_rate_limits_and_metrics(deployment):
+    url = deployment["url"]
+    _stop_api(deployment)
+    # 1 request/s sustained and a burst of 40 per key: shared, the two processes admit 40 at once, not 80.
+    deployment["start_api"]("--workers", "2", MGMFLOW_RATE_LIMIT_PER_SECOND="1", MGMFLOW_RATE_LIMIT_BURST="40")
+    import psutil
+
+    children = psutil.Process(deployment["processes"]["api"].pid).children()
+    assert sum("spawn_main" in " ".join(child.cmdline()) for child in children) == 2  # beside multiprocessing's tracker
+
+    # Separate buckets would admit 80 of these at once; the shared one admits 40, plus 1 per second they take.
+    statuses, started = [], time.monotonic()
+    for _ in range(60):
+        with httpx.Client(base_url=url, timeout=10) as fresh:  # a new connection each: both processes answer
+            statuses.append(fresh.get("/runs", params={"limit": 1}).status_code)
+    admitted = statuses.count(200)
+    assert statuses.count(429) == len(statuses) - admitted
+    assert 40 <= admitted <= 40 + math.ceil(time.monotonic() - started) + 1
+
+    # Metrics: every scrape, whichever process answers it, counts the requests of both.
+    scrapes = []
+    for _ in range(6):
+        with httpx.Client(base_url=url, timeout=10) as fresh:
+            scrapes.append(fresh.get("/metrics").text)
+    refused = [_sample(text, "mgmflow_http_requests_total", method="GET", route="/runs", status="429")
+               for text in scrapes]
+    assert refused == [len(statuses) - admitted] * len(scrapes)
+
+
+def test_api_processes_count_each_finished_run_once(deployment):
+    url = deployment["url"]
+    _stop_api(deployment)
+    deployment["start_api"]("--workers", "2")
+    http = httpx.Client(base_url=url, timeout=30)
+    body = {"assistant_id": "echo", "input": {"text": "count me", "steps": 1}}
+    runs = [http.post("/runs", json=body).json() for _ in range(3)]
+    for run in runs:
+        wait_for(lambda r=run: http.get(f"/runs/{r['run_id']}").json()["status"] == "success", timeout=60)
+    counts = []
+    for _ in range(6):  # several scrapes, spread over both processes: each run is observed by one of them
+        with httpx.Client(base_url=url, timeout=10) as fresh:
+            counts.append(_sample(fresh.get("/metrics").text, "mgmflow_run_seconds_count",
+                                  status="success", workflow="echo"))
+    assert counts[-1] == len(runs), counts

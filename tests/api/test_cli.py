@@ -55,3 +55,9 @@ def test_serve_says_when_the_broker_is_unreachable(monkeypatch):
     monkeypatch.setenv("MGMFLOW_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
     result = CliRunner().invoke(main, ["serve", "--port", str(free_port())])
     assert result.exit_code == 2 and "cannot reach the broker" in result.output
+
+
+def test_serve_workers_need_a_broker(monkeypatch):
+    monkeypatch.delenv("MGMFLOW_BROKER_URL", raising=False)
+    result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), "--workers", "2"])
+    assert result.exit_code == 2 and "--workers above 1 needs MGMFLOW_BROKER_URL" in result.output

@@ -6,7 +6,7 @@ import logging
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import Context
@@ -63,9 +63,5 @@ def _ping_store(store) -> None:
 @router.get("/metrics")
 async def read_metrics(context: Context) -> Response:
     """Prometheus metrics: queue depth, run and task latency, HTTP traffic, errors."""
-    def scrape() -> bytes:
-        context.metrics.observe_finished_runs(context.runs)
-        return generate_latest(context.metrics.registry)
-
-    body = await run_in_threadpool(scrape)
+    body = await run_in_threadpool(context.metrics.scrape, context.runs)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
