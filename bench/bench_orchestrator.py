@@ -51,13 +51,6 @@ def stamp(event) -> float:
     return int(event.id.split("-")[0]) / 1000
 
 
-def all_events(service, run_id: str) -> list:
-    events, after = [], None
-    while page := service.events(run_id, after):
-        events += page
-        after = page[-1].id
-    return events
-
 
 def measure(events: list, created_at: float) -> dict:
     """Stages, critical path, hops and wall time of one finished run."""
@@ -130,7 +123,7 @@ def main() -> None:
             final = service.wait(run.run_id, timeout=3600)
             if final.status != "success":
                 raise RuntimeError(f"run {run.run_id} ended {final.status}: {final.error}")
-            result = measure(all_events(service, run.run_id), final.created_at)
+            result = measure(list(service.all_events(run.run_id)), final.created_at)
             results.append(result)
             print(f"run {index + 1}: wall {result['wall']:.2f} s, critical path {result['critical']:.2f} s, "
                   f"ratio {result['wall'] / result['critical']:.3f}, {result['stages']} stages, "

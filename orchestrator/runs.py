@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from models.errors import InvalidInputError
@@ -156,6 +157,13 @@ class RunService:
         """The run's events after event id ``after`` (``Event(id, type, data)``)."""
         self.runs.get(run_id, scope=scope)
         return self.orchestrator.client.events(run_id, after=after, block_ms=block_ms)
+
+    def all_events(self, run_id: str) -> Iterator:
+        """Every event the run has, oldest first, read page by page (token events are many)."""
+        after = None
+        while page := self.events(run_id, after):
+            yield from page
+            after = page[-1].id
 
     def wait(self, run_id: str, *, timeout: float | None = None, until: tuple[str, ...] = (*TERMINAL, "interrupted"),
              poll_s: float = 0.1) -> RunInfo:

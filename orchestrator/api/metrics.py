@@ -92,16 +92,13 @@ class ApiMetrics:
 
     def _observe_tasks(self, runs, run_id: str) -> None:
         started: dict[str, int] = {}
-        after = None
-        while events := runs.events(run_id, after):
-            after = events[-1].id
-            for event in events:
-                at_ms = int(event.id.partition("-")[0])
-                if event.type == "task.started":
-                    started[event.data["task_id"]] = at_ms
-                elif event.type == "task.finished" and event.data.get("task_id") in started:
-                    seconds = (at_ms - started.pop(event.data["task_id"])) / 1000
-                    self.observe_task(event.data.get("kind", "unknown"), event.data.get("status", "unknown"), seconds)
+        for event in runs.all_events(run_id):
+            at_ms = int(event.id.partition("-")[0])
+            if event.type == "task.started":
+                started[event.data["task_id"]] = at_ms
+            elif event.type == "task.finished" and event.data.get("task_id") in started:
+                seconds = (at_ms - started.pop(event.data["task_id"])) / 1000
+                self.observe_task(event.data.get("kind", "unknown"), event.data.get("status", "unknown"), seconds)
 
 
 class _QueueDepthCollector:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator.runs import MAX_PREVIEWS
+
 RunStatus = Literal["pending", "running", "interrupted", "success", "error", "timeout", "cancelled"]
 ThreadStatus = Literal["idle", "busy", "interrupted", "error"]
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -136,7 +138,7 @@ class RunCreate(BaseModel):
     priority: int = Field(3, ge=0, le=9)
     approve: bool = False
     # Diffusion steps of the run store a preview every N denoising steps; `task.step` events carry its id.
-    previews: int = Field(0, ge=0, le=1000)
+    previews: int = Field(0, ge=0, le=MAX_PREVIEWS)
 
 
 class RunPublic(BaseModel):

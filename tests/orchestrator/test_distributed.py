@@ -22,14 +22,6 @@ def services(tmp_path, mgmflow_home):
     started.close()
 
 
-def all_events(service, run_id: str) -> list:
-    """Every event of the run, page by page (token events are many)."""
-    events, after = [], None
-    while page := service.events(run_id, after):
-        events += page
-        after = page[-1].id
-    return events
-
 
 def _pid(owner: str) -> int:
     return int(owner.split(":")[1])  # owners are "host:pid:nonce"
@@ -66,7 +58,7 @@ def test_story_survives_kill_9_of_orchestration_and_gpu_workers(services, postgr
     assert final.status == "success", final.error
 
     # no finished step ran twice: each step executed to completion exactly once, the killed one included
-    started = {event.data["task_id"] for event in all_events(service, run.run_id) if event.type == "task.started"}
+    started = {event.data["task_id"] for event in service.all_events(run.run_id) if event.type == "task.started"}
     assert killed_task in started
     records = {task_id: client.get(task_id) for task_id in started}
     assert all(record.status == "done" and record.executions == 1 for record in records.values()), {

@@ -54,10 +54,10 @@ async def _start(context, body: RunCreate, scope: str, thread_id: str | None, id
 async def _progress(context, run: Any) -> dict | None:
     """The run's latest ``progress`` event (None before the first)."""
     def latest() -> dict | None:
-        found, after = None, None
-        while events := context.runs.events(run.run_id, after):
-            after = events[-1].id
-            found = next((e.data for e in reversed(events) if e.type == "progress"), found)
+        found = None
+        for event in context.runs.all_events(run.run_id):
+            if event.type == "progress":
+                found = event.data
         return found
 
     return await run_in_threadpool(latest)
