@@ -82,8 +82,8 @@ class Orchestrator:
             if not self.runs.acquire(run_id, owner, self.lease_s):
                 return  # another process drives it; it re-checks readiness after releasing
             try:
-                with self._heartbeat(run_id, owner):
-                    self._step(self.runs.get(run_id))
+                with self._heartbeat(run_id, owner) as lost:
+                    self._step(self.runs.get(run_id), owner, lost)
             finally:
                 self.runs.release(run_id, owner)
             run = self.runs.get(run_id)
@@ -119,14 +119,14 @@ class Orchestrator:
         return min(ended) if ended else None
 
     # One drive of the graph, from the last checkpoint to the next park.
-    def _step(self, run: RunInfo) -> None:
+    def _step(self, run: RunInfo, owner: str, lost: threading.Event) -> None:
         workflow = get_workflow(run.workflow)
         graph = self._graph(workflow)
         config = {"configurable": {"thread_id": run.thread_id}, "metadata": {"run_id": run.run_id}}
         snapshot = graph.get_state(config)
         if (snapshot.metadata or {}).get("run_id") != run.run_id:
             command: Any = workflow.validate_input(run.input).model_dump(mode="json")
-            if self.runs.update(run.run_id, unless_status=("running", *TERMINAL), status="running"):
+            if self.runs.update(run.run_id, unless_status=("running", *TERMINAL), owner=owner, status="running"):
                 self._publish(run, "run", {"status": "running"})
         elif snapshot.interrupts:
             resume = {}
@@ -137,49 +137,55 @@ class Orchestrator:
                 else:
                     resume[pending.id] = {"task_ids": pending.value.get("task_ids", [])}
             if not resume:
-                return self._park(run, graph.get_state(config))
+                return self._park(run, graph.get_state(config), owner)
             command = Command(resume=resume)
-        elif snapshot.next:
+        elif not _ended(snapshot):
             command = None  # a driver died mid-step: continue from the last checkpoint
         else:
-            return self._finish(run, "success")
+            return self._finish(run, "success", owner)
         context = self._context(run)
         try:
             for namespace, _mode, chunk in graph.stream(command, config, context=context, durability="sync",
                                                          stream_mode=["tasks"], subgraphs=True):
+                if lost.is_set():  # another driver took the run over: it continues from the checkpoints
+                    logger.warning("run %s: lease lost to another driver; this one stops", run.run_id)
+                    return
                 self._node_event(run, namespace, chunk)
         except Cancelled as error:
-            return self._finish(run, "cancelled", error)
+            return self._finish(run, "cancelled", owner, error)
         except DeadlineExceeded as error:
-            return self._finish(run, "timeout", error)
+            return self._finish(run, "timeout", owner, error)
         except MGMFlowError as error:
-            return self._finish(run, "error", error)
+            return self._finish(run, "error", owner, error)
         except Exception as error:  # a bug in a workflow: the run fails with its message, the driver lives on
             logger.exception("run %s failed", run.run_id)
-            return self._finish(run, "error", error)
-        self._park(run, graph.get_state(config))
+            return self._finish(run, "error", owner, error)
+        self._park(run, graph.get_state(config), owner)
 
-    def _park(self, run: RunInfo, snapshot: Any) -> None:
+    def _park(self, run: RunInfo, snapshot: Any, owner: str) -> None:
         """Record where the graph stopped: awaiting tasks (running), a human (interrupted), or the end."""
         approvals = [pending.value for pending in snapshot.interrupts if _kind(pending) == "approval"]
         awaited = [task_id for pending in snapshot.interrupts if _kind(pending) == "await"
                    for task_id in pending.value.get("task_ids", [])]
         if approvals:
-            if self.runs.update(run.run_id, status="interrupted", interrupt=approvals, awaited=awaited,
+            if self.runs.update(run.run_id, owner=owner, status="interrupted", interrupt=approvals, awaited=awaited,
                                 resume_value=None):
                 self._publish(run, "run", {"status": "interrupted", "interrupt": approvals})
         elif awaited:
-            self.runs.update(run.run_id, status="running", interrupt=None, awaited=awaited, resume_value=None)
-        elif snapshot.next:
-            self.runs.update(run.run_id, status="running", awaited=[], resume_value=None)
+            self.runs.update(run.run_id, owner=owner, status="running", interrupt=None, awaited=awaited,
+                             resume_value=None)
+        elif not _ended(snapshot):
+            self.runs.update(run.run_id, owner=owner, status="running", awaited=[], resume_value=None)
         else:
-            self._finish(run, "success")
+            self._finish(run, "success", owner)
 
-    def _finish(self, run: RunInfo, status: str, error: BaseException | None = None) -> None:
+    def _finish(self, run: RunInfo, status: str, owner: str, error: BaseException | None = None) -> None:
+        """Record the end (unless another driver holds the run now: it decides) and start what waited for it."""
         detail = None
         if error is not None:
             detail = {"code": getattr(error, "code", "internal"), "message": str(error) or type(error).__name__}
-        if self.runs.update(run.run_id, status=status, error=detail, awaited=[], interrupt=None, resume_value=None):
+        if self.runs.update(run.run_id, owner=owner, status=status, error=detail, awaited=[], interrupt=None,
+                            resume_value=None):
             self._publish(run, "run", {"status": status, **({"error": detail} if detail else {})})
         if status != "success":
             self.client.cancel(run.run_id)  # stop its other tasks
@@ -229,17 +235,21 @@ class Orchestrator:
         return self._graphs[key]
 
     @contextlib.contextmanager
-    def _heartbeat(self, run_id: str, owner: str) -> Iterator[None]:
-        stop = threading.Event()
+    def _heartbeat(self, run_id: str, owner: str) -> Iterator[threading.Event]:
+        """Renew the lease every third of it. The event yielded is set once a renewal fails: this driver was too slow
+        (a stalled process), its lease expired and another driver took the run; this one must stop."""
+        stop, lost = threading.Event(), threading.Event()
 
         def renew() -> None:
             while not stop.wait(self.lease_s / 3):
-                self.runs.renew(run_id, owner, self.lease_s)
+                if not self.runs.renew(run_id, owner, self.lease_s):
+                    lost.set()
+                    return
 
         thread = threading.Thread(target=renew, name=f"lease-{run_id}", daemon=True)
         thread.start()
         try:
-            yield
+            yield lost
         finally:
             stop.set()
             thread.join()
@@ -282,6 +292,13 @@ class Orchestrator:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _ended(snapshot: Any) -> bool:
+    """Whether the graph reached its end. Not merely an empty ``next``: a process that died after LangGraph saved a
+    step's writes but before it saved the following checkpoint leaves a step whose tasks all finished (so none is
+    ``next``) and whose successors never ran; streaming from there applies those writes and goes on."""
+    return not snapshot.next and not snapshot.tasks
 
 
 def _kind(pending: Any) -> str:

@@ -220,14 +220,18 @@ class RunStore:
         )
         return [_decode(row) for row in rows]
 
-    def update(self, run_id: str, *, unless_status: tuple[str, ...] = TERMINAL, **changes: Any) -> bool:
-        """Change fields of a run unless its status is one of ``unless_status``; True when it changed."""
+    def update(self, run_id: str, *, unless_status: tuple[str, ...] = TERMINAL, owner: str | None = None,
+               **changes: Any) -> bool:
+        """Change fields of a run unless its status is one of ``unless_status`` (or, with ``owner``, unless another
+        driver holds its lease now); True when it changed."""
         sets = ", ".join(f"{name} = ?" for name in changes)
         params = tuple(_encode(name, value) for name, value in changes.items())
         guard = f" AND status NOT IN ({', '.join('?' for _ in unless_status)})" if unless_status else ""
+        fence = (owner,) if owner is not None else ()
+        guard += " AND lease_owner = ?" if fence else ""
         return self.db.changed(
             f"UPDATE mgmflow_runs SET {sets}, updated_at = ? WHERE run_id = ?{guard}",
-            (*params, time.time(), run_id, *unless_status),
+            (*params, time.time(), run_id, *unless_status, *fence),
         ) == 1
 
     def blocking_run(self, run: RunInfo) -> str | None:

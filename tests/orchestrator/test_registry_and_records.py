@@ -114,8 +114,12 @@ def test_lease_is_exclusive_until_released_or_expired(store):
     store.release("lease", "a")
     assert store.acquire("lease", "b", 0.05)
     time.sleep(0.1)
-    assert store.acquire("lease", "a", 30)  # b's lease expired: b died
+    assert store.acquire("lease", "a", 30)  # b's lease expired: b died, or stalled
     assert not store.renew("lease", "b", 30)
+    # a stalled driver that wakes up cannot record anything: the run is a's now
+    assert not store.update("lease", owner="b", status="success")
+    assert store.get("lease").status == "pending"
+    assert store.update("lease", owner="a", status="running")
 
 
 # The runs table as the first release created it (before previews and webhooks).

@@ -116,6 +116,45 @@ def test_sweeper_resumes_a_run_whose_completion_notice_was_lost(service, monkeyp
     assert final.status == "success" and run.run_id in swept
 
 
+def test_a_driver_that_died_between_a_nodes_writes_and_its_checkpoint_is_continued(service):
+    """A process killed after LangGraph saved a node's writes but before it saved the next checkpoint leaves a
+    thread whose latest step has every task done and no `next`: that is not the end of the graph. The restarted
+    run must continue to the real end, and reuse its finished steps rather than declare success early."""
+    run = service.create_run("test-refine", {"request": "a kite over the sea", "budget": 1})
+    assert service.wait(run.run_id, timeout=120).status == "success"
+    saver = service.orchestrator.database.saver
+    config = {"configurable": {"thread_id": run.thread_id, "checkpoint_ns": ""}}
+    # Cut the history back to the checkpoint before `items`, keeping the writes `items` made: the state right after
+    # the kill. Its successors (and the refine subgraph's own checkpoints) were never written.
+    history = {saved.metadata["step"]: saved.config["configurable"]["checkpoint_id"] for saved in saver.list(config)}
+    later = [checkpoint_id for step, checkpoint_id in history.items() if step > 0]
+    with saver.cursor() as cursor:
+        cursor.execute(f"DELETE FROM checkpoints WHERE thread_id = ? AND (checkpoint_ns != '' OR checkpoint_id IN "
+                       f"({', '.join('?' * len(later))}))", (run.thread_id, *later))
+    assert service.orchestrator.graph("test-refine").get_state(config).next == ()  # what the driver sees
+    service.runs.update(run.run_id, unless_status=(), status="running", awaited=[])
+
+    service.restart(run.run_id)
+    final = service.wait(run.run_id, timeout=120)
+    assert final.status == "success", final.error
+    values = service.output_values(final)
+    assert service.orchestrator.store.get(values["chosen"]["main"], scope=final.scope)[:4] == b"\x89PNG"
+    for step in refine_steps(values):  # the second pass through refine reused every finished step
+        assert service.orchestrator.client.get(f"{run.run_id}:{step}").executions == 1, step
+
+
+def test_a_driver_whose_lease_was_taken_over_learns_it_at_its_next_renewal(service, monkeypatch):
+    orchestrator = service.orchestrator
+    monkeypatch.setattr(orchestrator, "lease_s", 0.3)
+    run = service.create_run("test-refine", {"request": "a stalled driver", "budget": 1})
+    assert service.wait(run.run_id, timeout=120).status == "success"
+    assert orchestrator.runs.acquire(run.run_id, "stalled", 0.3)
+    with orchestrator._heartbeat(run.run_id, "stalled") as lost:
+        assert not lost.wait(0.5)  # renewed in time: still the holder
+        orchestrator.runs.db.execute("UPDATE mgmflow_runs SET lease_owner = 'next' WHERE run_id = ?", (run.run_id,))
+        assert lost.wait(2)
+
+
 def test_bad_input_is_a_typed_error(service):
     with pytest.raises(InvalidInputError, match="unknown workflow 'nope'.*test-refine"):
         service.create_run("nope", {})
