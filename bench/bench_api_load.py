@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -167,13 +169,16 @@ def main() -> None:
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # default limits: the burst and quota admit 1,000
     logs = home / "logs"
     logs.mkdir()
+    # Each in its own process group, killed whole at the end: the API's and the workers' child processes too (left
+    # behind, they would take CPU from the next measurement). A group, not a session: with the kernel's autogroup
+    # scheduling every session gets an equal CPU share whatever its niceness, which would undo --worker-nice.
     processes = [subprocess.Popen([redis_server, "--port", str(redis_port), "--save", ""],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0)]
 
     def spawn(name: str, *argv: str, nice: int = 0) -> None:
         processes.append(subprocess.Popen([sys.executable, str(ECHO_MAIN), *argv], env=env,
                                           stdout=(logs / f"{name}.log").open("wb"), stderr=subprocess.STDOUT,
-                                          preexec_fn=(lambda: os.nice(nice)) if nice else None))
+                                          process_group=0, preexec_fn=(lambda: os.nice(nice)) if nice else None))
 
     url = f"http://127.0.0.1:{api_port}"
     try:
@@ -248,7 +253,8 @@ def main() -> None:
         sys.exit(0 if ok else 1)
     finally:
         for process in processes:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         shutil.rmtree(home, ignore_errors=True)
 
 

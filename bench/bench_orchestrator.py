@@ -16,6 +16,7 @@ Runs are sequential (one story at a time, each on its own thread); medians over 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -104,8 +105,9 @@ def main() -> None:
     try:
         for queues in ("vlm,diffusion,edit", "orchestrator"):
             log = folder / f"worker-{queues.split(',')[0]}.log"
+            # its own process group, killed whole: a worker's pool processes must not outlive the measurement
             process = subprocess.Popen([MGMFLOW, "worker", f"--queues={queues}", "--loglevel=INFO"], env=env,
-                                       stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
+                                       stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO, process_group=0)
             workers.append((process, log))
         for process, log in workers:
             wait_for_text(log, " ready.", process, 600)
@@ -139,9 +141,9 @@ def main() -> None:
               f"{len(hops)} hops")
     finally:
         for process, _ in workers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         redis.kill()
         redis.wait()
 

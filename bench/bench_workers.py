@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -47,15 +48,17 @@ class Processes:
         self.started: list[subprocess.Popen] = []
 
     def start(self, argv, env, log: Path) -> subprocess.Popen:
-        process = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
+        # its own process group, killed whole: a worker's pool processes must not outlive the measurement
+        process = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO,
+                                   process_group=0)
         self.started.append(process)
         return process
 
     def close(self):
         for process in self.started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def ready(log: Path) -> bool:

@@ -54,8 +54,7 @@ def validate_run(context: ApiContext, body: RunCreate) -> dict[str, Any]:
 
 def check_quota(context: ApiContext, scope: str) -> None:
     limit = context.settings.max_active_runs_per_key
-    # One row at offset limit-1 means the key already has `limit` runs waiting; no count of them all.
-    if limit and context.runs.list_runs(scope=scope, status="pending", limit=1, offset=limit - 1):
+    if limit and context.runs.pending_at_least(scope, limit):
         raise ApiError(429, f"this key already has {limit:,} runs waiting", code="quota_exceeded",
                        headers={"Retry-After": "10"})
 
