@@ -63,11 +63,14 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-async def submit_all(url: str, runs: int, rate: float, clients: int,
-                     prefix: str) -> tuple[list[float], dict[int, str], float]:
+async def submit_all(url: str, runs: int, rate: float, clients: int, prefix: str,
+                     warmup: int = 0) -> tuple[list[float], dict[int, str], float]:
     """POST /runs for every index: open-loop at ``rate`` per second, or ``clients`` closed loops when ``rate`` is 0.
 
-    Returns latencies (from each request's scheduled time), run ids by index, and the seconds until the last answer.
+    The first ``warmup`` submissions (keys ``warmup-<i>``) go out the same way on the same connections but are not
+    measured: a process's first requests open connections and fill caches.
+    Returns latencies (from each request's scheduled time), run ids by index (warm-up ones as negative indexes),
+    and the seconds from the first measured submission until the last answer.
     """
     latencies: list[float] = []
     run_ids: dict[int, str] = {}
@@ -75,31 +78,41 @@ async def submit_all(url: str, runs: int, rate: float, clients: int,
 
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
         async def submit(index: int, scheduled: float) -> None:
-            body = {"assistant_id": "echo", "input": {"text": f"run {index}", "steps": 1}}
-            async with http.post("/runs", json=body, headers={"Idempotency-Key": f"{prefix}-{index}"}) as response:
+            key = f"{prefix}-{index}" if index >= 0 else f"warmup-{-index}"
+            body = {"assistant_id": "echo", "input": {"text": f"run {key}", "steps": 1}}
+            async with http.post("/runs", json=body, headers={"Idempotency-Key": key}) as response:
                 payload = await response.json()
-                latencies.append(time.perf_counter() - scheduled)
+                if index >= 0:
+                    latencies.append(time.perf_counter() - scheduled)
                 if response.status >= 300:
-                    raise SystemExit(f"submission {index} answered {response.status}: {payload}")
+                    raise SystemExit(f"submission {key} answered {response.status}: {payload}")
                 run_ids[index] = payload["run_id"]
 
+        indexes = [-number for number in range(warmup, 0, -1)] + list(range(runs))
         started = time.perf_counter()
         if rate > 0:
             requests = []
-            for index in range(runs):
-                scheduled = started + index / rate
+            for position, index in enumerate(indexes):
+                scheduled = started + position / rate
                 await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+                if index == 0:
+                    measured_from = scheduled
                 requests.append(asyncio.create_task(submit(index, scheduled)))
             await asyncio.gather(*requests)
         else:
-            pending = list(range(runs))[::-1]
+            pending = indexes[::-1]
 
             async def closed_loop() -> None:
+                nonlocal measured_from
                 while pending:
-                    await submit(pending.pop(), time.perf_counter())
+                    index = pending.pop()
+                    if index == 0:
+                        measured_from = time.perf_counter()
+                    await submit(index, time.perf_counter())
 
+            measured_from = started
             await asyncio.gather(*(closed_loop() for _ in range(clients)))
-        return latencies, run_ids, time.perf_counter() - started
+        return latencies, run_ids, time.perf_counter() - measured_from
 
 
 async def read_all(url: str, run_ids: list[str], clients: int) -> tuple[list[float], float]:
@@ -155,7 +168,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="orchestration worker processes")
     parser.add_argument("--api-processes", type=int, default=2, help="API processes (mgmflow serve --workers)")
     parser.add_argument("--warmup", type=int, default=200,
-                        help="submissions before the measured ones (not timed; first requests build connections)")
+                        help="submissions before the measured ones, at the same rate on the same connections (not timed)")
     parser.add_argument("--worker-concurrency", type=int, default=1, help="pool processes per worker")
     parser.add_argument("--worker-nice", type=int, default=10, help="the workers' CPU niceness (0: same as the API)")
     parser.add_argument("--workers-after", action="store_true",
@@ -193,12 +206,12 @@ def main() -> None:
             start_workers()
         wait_for(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, 90, "the API")
 
-        # 0. Warm up every API process (first requests open connections and fill caches); these runs count below.
-        _, warmup_ids, _ = asyncio.run(submit_all(url, args.warmup, 0, 4, "warmup"))
-        # 1. Submit, with the CPU seconds each process spends meanwhile.
+        # 1. Submit (after the warm-up, on the same connections), with the CPU seconds each process spends.
         cpu_before = cpu_seconds(processes)
-        latencies, run_ids, seconds = asyncio.run(submit_all(url, args.runs, args.rate, args.clients, "bench"))
+        latencies, run_ids, seconds = asyncio.run(submit_all(url, args.runs, args.rate, args.clients, "bench",
+                                                             warmup=args.warmup))
         cpu_used = {name: cpu_seconds(processes)[name] - before for name, before in cpu_before.items()}
+        warmup_ids = {index: run_ids.pop(index) for index in [index for index in run_ids if index < 0]}
         # 2. The same keys again: the same runs, nothing new.
         _, again, _ = asyncio.run(submit_all(url, args.runs, 0, 16, "bench"))
         duplicates_refused = again == run_ids
@@ -243,7 +256,8 @@ def main() -> None:
               f"p95 {percentile(latencies, 0.95) * 1000:.1f} ms, p99 {percentile(latencies, 0.99) * 1000:.1f} ms "
               "(goal p95 < 50 ms)")
         print("CPU per submission:      " + ", ".join(
-            f"{name} {used / args.runs * 1000:.2f} ms" for name, used in cpu_used.items()) + " (during the submissions)")
+            f"{name} {used / (args.runs + args.warmup) * 1000:.2f} ms" for name, used in cpu_used.items())
+              + " (during the submissions, warm-up included)")
         print(f"drain after submission:  {drain:.1f} s with {args.workers} orchestration workers")
         print(f"reads (GET /runs/{{id}}):  {len(read_latencies) / read_seconds:.0f} /s, p50 "
               f"{statistics.median(read_latencies) * 1000:.1f} ms, p95 {percentile(read_latencies, 0.95) * 1000:.1f} ms")

@@ -32,7 +32,6 @@ class Database:
     _sqlite: sqlite3.Connection | None = None
     _pool: Any = None  # psycopg_pool.ConnectionPool
     _lock: Any = None  # the SqliteSaver's lock: records and checkpoints share its connection
-    rowcount: int = 0
     _local: threading.local = field(default_factory=threading.local)  # .connection: this thread's open transaction
 
     @contextlib.contextmanager
@@ -58,6 +57,13 @@ class Database:
     def execute(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Run one statement (``?`` placeholders) in its own transaction, or in this thread's open
         :meth:`transaction`; rows for a query, else []."""
+        return self._execute(sql, params)[0]
+
+    def changed(self, sql: str, params: tuple = ()) -> int:
+        """Run one update and return how many rows it changed (for compare-and-set)."""
+        return self._execute(sql, params)[1]
+
+    def _execute(self, sql: str, params: tuple) -> tuple[list[tuple], int]:
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             return self._run(connection, sql, params)
@@ -67,18 +73,14 @@ class Database:
         with self._pool.connection() as connection:
             return self._run(connection, sql, params)
 
-    def _run(self, connection: Any, sql: str, params: tuple) -> list[tuple]:
+    def _run(self, connection: Any, sql: str, params: tuple) -> tuple[list[tuple], int]:
+        """Rows and row count of one statement (the count read here, not later from shared state: another
+        thread's statement may have run in between)."""
         if self.dialect == "postgres":
             sql = sql.replace("?", "%s")
         cursor = connection.execute(sql, params)
         rows = cursor.fetchall() if cursor.description else []
-        self.rowcount = cursor.rowcount
-        return rows
-
-    def changed(self, sql: str, params: tuple = ()) -> int:
-        """Run one update and return how many rows it changed (for compare-and-set)."""
-        self.execute(sql, params)
-        return self.rowcount
+        return rows, cursor.rowcount
 
     def close(self) -> None:
         if self._sqlite is not None:

@@ -24,6 +24,7 @@ from langgraph.types import Command
 
 from models.errors import Cancelled, DeadlineExceeded, MGMFlowError
 from orchestrator.checkpoint import open_database
+from orchestrator.dispatch import Dispatcher
 from orchestrator.records import TERMINAL, RunInfo, RunStore
 from orchestrator.runtime import RUN_REF, FINISHED, RunContext
 from orchestrator.workflow import get_workflow
@@ -35,6 +36,7 @@ RESUME = "orchestrator.resume"
 QUEUE = "orchestrator"
 SWEEP_INTERVAL_S = 2.0
 SWEEP_GRACE_S = 2.0  # a run idle for less than this may still have its message in flight
+SWEEP_BACKOFF_MAX_S = 60.0  # the longest wait between two re-dispatches of a run that stays idle
 
 
 class Orchestrator:
@@ -49,6 +51,7 @@ class Orchestrator:
         # Before the client: in embedded mode it starts the in-process worker, which only knows the tasks
         # registered when it starts.
         register(get_app(settings), settings)
+        self.dispatcher = Dispatcher(get_app(settings), ADVANCE, QUEUE)
         self.database = open_database(settings)
         self.runs = RunStore(self.database)
         self.client = TaskClient(settings)
@@ -58,14 +61,14 @@ class Orchestrator:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._graphs: dict[int, Any] = {}
         self._sweeper: threading.Thread | None = None
+        self._resent: dict[str, tuple[int, float]] = {}  # run id -> (times re-dispatched, not again before)
+        self._sweeping = threading.Lock()
         self._stop = threading.Event()
 
     # Dispatch.
     def dispatch(self, run_id: str, *, force: bool = False) -> None:
-        """Ask an orchestration worker (in-process when embedded) to advance ``run_id``."""
-        from workers.app import get_app
-
-        get_app(self.settings).send_task(ADVANCE, kwargs={"run_id": run_id, "force": force}, queue=QUEUE)
+        """Ask an orchestration worker (in-process when embedded) to advance ``run_id`` (sent in the background)."""
+        self.dispatcher.send({"run_id": run_id, "force": force})
 
     def advance(self, run_id: str, force: bool = False) -> None:
         """Drive ``run_id`` while it is ready; return when it parks, waits for a human, ends, or is held elsewhere.
@@ -256,18 +259,45 @@ class Orchestrator:
 
     # The sweeper.
     def sweep(self) -> list[str]:
-        """Re-dispatch every idle run that could make progress; returns their ids."""
-        dispatched = []
-        for run in self.runs.stale(older_than=SWEEP_GRACE_S):
-            try:
-                if self.ready(run) and self._idle_since(run) < time.time() - SWEEP_GRACE_S:
-                    self.dispatch(run.run_id)
-                    dispatched.append(run.run_id)
-            except Exception:  # one broken run must not stop the sweep of the others
-                logger.exception("sweeper: cannot re-dispatch run %s", run.run_id)
+        """Re-dispatch every idle run that could make progress; returns their ids.
+
+        An idle run may only be waiting behind a backlog of messages, not lost. While the orchestration queue holds
+        messages, a run is sent again only once it has been idle for SWEEP_BACKOFF_MAX_S (a backlog of N runs
+        would otherwise cost N duplicate messages every sweep); then after SWEEP_GRACE_S. Each run that stays idle
+        is sent again after twice as long as the time before (up to SWEEP_BACKOFF_MAX_S).
+        """
+        with self._sweeping:  # one sweep at a time: each run's backoff is read and set by one of them
+            dispatched = self._sweep()
         if dispatched:
             logger.info("sweeper re-dispatched %d idle run(s): %s", len(dispatched), ", ".join(dispatched))
         return dispatched
+
+    def _sweep(self) -> list[str]:
+        dispatched, now, stale = [], time.time(), self.runs.stale(older_than=SWEEP_GRACE_S)
+        self._resent = {run.run_id: self._resent[run.run_id] for run in stale if run.run_id in self._resent}
+        grace = SWEEP_BACKOFF_MAX_S if stale and self._backlog() else SWEEP_GRACE_S
+        for run in stale:
+            times, not_before = self._resent.get(run.run_id, (0, 0.0))
+            try:
+                if now >= not_before and self.ready(run) and self._idle_since(run) < now - grace:
+                    self.dispatch(run.run_id)
+                    dispatched.append(run.run_id)
+                    self._resent[run.run_id] = (times + 1, now + min(SWEEP_GRACE_S * 2 ** (times + 1),
+                                                                      SWEEP_BACKOFF_MAX_S))
+            except Exception:  # one broken run must not stop the sweep of the others
+                logger.exception("sweeper: cannot re-dispatch run %s", run.run_id)
+        return dispatched
+
+    def _backlog(self) -> int:
+        """Messages waiting in the orchestration queue (0 when the broker cannot tell)."""
+        from workers.app import get_app
+
+        try:
+            with get_app(self.settings).connection_for_read() as connection:
+                return connection.default_channel.queue_declare(QUEUE, passive=True).message_count
+        except Exception:  # an unreachable broker: sweep as if idle (the re-dispatch fails the same way)
+            logger.warning("sweeper: cannot read the %s queue's length", QUEUE, exc_info=True)
+            return 0
 
     def _idle_since(self, run: RunInfo) -> float:
         """Since when ``run`` could have been advanced (its completion notice may still be in flight)."""

@@ -150,13 +150,14 @@ class RunStore:
     # Threads.
     def create_thread(self, *, scope: str, thread_id: str | None = None, workflow: str | None = None,
                       metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        thread_id = thread_id or str(uuid.uuid4())
-        self.db.execute(
+        thread = {"thread_id": thread_id or str(uuid.uuid4()), "scope": scope, "workflow": workflow,
+                  "metadata": metadata or {}, "created_at": time.time()}
+        inserted = self.db.execute(
             "INSERT INTO mgmflow_threads (thread_id, scope, workflow, metadata, created_at) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (thread_id) DO NOTHING",
-            (thread_id, scope, workflow, json.dumps(metadata or {}), time.time()),
+            " ON CONFLICT (thread_id) DO NOTHING RETURNING thread_id",
+            (thread["thread_id"], scope, workflow, json.dumps(thread["metadata"]), thread["created_at"]),
         )
-        return self.get_thread(thread_id, scope=scope)
+        return thread if inserted else self.get_thread(thread["thread_id"], scope=scope)
 
     def get_thread(self, thread_id: str, *, scope: str | None = None) -> dict[str, Any]:
         rows = self.db.execute(
@@ -181,14 +182,11 @@ class RunStore:
         run.created_at = run.updated_at = now
         values = tuple(_encode(name, getattr(run, name)) for name in _COLUMNS)
         placeholders = ", ".join("?" for _ in _COLUMNS)
-        self.db.execute(
-            f"INSERT INTO mgmflow_runs ({', '.join(_COLUMNS)}) VALUES ({placeholders}) ON CONFLICT DO NOTHING", values
-        )
-        if run.idempotency_key:
-            existing = self.by_idempotency_key(run.scope, run.idempotency_key)
-            if existing is not None:
-                return existing
-        return self.get(run.run_id)
+        if self.db.execute(f"INSERT INTO mgmflow_runs ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+                           " ON CONFLICT DO NOTHING RETURNING run_id", values):
+            return run
+        existing = self.by_idempotency_key(run.scope, run.idempotency_key) if run.idempotency_key else None
+        return existing if existing is not None else self.get(run.run_id)
 
     def get(self, run_id: str, *, scope: str | None = None) -> RunInfo:
         rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM mgmflow_runs WHERE run_id = ?", (run_id,))

@@ -116,6 +116,40 @@ def test_sweeper_resumes_a_run_whose_completion_notice_was_lost(service, monkeyp
     assert final.status == "success" and run.run_id in swept
 
 
+def test_the_sweeper_backs_off_from_a_run_that_stays_idle(service, monkeypatch):
+    """A run idle in a backlog is sent again after the grace, then after twice as long each time: not every sweep."""
+    import types
+
+    import orchestrator.driver as driver
+
+    orchestrator = service.orchestrator
+    sent = []
+    monkeypatch.setattr(orchestrator, "dispatch", lambda run_id, force=False: sent.append(run_id))
+    run = service.create_run("test-refine", {"request": "waits in a backlog", "budget": 1})  # its message is lost
+    start = driver.time.time()
+    orchestrator.runs.db.execute("UPDATE mgmflow_runs SET updated_at = ? WHERE run_id = ?",
+                                 (start - 3, run.run_id))  # idle for longer than the grace
+    now = [start]
+    monkeypatch.setattr(driver, "time", types.SimpleNamespace(time=lambda: now[0], monotonic=driver.time.monotonic))
+    resent = []
+    for seconds in range(17):  # a sweep every second of a backlog of 17 s
+        now[0] = start + seconds
+        orchestrator.sweep()
+        resent.append(sent.count(run.run_id) - 1)
+    # sent again at once, then after 4 s and 8 s more: 3 times, not 17
+    assert resent == [1] * 4 + [2] * 8 + [3] * 5, resent
+
+    # While messages wait in the orchestration queue, an idle run is probably one of those: it waits longer.
+    monkeypatch.setattr(orchestrator, "_backlog", lambda: 12)
+    orchestrator._resent.clear()
+    now[0] = start + 30
+    assert orchestrator.sweep() == []
+    now[0] = start + driver.SWEEP_BACKOFF_MAX_S
+    assert orchestrator.sweep() == [run.run_id]
+    monkeypatch.undo()
+    service.cancel(run.run_id)
+
+
 def test_a_driver_that_died_between_a_nodes_writes_and_its_checkpoint_is_continued(service):
     """A process killed after LangGraph saved a node's writes but before it saved the next checkpoint leaves a
     thread whose latest step has every task done and no `next`: that is not the end of the graph. The restarted
