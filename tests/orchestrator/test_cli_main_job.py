@@ -40,13 +40,16 @@ def test_ctrl_c_then_the_same_command_continues(tmp_path):
     home, out = tmp_path / "home", tmp_path / "board"
     command = [MGMFLOW, "run", "story", "--premise", "A kite escapes into a thunderstorm.", "--pages", "2",
                "--seed", "11", "--rounds", "1", "--steps", "2", "--out", str(out)]
-    first = subprocess.Popen(command, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a shell that starts a job in the background without job control (CI scripts,
+    # `cmd &`) makes it ignore SIGINT, and Python then keeps ignoring it; the test must not inherit that.
+    first = subprocess.Popen(command, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # interrupt once the run has finished model steps of its own (the scene list at least)
         done = wait_for(lambda: [t for t, (status, _) in _executions(home).items() if status == "done"], 240,
                         "a finished step")
         first.send_signal(signal.SIGINT)
-        assert first.wait(60) == 130
+        assert first.wait(60) == 130, first.stderr.read()[-3000:]
     finally:
         if first.poll() is None:
             first.kill()
