@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import threading
 from typing import Any
@@ -25,12 +26,15 @@ class Dispatcher:
 
     def __init__(self, app: Any, task_name: str, queue_name: str) -> None:
         self.app, self.task_name, self.queue_name = app, task_name, queue_name
+        self._start()
+        os.register_at_fork(after_in_child=self._start)  # a forked child has no copy of the thread
+        atexit.register(self.flush)  # a short-lived process (the CLI) sends what it queued before it exits
+
+    def _start(self) -> None:
         self._pending: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._idle = threading.Condition()
         self._unsent = 0
-        self._thread = threading.Thread(target=self._publish_forever, name="mgmflow-dispatch", daemon=True)
-        self._thread.start()
-        atexit.register(self.flush)  # a short-lived process (the CLI) sends what it queued before it exits
+        threading.Thread(target=self._publish_forever, name="mgmflow-dispatch", daemon=True).start()
 
     def send(self, kwargs: dict[str, Any]) -> None:
         """Queue one message; it is published within a round trip."""

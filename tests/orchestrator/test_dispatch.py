@@ -45,3 +45,19 @@ def test_messages_queued_during_a_round_trip_go_out_together_and_all_arrive(serv
     queued = redis_client.Redis(port=redis.port).lrange("dispatch-test", 0, -1)[::-1]  # LPUSH: oldest last
     bodies = [json.loads(base64.b64decode(json.loads(message)["body"])) for message in queued]
     assert [kwargs["run_id"] for _args, kwargs, _embed in bodies] == [f"run-{number}" for number in range(100)]
+
+
+def test_a_forked_child_dispatches_with_a_thread_of_its_own(services):
+    import os
+
+    import redis as redis_client
+
+    redis = services.redis()
+    dispatcher = Dispatcher(create_app(services.settings(redis)), "orchestrator.advance", "fork-test")
+    child = os.fork()
+    if child == 0:  # the child: its copy of the dispatcher must still publish
+        dispatcher.send({"run_id": "from-the-child", "force": False})
+        os._exit(0 if dispatcher.flush(10) else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert redis_client.Redis(port=redis.port).llen("fork-test") == 1
