@@ -18,6 +18,7 @@ from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddl
 from orchestrator.api.routes import (
     artifacts, assistants, batches, health, openai, playground, runs, threads,
 )
+from orchestrator.api.server import stop_with_supervisor
 from orchestrator.api.settings import ApiSettings
 from orchestrator.api.webhooks import WebhookSender
 
@@ -52,6 +53,7 @@ def build_context(settings: ApiSettings) -> ApiContext:
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     """The mgmflow HTTP API for ``settings`` (default: from ``MGMFLOW_*`` environment variables)."""
     settings = settings or ApiSettings()
+    stop_with_supervisor()
     context = build_context(settings)
 
     @asynccontextmanager

@@ -1,7 +1,13 @@
-"""What ``mgmflow serve`` checks before it starts: where to bind, and that the broker and database answer."""
+"""What ``mgmflow serve`` checks before it starts (where to bind, that the broker and database answer), and how its
+API processes end with it."""
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
 from urllib.parse import urlsplit
 
 from models.errors import MGMFlowError
@@ -41,3 +47,16 @@ def check_reachable(settings: ApiSettings) -> None:
         except psycopg.Error as error:
             raise ServiceUnreachable(
                 f"cannot reach the database at {_where(settings.database_url)}: {str(error).strip()}") from None
+
+
+def stop_with_supervisor() -> None:
+    """In an API process of ``serve --workers N``: stop (SIGTERM, a graceful shutdown) when the supervising process
+    dies, even by SIGKILL. Uvicorn's worker processes otherwise outlive it and keep serving the port on their own.
+    Linux only; a no-op in a process nobody supervises."""
+    supervisor = multiprocessing.parent_process()
+    if supervisor is None or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != supervisor.pid:  # it died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -199,3 +199,17 @@ def test_api_processes_count_each_finished_run_once(deployment):
             counts.append(_sample(fresh.get("/metrics").text, "mgmflow_run_seconds_count",
                                   status="success", workflow="echo"))
     assert counts[-1] == len(runs), counts
+
+
+def test_api_processes_stop_when_their_supervisor_is_killed(deployment):
+    import psutil
+
+    _stop_api(deployment)
+    supervisor = deployment["start_api"]("--workers", "2")
+    children = wait_for(lambda: [child for child in psutil.Process(supervisor.pid).children()
+                                 if "multiprocessing" in " ".join(child.cmdline())][:2] or None, timeout=30)
+    supervisor.send_signal(signal.SIGKILL)  # only the supervisor: its API processes learn it from the kernel
+    supervisor.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [child.pid for child in alive]
+    assert not _healthy(deployment["url"])
