@@ -64,15 +64,16 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 async def submit_all(url: str, runs: int, rate: float, clients: int, prefix: str,
-                     warmup: int = 0) -> tuple[list[float], dict[int, str], float]:
+                     warmup: int = 0) -> tuple[list[tuple[float, float]], dict[int, str], float]:
     """POST /runs for every index: open-loop at ``rate`` per second, or ``clients`` closed loops when ``rate`` is 0.
 
     The first ``warmup`` submissions (keys ``warmup-<i>``) go out the same way on the same connections but are not
     measured: a process's first requests open connections and fill caches.
-    Returns latencies (from each request's scheduled time), run ids by index (warm-up ones as negative indexes),
-    and the seconds from the first measured submission until the last answer.
+    Returns ``(sent, latency)`` per measured submission in the order they were sent (seconds since the first one;
+    latency from its scheduled time), run ids by index (warm-up ones as negative indexes), and the seconds from the
+    first measured submission until the last answer.
     """
-    latencies: list[float] = []
+    measured: dict[int, tuple[float, float]] = {}
     run_ids: dict[int, str] = {}
     connector = aiohttp.TCPConnector(limit=clients)
 
@@ -83,7 +84,7 @@ async def submit_all(url: str, runs: int, rate: float, clients: int, prefix: str
             async with http.post("/runs", json=body, headers={"Idempotency-Key": key}) as response:
                 payload = await response.json()
                 if index >= 0:
-                    latencies.append(time.perf_counter() - scheduled)
+                    measured[index] = (scheduled, time.perf_counter() - scheduled)
                 if response.status >= 300:
                     raise SystemExit(f"submission {key} answered {response.status}: {payload}")
                 run_ids[index] = payload["run_id"]
@@ -112,7 +113,9 @@ async def submit_all(url: str, runs: int, rate: float, clients: int, prefix: str
 
             measured_from = started
             await asyncio.gather(*(closed_loop() for _ in range(clients)))
-        return latencies, run_ids, time.perf_counter() - measured_from
+        seconds = time.perf_counter() - measured_from
+        first = min((sent for sent, _ in measured.values()), default=0.0)
+        return [(measured[index][0] - first, measured[index][1]) for index in sorted(measured)], run_ids, seconds
 
 
 async def read_all(url: str, run_ids: list[str], clients: int) -> tuple[list[float], float]:
@@ -208,9 +211,10 @@ def main() -> None:
 
         # 1. Submit (after the warm-up, on the same connections), with the CPU seconds each process spends.
         cpu_before = cpu_seconds(processes)
-        latencies, run_ids, seconds = asyncio.run(submit_all(url, args.runs, args.rate, args.clients, "bench",
+        submissions, run_ids, seconds = asyncio.run(submit_all(url, args.runs, args.rate, args.clients, "bench",
                                                              warmup=args.warmup))
         cpu_used = {name: cpu_seconds(processes)[name] - before for name, before in cpu_before.items()}
+        latencies = [latency for _, latency in submissions]
         warmup_ids = {index: run_ids.pop(index) for index in [index for index in run_ids if index < 0]}
         # 2. The same keys again: the same runs, nothing new.
         _, again, _ = asyncio.run(submit_all(url, args.runs, 0, 16, "bench"))
@@ -255,6 +259,11 @@ def main() -> None:
         print(f"submission latency:      p50 {statistics.median(latencies) * 1000:.1f} ms, "
               f"p95 {percentile(latencies, 0.95) * 1000:.1f} ms, p99 {percentile(latencies, 0.99) * 1000:.1f} ms "
               "(goal p95 < 50 ms)")
+        by_second: dict[int, list[float]] = {}
+        for sent, latency in submissions:
+            by_second.setdefault(int(sent), []).append(latency)
+        print("p95 by second sent:      " + ", ".join(  # where a miss comes from: the start, a spike, or throughout
+            f"{second}s {percentile(values, 0.95) * 1000:.0f}" for second, values in sorted(by_second.items())) + " ms")
         print("CPU per submission:      " + ", ".join(
             f"{name} {used / (args.runs + args.warmup) * 1000:.2f} ms" for name, used in cpu_used.items())
               + " (during the submissions, warm-up included)")
