@@ -11,11 +11,12 @@ of N clients would wait for the server and hide the queueing: "coordinated omiss
 loop instead (``--clients`` connections as fast as they go: the maximal throughput). The load generator is aiohttp
 (about 0.4 ms of CPU per request; httpx costs ~3 ms, which on 2 cores is load taken from the server).
 
-The orchestration workers run at a lower CPU priority (``--worker-nice``, 10 by default; 0 to compare): admitting
-runs is interactive, executing them is background work that catches up, as in a deployment that gives the API its
-CPU share. They run during the submissions either way.
+The orchestration workers run during the submissions at the API's CPU priority. ``--worker-nice 10`` lowers theirs
+to compare: with SQLite shared by both it is worse, not better, since a worker preempted while it holds SQLite's
+write lock stalls every API process behind it (priority inversion: stalls of up to a second in about one run of
+three).
 
-    python bench/bench_api_load.py [--runs 1000] [--rate 300] [--workers 2] [--worker-nice 10] [--workers-after]
+    python bench/bench_api_load.py [--runs 1000] [--rate 300] [--workers 2] [--worker-nice 0] [--workers-after]
 
 ``--workers-after`` starts the workers once every run is submitted: the submission path alone, for comparison.
 """
@@ -173,7 +174,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200,
                         help="submissions before the measured ones, at the same rate on the same connections (not timed)")
     parser.add_argument("--worker-concurrency", type=int, default=1, help="pool processes per worker")
-    parser.add_argument("--worker-nice", type=int, default=10, help="the workers' CPU niceness (0: same as the API)")
+    parser.add_argument("--worker-nice", type=int, default=0, help="the workers' CPU niceness (0: same as the API)")
     parser.add_argument("--workers-after", action="store_true",
                         help="start the workers only after the submissions (measure the submission path alone)")
     args = parser.parse_args()
