@@ -1,7 +1,9 @@
-"""Mini-Gemini conversation templates and the chunk-wise tokenization around ``<image>``.
+"""Mini-Gemini conversation templates.
 
 The strings reproduce what the released checkpoints were trained on (see mgm-official §6), quirks included:
 ChatML without newlines after ``<|im_end|>`` and the LLaMA-3 assistant header that literally says "system".
+A prompt is laid out as spans that keep template text apart from message text, so that only the template can
+produce control tokens and image placeholders (tokenization: ``models.mgm.tokenizer``).
 The template is chosen from the checkpoint's config (backbone and vocabulary), never from a folder name.
 """
 
@@ -20,6 +22,19 @@ Role = Literal["system", "user", "assistant"]
 
 
 @dataclass(frozen=True)
+class Span:
+    """A piece of a rendered prompt: template text, or the text of a message (``content``).
+
+    Only template text may produce control tokens (``</s>``, ``<|eot_id|>``, ``<start_of_turn>``...) or image
+    placeholders; a message's text is tokenized as plain text whatever it contains, so a tenant cannot forge
+    turns and a stored answer that mentions ``<image>`` does not become one.
+    """
+
+    text: str
+    content: bool = False
+
+
+@dataclass(frozen=True)
 class Turn:
     """One message as the template sees it: images become ``<image>`` placeholders at the start of the text."""
 
@@ -28,30 +43,39 @@ class Turn:
     num_images: int = 0
 
 
-def user_text_with_images(text: str, num_images: int) -> str:
-    """The user-turn layout of §6.4: one ``<image>\\n`` per image; with two or more, each is named ``Image k:``."""
-    if num_images == 1:
-        return f"{IMAGE_TOKEN}\n{text}"
-    return "".join(f"Image {k}:{IMAGE_TOKEN}\n" for k in range(1, num_images + 1)) + text
+def _user_spans(turn: Turn, first_number: int, numbered: bool) -> list[Span]:
+    """The user-turn layout of §6.4: one ``<image>\\n`` per image, then the text. When the conversation holds two
+    or more images, each is named ``Image k:`` with ``k`` counted over the whole conversation (the official CLI)."""
+    spans = []
+    for number in range(first_number, first_number + turn.num_images):
+        spans.append(Span(f"Image {number}:{IMAGE_TOKEN}\n" if numbered else f"{IMAGE_TOKEN}\n"))
+    return [*spans, Span(turn.text, content=True)]
 
 
 @dataclass(frozen=True)
 class ConversationTemplate:
     """How one checkpoint family lays out a conversation, and which strings end the assistant's turn.
 
-    ``render`` returns the full prompt ending with the assistant's header, ready for generation. A leading
-    ``system`` message replaces the template's default system prompt.
+    ``spans`` lays out the full prompt ending with the assistant's header, ready for generation; ``render`` is
+    the same prompt as one string. A leading ``system`` message replaces the template's default system prompt.
     """
 
     name: str
     default_system: str
     stop_strings: tuple[str, ...] = field(default=())
 
-    def render(self, turns: Sequence[Turn]) -> str:
+    def spans(self, turns: Sequence[Turn]) -> list[Span]:
         system, dialogue = _split_system(turns, self.default_system)
         pairs = _pair_turns(dialogue)
-        pairs = [(user_text_with_images(u.text, u.num_images) if u.num_images else u.text, a) for u, a in pairs]
-        return _RENDERERS[self.name](system, pairs)
+        numbered = sum(user.num_images for user, _ in pairs) >= 2
+        laid_out, number = [], 1
+        for user, answer in pairs:
+            laid_out.append((_user_spans(user, number, numbered), None if answer is None else Span(answer, True)))
+            number += user.num_images
+        return [span for span in _RENDERERS[self.name](Span(system, True), laid_out) if span.text]
+
+    def render(self, turns: Sequence[Turn]) -> str:
+        return "".join(span.text for span in self.spans(turns))
 
 
 def _split_system(turns: Sequence[Turn], default: str) -> tuple[str, list[Turn]]:
@@ -84,51 +108,52 @@ def _pair_turns(turns: list[Turn]) -> list[tuple[Turn, str | None]]:
     return pairs
 
 
-# Each renderer: (system text, [(user text with placeholders, answer or None)]) -> prompt string.
+# Each renderer: (system, [(user spans, answer or None)]) -> spans. Template strings are plain ``Span``s.
+Pairs = list[tuple[list[Span], Span | None]]
 
 
-def _render_vicuna(system: str, pairs: list[tuple[str, str | None]]) -> str:
+def _render_vicuna(system: Span, pairs: Pairs) -> list[Span]:
     # sep " " after the system and user turns, sep2 "</s>" after answers; the open turn ends "ASSISTANT:".
-    prompt = system + " "
+    spans = [system, Span(" ")]
     for user, answer in pairs:
-        prompt += f"USER: {user} ASSISTANT:"
+        spans += [Span("USER: "), *user, Span(" ASSISTANT:")]
         if answer is not None:
-            prompt += f" {answer}</s>"
-    return prompt
+            spans += [Span(" "), answer, Span("</s>")]
+    return spans
 
 
-def _render_mistral(system: str, pairs: list[tuple[str, str | None]]) -> str:
+def _render_mistral(system: Span, pairs: Pairs) -> list[Span]:
     # LLaMA-2 style; the released prompt has an empty system, which then adds nothing.
-    prompt = ""
+    spans = []
     for index, (user, answer) in enumerate(pairs):
-        if index == 0 and system:
-            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
-        prompt += ("<s>" if index else "") + f"[INST] {user} [/INST]"
+        if index == 0 and system.text:
+            user = [Span("<<SYS>>\n"), system, Span("\n<</SYS>>\n\n"), *user]
+        spans += [Span("<s>" if index else ""), Span("[INST] "), *user, Span(" [/INST]")]
         if answer is not None:
-            prompt += f" {answer} </s>"
-    return prompt
+            spans += [Span(" "), answer, Span(" </s>")]
+    return spans
 
 
-def _render_chatml(system: str, pairs: list[tuple[str, str | None]]) -> str:
+def _render_chatml(system: Span, pairs: Pairs) -> list[Span]:
     # MPT style: no newline after <|im_end|>, unlike standard ChatML.
-    prompt = f"<|im_start|>system\n{system}<|im_end|>"
+    spans = [Span("<|im_start|>system\n"), system, Span("<|im_end|>")]
     for user, answer in pairs:
-        prompt += f"<|im_start|>user\n{user}<|im_end|><|im_start|>assistant\n"
+        spans += [Span("<|im_start|>user\n"), *user, Span("<|im_end|><|im_start|>assistant\n")]
         if answer is not None:
-            prompt += f"{answer}<|im_end|>"
-    return prompt
+            spans += [answer, Span("<|im_end|>")]
+    return spans
 
 
-def _render_gemma(system: str, pairs: list[tuple[str, str | None]]) -> str:
+def _render_gemma(system: Span, pairs: Pairs) -> list[Span]:
     # Gemma has no system role: a system text, if any, opens the first user turn.
-    prompt = ""
+    spans = []
     for index, (user, answer) in enumerate(pairs):
-        if index == 0 and system:
-            user = f"{system}\n\n{user}"
-        prompt += f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
+        if index == 0 and system.text:
+            user = [system, Span("\n\n"), *user]
+        spans += [Span("<start_of_turn>user\n"), *user, Span("<end_of_turn>\n<start_of_turn>model\n")]
         if answer is not None:
-            prompt += f"{answer}<end_of_turn>\n<eos>"
-    return prompt
+            spans += [answer, Span("<end_of_turn>\n<eos>")]
+    return spans
 
 
 _LLAMA3_USER = "<|start_header_id|>user<|end_header_id|>\n\n"
@@ -136,13 +161,13 @@ _LLAMA3_USER = "<|start_header_id|>user<|end_header_id|>\n\n"
 _LLAMA3_ASSISTANT = "<|start_header_id|>system<|end_header_id|>\n\n"
 
 
-def _render_llama3(system: str, pairs: list[tuple[str, str | None]]) -> str:
-    prompt = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+def _render_llama3(system: Span, pairs: Pairs) -> list[Span]:
+    spans = [Span("<|start_header_id|>system<|end_header_id|>\n\n"), system, Span("<|eot_id|>")]
     for user, answer in pairs:
-        prompt += f"{_LLAMA3_USER}{user}<|eot_id|>{_LLAMA3_ASSISTANT}"
+        spans += [Span(_LLAMA3_USER), *user, Span(f"<|eot_id|>{_LLAMA3_ASSISTANT}")]
         if answer is not None:
-            prompt += f"{answer}<|eot_id|>"
-    return prompt
+            spans += [answer, Span("<|eot_id|>")]
+    return spans
 
 
 _RENDERERS = {
@@ -209,18 +234,3 @@ def _configured_template(config) -> str | None:
     extra = getattr(config, "extra", None) or {}
     return extra.get(TEMPLATE_CONFIG_KEY) or getattr(config.text_config, TEMPLATE_CONFIG_KEY, None)
 
-
-def tokenize_with_images(prompt: str, tokenizer) -> list[int]:
-    """Token ids of ``prompt`` with ``IMAGE_TOKEN_INDEX`` (-200) for each ``<image>`` (mgm-official §6.2).
-
-    Each chunk between placeholders is tokenized on its own, as in training; when the tokenizer adds a BOS,
-    only the first chunk keeps it. Tokenizing the whole string would differ after an image.
-    """
-    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(IMAGE_TOKEN)]
-    bos = tokenizer.bos_token_id
-    offset = 1 if bos is not None and chunks[0][:1] == [bos] else 0
-    ids = list(chunks[0])
-    for chunk in chunks[1:]:
-        ids.append(IMAGE_TOKEN_INDEX)
-        ids.extend(chunk[offset:])
-    return ids

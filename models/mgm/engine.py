@@ -30,7 +30,6 @@ from models.mgm.conversation import (
     ConversationTemplate,
     Turn,
     template_for_config,
-    tokenize_with_images,
 )
 from models.mgm.gen_protocol import GEN_SUFFIX, gen_grammar, split_image_prompt
 from models.mgm.generation import OnToken, Prompt, SamplingParams, generate
@@ -240,13 +239,7 @@ class MGMEngine:
                 text += GEN_SUFFIX  # in the user turn, as the official CLI does
             turns.append(Turn(message.role, text, len(message.images)))
             images += [load_image(source) for source in message.images]
-        ids = tokenize_with_images(self.template.render(turns), self.tokenizer)
-        placeholders = ids.count(IMAGE_TOKEN_INDEX)
-        if placeholders != len(images):
-            raise InvalidInputError(
-                f"the prompt has {placeholders} image placeholder(s) for {len(images)} image(s); "
-                "attach images to messages instead of writing <image> in the text"
-            )
+        ids = self.processor.tokenize(self.template.spans(turns))
         length = len(ids) + len(images) * (self.model.num_visual_tokens - 1)
         if length >= self.context_length:
             raise InvalidInputError(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
 from models.errors import InvalidInputError, ModelNotFoundError
 from models.mgm.configuration import MGMConfig
@@ -33,6 +33,7 @@ from models.mgm.modeling import CHECKPOINT_PREFIXES, MGMForCausalLM, from_checkp
 from models.mgm.presets import resolve
 from models.paths import hub_cache
 from models.mgm.processing import MGMProcessor
+from models.mgm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -284,19 +285,28 @@ def _load_language_model(folder: Path, config: MGMConfig, *, dtype, device, devi
     return language_model, info
 
 
-# -- tokenizer -------------------------------------------------------------------------------------------------
+# -- what a folder must be -------------------------------------------------------------------------------------
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+STAGE1_FILE = "mm_projector.bin"
 
 
-def _load_tokenizer(folder: Path):
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return None  # e.g. the parity fixtures: the model still runs on ids
-    try:
-        with quiet_transformers():
-            return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, ImportError) as error:  # e.g. a SentencePiece-only tokenizer without its library
-        raise ModelNotFoundError(f"the tokenizer in {folder} could not be loaded: {error}") from error
+def check_supported_folder(folder: Path, raw_config: dict) -> None:
+    """Refuse, by name, the folders the official inference code loads differently (before anything is read)."""
+    has_weights = any((folder / name).is_file() for layout in CheckpointFiles.LAYOUTS for name in layout)
+    if (folder / STAGE1_FILE).is_file() and not has_weights:
+        raise ModelNotFoundError(
+            f"{folder} is a stage-1 (pretraining) folder: {STAGE1_FILE} holds only the projectors, trained with "
+            "the `plain` captioning template on a frozen LLM; mgmflow serves the stage-2 checkpoints (MGM-2B ... "
+            "MGM-34B-HD), which hold every weight"
+        )
+    # The official loader adds <im_start>/<im_end>/<im_patch> tokens around each image for these; no released
+    # checkpoint sets them, and the image layout here is the released one.
+    for key in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+        if raw_config.get(key):
+            raise ModelNotFoundError(
+                f"{folder / 'config.json'} sets {key}: true; mgmflow supports the released layout (false), where "
+                "an image is one <image> placeholder"
+            )
 
 
 # -- public entry point ----------------------------------------------------------------------------------------
@@ -323,7 +333,9 @@ def load_pretrained(
     if not config_file.is_file():
         raise ModelNotFoundError(f"{folder} has no config.json: not a checkpoint folder")
     raw_config = json.loads(config_file.read_text())
+    check_supported_folder(folder, raw_config)
     config = MGMConfig.from_dict(raw_config)
+    tokenizer = load_tokenizer(folder, config.backbone)  # a missing library fails here, not after the weights
     device, dtype = resolve_device_dtype(device, dtype)
     checkpoint = CheckpointFiles(folder)
 
@@ -359,7 +371,9 @@ def load_pretrained(
         if name != "language_model":  # the LLM is placed (and maybe quantized) by transformers
             module.to(vision_device, dtype)
     model.eval().requires_grad_(False)  # an inference model; fine-tuning code can switch parts back on
-    processor = MGMProcessor.from_config(config, tokenizer=_load_tokenizer(folder))
+    processor = MGMProcessor.from_config(
+        config, tokenizer=tokenizer.tokenizer if tokenizer else None, prompt_tokenizer=tokenizer
+    )
     return model, processor
 
 

@@ -24,7 +24,8 @@ from PIL import Image
 
 from models.errors import InvalidInputError
 from models.images import MAX_IMAGE_PIXELS, ImageSource, load_image
-from models.mgm.conversation import tokenize_with_images
+from models.mgm.conversation import Span
+from models.mgm.tokenizer import PromptTokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -40,15 +41,21 @@ class MGMProcessor:
     image_global: bool = False
     tokenizer: Any = None  # a transformers tokenizer, or None for folders that ship none
     max_pixels: int = MAX_IMAGE_PIXELS
+    prompt_tokenizer: PromptTokenizer | None = None  # the official ids of a prompt; built from a fast tokenizer
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokenizer is None and self.tokenizer is not None:
+            self.prompt_tokenizer = PromptTokenizer.from_fast(self.tokenizer)
 
     @classmethod
-    def from_config(cls, config, tokenizer=None) -> "MGMProcessor":
+    def from_config(cls, config, tokenizer=None, prompt_tokenizer: PromptTokenizer | None = None) -> "MGMProcessor":
         return cls(
             image_size=config.vision_config.image_size,
             image_size_aux=config.image_size_aux,
             image_grid=config.image_grid,
             image_global=config.image_global,
             tokenizer=tokenizer,
+            prompt_tokenizer=prompt_tokenizer,
         )
 
     @property
@@ -72,11 +79,14 @@ class MGMProcessor:
             views.append(global_view[:, None])
         return torch.cat(views, dim=1), images_aux
 
-    def tokenize(self, prompt: str) -> list[int]:
-        """Ids of a rendered prompt with -200 at each ``<image>``, tokenized chunk-wise as in training."""
-        if self.tokenizer is None:
+    def tokenize(self, prompt: str | Sequence[Span]) -> list[int]:
+        """Ids of a rendered prompt with -200 at each ``<image>``, tokenized chunk-wise as in training.
+
+        ``prompt``: a template's spans (control tokens only from the template), or a whole prompt string.
+        """
+        if self.prompt_tokenizer is None:
             raise InvalidInputError("this checkpoint ships no tokenizer: pass input_ids to the model instead")
-        return tokenize_with_images(prompt, self.tokenizer)
+        return self.prompt_tokenizer.encode(prompt)
 
     def __call__(self, text: str | None = None, images: Sequence[ImageSource] = ()) -> dict[str, torch.Tensor]:
         """The model's keyword arguments for one prompt and its images: ``model(**processor(text, images))``."""

@@ -11,8 +11,8 @@ from models.mgm.conversation import (
     Turn,
     get_template,
     template_for_config,
-    tokenize_with_images,
 )
+from models.mgm.tokenizer import PromptTokenizer
 
 Q = "What is in the picture?"
 VICUNA_SYSTEM = (
@@ -126,7 +126,7 @@ def test_template_override_by_config_key_and_by_argument():
 
 def test_chunks_are_tokenized_separately_keeping_only_the_first_bos(tiny_tokenizer):
     prompt = get_template("vicuna_v1").render([Turn("user", Q, 2)])
-    ids = tokenize_with_images(prompt, tiny_tokenizer)
+    ids = PromptTokenizer.from_fast(tiny_tokenizer).encode(prompt)
     chunks = prompt.split("<image>")
     encoded = [tiny_tokenizer(chunk).input_ids for chunk in chunks]
     bos = tiny_tokenizer.bos_token_id

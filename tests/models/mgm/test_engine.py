@@ -86,7 +86,7 @@ def test_prompt_longer_than_the_context_is_refused(engine):
 
 @pytest.mark.parametrize(
     "request_",
-    [_ask("word " * 5000), _ask("look <image> here"), _ask("x", json_schema={"type": "objekt"}),
+    [_ask("word " * 5000), _ask("x", json_schema={"type": "objekt"}),
      _ask("x", regex="(unclosed"), _ask("x", generate_image=True, max_new_tokens=8)],
 )
 def test_validate_finds_bad_requests_without_running_the_model(engine, request_, monkeypatch):
@@ -101,11 +101,6 @@ def test_validate_finds_bad_requests_without_running_the_model(engine, request_,
 
 def test_validate_accepts_a_good_request(engine):
     engine.validate(_ask("What is it?", _image(0), json_schema={"type": "object"}))
-
-
-def test_image_placeholder_in_text_is_refused(engine):
-    with pytest.raises(InvalidInputError, match="placeholder"):
-        engine.chat([_ask("look <image> here")])
 
 
 def test_bad_image_is_a_typed_error(engine):
