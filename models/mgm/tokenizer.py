@@ -119,16 +119,13 @@ class PromptTokenizer:
     ``text`` encodes the plain text between control tokens.
     """
 
-    def __init__(self, tokenizer, text: PlainText):
+    def __init__(self, tokenizer, text: PlainText, wrapping: tuple[list[int], list[int]]):
         self.tokenizer = tokenizer
         self._text = text
+        self._prefix, self._suffix = wrapping  # what the tokenizer puts around a text: BOS, maybe EOS
         self._controls: dict[str, int] = dict(tokenizer.get_added_vocab())
         # Longest first: the leftmost, longest control string wins, as in transformers' and tokenizers' matching.
         self._control_pattern = _alternation(self._controls)
-        plain = tokenizer("a", add_special_tokens=False).input_ids
-        full = tokenizer("a").input_ids
-        start = next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)
-        self._prefix, self._suffix = full[:start], full[start + len(plain) :]
         # Control strings that plain encoding would still turn into a control id (a SentencePiece user-defined
         # piece like Gemma's <start_of_turn>, a non-special added token): message text is cut inside them.
         control_ids = set(self._controls.values())
@@ -139,7 +136,8 @@ class PromptTokenizer:
     @classmethod
     def from_fast(cls, tokenizer: PreTrainedTokenizerFast) -> PromptTokenizer:
         """For a transformers fast tokenizer built in memory (the tiny presets, tests)."""
-        return cls(tokenizer, TokenizersText(tokenizer.backend_tokenizer))
+        wrapping = _wrapping(tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids)
+        return cls(tokenizer, TokenizersText(tokenizer.backend_tokenizer), wrapping)
 
     def encode(self, prompt: str | Sequence[Span]) -> list[int]:
         """Ids of ``prompt`` with ``IMAGE_TOKEN_INDEX`` (-200) for each placeholder (mgm-official §6.2).
@@ -251,9 +249,15 @@ def load_tokenizer(folder: Path, backbone: str) -> PromptTokenizer | None:
     except (OSError, ValueError, ImportError) as error:
         raise ModelNotFoundError(f"the tokenizer in {folder} could not be loaded: {error}") from error
     if not sentencepiece:
-        return PromptTokenizer(tokenizer, TokenizersText(Tokenizer.from_file(str(json_file))))
+        backend = Tokenizer.from_file(str(json_file))  # its own post-processor adds BOS/EOS, as in 4.36
+        wrapping = _wrapping(backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids)
+        return PromptTokenizer(tokenizer, TokenizersText(backend), wrapping)
     settings = _tokenizer_config(folder)
     legacy = settings.get("legacy")
+    # 4.36's slow tokenizers add BOS and not EOS unless the config says otherwise (transformers 5 differs).
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    wrapping = ([bos] if settings.get("add_bos_token", True) and bos is not None else [],
+                [eos] if settings.get("add_eos_token", False) and eos is not None else [])  # fmt: skip
     text = SentencePieceText(
         model_file,
         legacy=True if legacy is None else bool(legacy),  # 4.36: an unset legacy means legacy
@@ -261,7 +265,13 @@ def load_tokenizer(folder: Path, backbone: str) -> PromptTokenizer | None:
         added=dict(tokenizer.get_added_vocab()),
         specials=set(tokenizer.all_special_tokens),
     )
-    return PromptTokenizer(tokenizer, text)
+    return PromptTokenizer(tokenizer, text, wrapping)
+
+
+def _wrapping(plain: list[int], full: list[int]) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) a text, from its ids encoded without and with the special tokens added."""
+    start = next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)
+    return full[:start], full[start + len(plain) :]
 
 
 def _is_tiktoken(model_file: Path) -> bool:
