@@ -98,8 +98,9 @@ def models() -> None:
 @click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Answer with JSON valid for the JSON schema in this file.")
 @click.option("--gen", is_flag=True, help="Also write a prompt for an image (Mini-Gemini's <GEN> protocol).")
+@click.option("--conv-mode", default=None, help="Conversation template, e.g. llama_3 (default: from the checkpoint).")
 def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: int, temperature: float,
-         seed: int | None, json_schema: Path | None, gen: bool) -> None:
+         seed: int | None, json_schema: Path | None, gen: bool, conv_mode: str | None) -> None:
     """Ask Mini-Gemini a QUESTION about images; the answer streams as it is written."""
     import json
 
@@ -111,8 +112,8 @@ def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: in
             schema = json.loads(json_schema.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise InvalidInputError(f"--json-schema: cannot read {json_schema} as JSON: {error}") from None
-    _stream_chat(model, question, list(images), max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                 json_schema=schema, generate_image=gen)
+    _stream_chat(model, question, list(images), conv_mode, max_new_tokens=max_new_tokens, temperature=temperature,
+                 seed=seed, json_schema=schema, generate_image=gen)
 
 
 @main.command()
@@ -128,7 +129,7 @@ def demo(out: Path, pages: int, broker: str | None) -> None:
                   broker=broker)
 
 
-def _stream_chat(model: str, question: str, images: list, **options) -> None:
+def _stream_chat(model: str, question: str, images: list, conv_mode: str | None = None, **options) -> None:
     """One chat turn printed as it streams; with generate_image the image prompt follows on its own line."""
     from transformers.utils import logging as transformers_logging
 
@@ -138,7 +139,7 @@ def _stream_chat(model: str, question: str, images: list, **options) -> None:
     transformers_logging.set_verbosity_error()
     # Bad images and options fail before the model loads.
     request = ChatRequest([Message("user", question, [load_image(i) for i in images])], **options)
-    engine = MGMEngine.from_pretrained(model)
+    engine = MGMEngine.from_pretrained(model, template=conv_mode)
     [result] = engine.chat([request], on_token=lambda _, piece: click.echo(piece, nl=False))
     click.echo()
     if request.generate_image:
@@ -279,13 +280,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
 @click.option("--include", "-I", multiple=True, help="Extra task module to import (repeatable).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--conv-mode", default=None, help="Mini-Gemini's conversation template, e.g. llama_3 "
+              "(default: MGMFLOW_VLM_CONV_MODE, else from the checkpoint).")
 def worker(queues: str, models: tuple[str, ...], broker: str | None, concurrency: int | None, gpus: str | None,
-           name: str | None, include: tuple[str, ...], loglevel: str) -> None:
+           name: str | None, include: tuple[str, ...], loglevel: str, conv_mode: str | None) -> None:
     """Run a worker: loads its models first (exits non-zero if one fails), then serves its queues."""
     import logging
 
-    from workers.settings import Settings
+    from workers.settings import Settings, get_settings
     from workers.worker import parse_models, run_per_gpu, run_worker, use_gpu
+
+    if conv_mode:  # the setting the model cache reads; per-GPU worker processes inherit it
+        os.environ["MGMFLOW_VLM_CONV_MODE"] = conv_mode
+        get_settings.cache_clear()
 
     gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
     if len(gpu_list) > 1:

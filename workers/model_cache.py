@@ -30,8 +30,9 @@ def load_engine(engine: str, name: str, loras: Loras = ()) -> Any:
     """Load one engine; the model packages are imported only by workers that use them."""
     if engine == "mgm":
         from models.mgm.engine import MGMEngine
+        from workers.settings import get_settings
 
-        return MGMEngine.from_pretrained(name)
+        return MGMEngine.from_pretrained(name, template=get_settings().vlm_conv_mode)
     from models.diffusion import DiffusionEngine, LoraSpec
 
     return DiffusionEngine.from_pretrained(name, loras=[LoraSpec(path, weight) for path, weight in loras])

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     diffusion_model: str = "tiny"
     edit_model: str = "tiny"  # img2img and inpaint
     instruct_model: str = "tiny-ip2p"  # instruction edits need an InstructPix2Pix UNet
+    vlm_conv_mode: str | None = None  # Mini-Gemini's template (vicuna_v1, llama_3...); unset → from the checkpoint
 
     # Dynamic batching: requests arriving within the window (up to the batch size) run as one model call.
     vlm_batch_size: int = Field(default=4, ge=1, le=64)

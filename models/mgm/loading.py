@@ -336,6 +336,11 @@ def load_pretrained(
     check_supported_folder(folder, raw_config)
     config = MGMConfig.from_dict(raw_config)
     tokenizer = load_tokenizer(folder, config.backbone)  # a missing library fails here, not after the weights
+    if tokenizer is not None and len(tokenizer.tokenizer) > config.text_config.vocab_size:
+        raise ModelNotFoundError(
+            f"the tokenizer in {folder} has {len(tokenizer.tokenizer)} tokens, more than the model's vocabulary "
+            f"({config.text_config.vocab_size}): the tokenizer files are not this checkpoint's"
+        )
     device, dtype = resolve_device_dtype(device, dtype)
     checkpoint = CheckpointFiles(folder)
 

@@ -133,3 +133,12 @@ def test_chunks_are_tokenized_separately_keeping_only_the_first_bos(tiny_tokeniz
     assert all(chunk[0] == bos for chunk in encoded)
     assert ids == encoded[0] + [IMAGE_TOKEN_INDEX] + encoded[1][1:] + [IMAGE_TOKEN_INDEX] + encoded[2][1:]
     assert ids.count(bos) == 1
+
+
+def test_images_are_numbered_over_the_whole_conversation():
+    # The official CLI names every image "Image k:" once the prompt holds two or more, counting across turns.
+    turns = [Turn("user", "a", 1), Turn("assistant", "b"), Turn("user", "c", 1)]
+    assert get_template("vicuna_v1").render(turns).endswith(
+        "USER: Image 1:<image>\na ASSISTANT: b</s>USER: Image 2:<image>\nc ASSISTANT:"
+    )
+    assert "Image" not in get_template("vicuna_v1").render([Turn("user", "a", 1), Turn("assistant", "b"), Turn("user", "c")])

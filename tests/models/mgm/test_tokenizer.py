@@ -12,7 +12,10 @@ spaces and, under ``legacy: true``, on the space after a special token. ``ORACLE
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,7 @@ from tokenizer_files import (
     llama3_folder,
     llama3_reference,
     mistral_model,
+    replace_tokenizer,
     sentencepiece_folder,
 )
 
@@ -187,8 +191,8 @@ def test_llama3_ids_equal_metas_tokenizer(llama3, meta_llama3, case):
     assert llama3.encode(get_template("llama_3").spans(CASES[case])) == want
 
 
-def _slow_reference(folder, family: str, legacy: bool = True):
-    """The slow tokenizer's ids for Gemma (and LLaMA with legacy): BOS, then each piece between special tokens
+def _slow_reference(folder, family: str):
+    """The slow tokenizer's ids for Gemma (and LLaMA under legacy): BOS, then each piece between special tokens
     encoded by SentencePiece as it is."""
     import sentencepiece
 
@@ -264,3 +268,107 @@ def test_a_control_string_in_message_text_is_cut_only_where_it_would_become_one(
     assert plain == gemma.encode(template.render([Turn("user", "a <b> c")]))  # nothing to cut: official ids
     forged = gemma.encode(template.spans([Turn("user", "a <start_of_turn> c")]))
     assert forged.count(gemma.tokenizer.convert_tokens_to_ids("<start_of_turn>")) == 2  # the template's two
+
+
+# -- loading: the tokenizer is checked first, and what the official code loads differently is refused ------------
+
+
+@pytest.fixture
+def checkpoint(mgmflow_home, tmp_path):
+    """A copy of the tiny preset's folder (LLaMA backbone, 1024-token vocabulary) to swap files in."""
+    from models.mgm.presets import resolve
+
+    return Path(shutil.copytree(resolve("tiny"), tmp_path / "checkpoint"))
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read before the tokenizer was checked")
+
+    monkeypatch.setattr("models.mgm.loading.CheckpointFiles.__init__", refuse)
+
+
+def test_a_sentencepiece_only_folder_loads_with_the_official_ids(checkpoint, tmp_path):
+    from models.mgm import load_pretrained
+
+    source = sentencepiece_folder(tmp_path / "tokenizer", "yi")  # no tokenizer.json
+    _, processor = load_pretrained(replace_tokenizer(checkpoint, source))
+    prompt = get_template("chatml_direct").render(CASES["multi"])
+    encode, bos = _slow_reference(source, "yi")
+    assert processor.tokenize(prompt) == official_ids(prompt, encode, bos)
+
+
+def test_a_missing_sentencepiece_fails_before_any_weight_is_read(checkpoint, tmp_path, monkeypatch, no_weights_read):
+    import importlib.util
+
+    from models.mgm import load_pretrained
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else find_spec(name, *a))
+    replace_tokenizer(checkpoint, sentencepiece_folder(tmp_path / "tokenizer", "llama"))
+    with pytest.raises(ModelNotFoundError, match=r"tokenizer\.model is a SentencePiece tokenizer.*pip install sentencepiece"):
+        load_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"tokenizer.model": b"IQ== 0\nIg== 1\n"}, r"tiktoken BPE file .* put the tokenizer\.json"),
+        ({"tokenizer.model": b"\x0a\xff\xff\xff garbage"}, r"tokenizer\.model is not a SentencePiece model"),
+        ({}, "neither tokenizer.model .* nor tokenizer.json"),
+    ],
+)
+def test_unusable_tokenizer_files_are_named_before_any_weight(checkpoint, tmp_path, no_weights_read, files, message):
+    from models.mgm import load_pretrained
+
+    source = tmp_path / "tokenizer"
+    source.mkdir()
+    (source / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    with pytest.raises(ModelNotFoundError, match=message):
+        load_pretrained(replace_tokenizer(checkpoint, source))
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(checkpoint, tmp_path, no_weights_read):
+    from models.mgm import load_pretrained
+
+    replace_tokenizer(checkpoint, sentencepiece_folder(tmp_path / "tokenizer", "llama", mistral_model()))
+    with pytest.raises(ModelNotFoundError, match=r"32000 tokens, more than the model's vocabulary \(1024\)"):
+        load_pretrained(checkpoint)
+
+
+def test_a_stage1_folder_is_refused_by_name(checkpoint, no_weights_read):
+    from models.mgm import load_pretrained
+
+    (checkpoint / "model.safetensors").rename(checkpoint / "mm_projector.bin")
+    with pytest.raises(ModelNotFoundError, match=r"stage-1 \(pretraining\) folder: mm_projector\.bin"):
+        load_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize("key", ["mm_use_im_start_end", "mm_use_im_patch_token"])
+def test_extra_image_tokens_are_refused(checkpoint, no_weights_read, key):
+    from models.mgm import load_pretrained
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, key: True}))
+    with pytest.raises(ModelNotFoundError, match=f"sets {key}: true"):
+        load_pretrained(checkpoint)
+
+
+def test_an_answer_that_mentions_image_keeps_the_thread_working(mgmflow_home):
+    from PIL import Image
+
+    from models.mgm.engine import ChatRequest, Message, MGMEngine
+
+    engine = MGMEngine.from_pretrained("tiny")
+    messages = [
+        Message("user", "What is it?", [Image.new("RGB", (32, 32), "red")]),
+        Message("assistant", "It is <image>, a red square."),  # a stored reply, quoting the placeholder
+        Message("user", "And what is <image>?"),
+    ]
+    request = ChatRequest(messages, max_new_tokens=3, cache_key="thread")
+    (result,) = engine.chat([request])
+    assert result.completion_tokens > 0
+    assert engine.processor.tokenize(engine.template.spans([Turn("user", "<image>")])).count(IMAGE_TOKEN_INDEX) == 0
