@@ -62,7 +62,7 @@ class TokenizersText:
     """
 
     def __init__(self, backend: Tokenizer):
-        self._backend = Tokenizer.from_str(backend.to_str())  # a copy: the flag below is the tokenizer's state
+        self._backend = backend  # its own: the flag below is the tokenizer's state
         self._backend.encode_special_tokens = True
 
     def encode(self, text: str, position: Position, next_control: str | None) -> list[int]:
@@ -137,7 +137,8 @@ class PromptTokenizer:
     def from_fast(cls, tokenizer: PreTrainedTokenizerFast) -> PromptTokenizer:
         """For a transformers fast tokenizer built in memory (the tiny presets, tests)."""
         wrapping = _wrapping(tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids)
-        return cls(tokenizer, TokenizersText(tokenizer.backend_tokenizer), wrapping)
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy, not the shared one
+        return cls(tokenizer, TokenizersText(backend), wrapping)
 
     def encode(self, prompt: str | Sequence[Span]) -> list[int]:
         """Ids of ``prompt`` with ``IMAGE_TOKEN_INDEX`` (-200) for each placeholder (mgm-official §6.2).
