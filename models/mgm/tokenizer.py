@@ -236,7 +236,8 @@ def load_tokenizer(folder: Path, backbone: str) -> PromptTokenizer | None:
             f"{model_file} is a tiktoken BPE file (LLaMA-3's original format), which mgmflow does not read: "
             "put the tokenizer.json and tokenizer_config.json of the released checkpoint beside it"
         )
-    sentencepiece = model_file.is_file() and not tiktoken and (backbone not in FAST_TOKENIZER_BACKBONES or not json_file.is_file())
+    official_slow = backbone not in FAST_TOKENIZER_BACKBONES or not json_file.is_file()
+    sentencepiece = model_file.is_file() and not tiktoken and official_slow
     if sentencepiece:
         _check_sentencepiece_model(model_file)
     elif not json_file.is_file():

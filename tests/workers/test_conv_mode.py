@@ -43,6 +43,7 @@ def test_worker_setting_sets_the_engines_template(mgmflow_home, fresh_settings):
 def test_worker_flag_is_the_setting(fresh_settings):
     seen = []
     fresh_settings.setattr("workers.worker.run_worker", lambda settings, **k: seen.append(get_settings().vlm_conv_mode))
-    result = CliRunner().invoke(main, ["worker", "--conv-mode", "chatml_direct", "--queues", "vlm", "--broker", "redis://127.0.0.1:1/0"])
+    arguments = ["worker", "--conv-mode", "chatml_direct", "--queues", "vlm", "--broker", "redis://127.0.0.1:1/0"]
+    result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output
     assert seen == ["chatml_direct"]

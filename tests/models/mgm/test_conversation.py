@@ -141,4 +141,5 @@ def test_images_are_numbered_over_the_whole_conversation():
     assert get_template("vicuna_v1").render(turns).endswith(
         "USER: Image 1:<image>\na ASSISTANT: b</s>USER: Image 2:<image>\nc ASSISTANT:"
     )
-    assert "Image" not in get_template("vicuna_v1").render([Turn("user", "a", 1), Turn("assistant", "b"), Turn("user", "c")])
+    one_image = [Turn("user", "a", 1), Turn("assistant", "b"), Turn("user", "c")]
+    assert "Image" not in get_template("vicuna_v1").render(one_image)

@@ -63,7 +63,7 @@ TOKENIZER_CONFIGS = {
 
 
 def sentencepiece_folder(folder: Path, family: str, model: bytes | None = None, **config) -> Path:
-    """``tokenizer.model`` (trained for ``family`` unless given) and its ``tokenizer_config.json``, no tokenizer.json."""
+    """``tokenizer.model`` (trained for ``family`` unless given) and ``tokenizer_config.json``; no tokenizer.json."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(model if model is not None else train_sentencepiece(family))
     (folder / "tokenizer_config.json").write_text(json.dumps({**TOKENIZER_CONFIGS[family], **config}))
