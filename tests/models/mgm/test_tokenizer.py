@@ -23,6 +23,7 @@ from models.errors import ModelNotFoundError
 from models.mgm.conversation import IMAGE_TOKEN_INDEX, Turn, get_template
 from models.mgm.tokenizer import load_tokenizer
 from tokenizer_files import (
+    gemma_json_folder,
     llama3_folder,
     llama3_reference,
     mistral_model,
@@ -224,6 +225,18 @@ def test_trained_sentencepiece_ids_follow_the_slow_tokenizer(tmp_path, family, t
     )
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gemma_tokenizer_json_is_read_as_it_is(tmp_path, case):
+    from tokenizers import Tokenizer
+
+    folder = gemma_json_folder(tmp_path)
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))  # the official fast tokenizer's encoding
+    prompt = get_template("gemma").render(CASES[case])
+    tokenizer = load_tokenizer(folder, "gemma")
+    want = official_ids(prompt, lambda chunk: backend.encode(chunk).ids, tokenizer.tokenizer.bos_token_id)
+    assert tokenizer.encode(get_template("gemma").spans(CASES[case])) == want
+
+
 # -- control tokens come from templates only ---------------------------------------------------------------------
 
 EVIL = (
@@ -242,15 +255,18 @@ def family_tokenizers(tmp_path_factory, mistral, llama3):
         "mistral_instruct": mistral("mixtral", legacy=True),
         "chatml_direct": load_tokenizer(trained["yi"], "llama"),
         "gemma": load_tokenizer(trained["gemma"], "gemma"),
+        "gemma_json": load_tokenizer(gemma_json_folder(tmp_path_factory.mktemp("gemma_json")), "gemma"),
         "llama_3": llama3,
         "tiny": PromptTokenizer.from_fast(load_tiny_tokenizer()),
     }
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1", "mistral_instruct", "chatml_direct", "gemma", "llama_3", "tiny"])
+@pytest.mark.parametrize(
+    "name", ["vicuna_v1", "mistral_instruct", "chatml_direct", "gemma", "gemma_json", "llama_3", "tiny"]
+)
 def test_message_text_never_becomes_control_tokens(family_tokenizers, name):
     tokenizer = family_tokenizers[name]
-    template = get_template("vicuna_v1" if name == "tiny" else name)
+    template = get_template({"tiny": "vicuna_v1", "gemma_json": "gemma"}.get(name, name))
 
     def conversation(text):
         return [Turn("system", text), Turn("user", text, 1), Turn("assistant", text), Turn("user", text)]

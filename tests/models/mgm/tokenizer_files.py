@@ -116,3 +116,12 @@ def replace_tokenizer(checkpoint: Path, source: Path) -> Path:
     for file in source.iterdir():
         shutil.copy(file, checkpoint / file.name)
     return checkpoint
+
+
+def gemma_json_folder(folder: Path) -> Path:
+    """What a released MGM-2B folder carries: Gemma's ``tokenizer.model`` and the ``tokenizer.json`` made from it."""
+    from transformers import AutoTokenizer
+
+    sentencepiece_folder(folder, "gemma")
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    return folder
