@@ -124,6 +124,7 @@ class PromptTokenizer:
         self._text = text
         self._prefix, self._suffix = wrapping  # what the tokenizer puts around a text: BOS, maybe EOS
         self._controls: dict[str, int] = dict(tokenizer.get_added_vocab())
+        self._control_names = {id_: name for name, id_ in self._controls.items()}
         # Longest first: the leftmost, longest control string wins, as in transformers' and tokenizers' matching.
         self._control_pattern = _alternation(self._controls)
         # Control strings that plain encoding would still turn into a control id (a SentencePiece user-defined
@@ -188,16 +189,13 @@ class PromptTokenizer:
             else:
                 runs.append(item)
                 pending = "control"
-        if runs and isinstance(runs[0], int):
-            runs.insert(0, ("", "start"))
         ids: list[int] = []
-        names = {i: s for s, i in self._controls.items()}
-        for index, run in enumerate(runs):
+        for index, run in enumerate(runs):  # a chunk starts with text, "" before a leading control token
             if isinstance(run, int):
                 ids.append(run)
                 continue
             following = runs[index + 1] if index + 1 < len(runs) else None
-            ids += self._text.encode(*run, names.get(following) if isinstance(following, int) else None)
+            ids += self._text.encode(*run, self._control_names.get(following) if isinstance(following, int) else None)
         return ids
 
     def _template_items(self, text: str) -> list[str | int]:
