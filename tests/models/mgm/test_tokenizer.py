@@ -7,7 +7,8 @@ Why the ids are computed by ``PromptTokenizer`` and not by the installed transfo
 tokenizes with transformers 4.36, whose slow SentencePiece tokenizer differs from 5.x's converted one on runs of
 spaces and, under ``legacy: true``, on the space after a special token. ``ORACLE_IDS`` were written by transformers
 4.36.2 (slow ``LlamaTokenizer``, sentencepiece 0.1.99) on Mistral's model through the official
-``tokenizer_image_token``; ``test_transformers_5_alone_differs_from_4_36`` shows the difference.
+``tokenizer_image_token``, ``CHATML_ORACLE_IDS`` likewise with ChatML's markers added as tokens (as Yi's
+folder has them); ``test_transformers_5_alone_differs_from_4_36`` shows the difference.
 """
 
 from __future__ import annotations
@@ -122,6 +123,54 @@ ORACLE_IDS = {  # fmt: skip
     },
 }
 
+# Yi-style: Mistral's model with <|im_start|> / <|im_end|> added as tokens 32000 / 32001, declared special or not.
+CHATML_ORACLE_IDS = {  # fmt: skip
+    (False, False): {
+        'single': [
+            1, 28705, 32000, 6574, 13, 2820, 16981, 272, 4224, 28723, 32001, 32000, 1838, 13, -200, 28705, 13, 3195,
+            349, 297, 272, 5754, 28804, 32001, 32000, 489, 11143, 13
+        ],
+        'multi': [
+            1, 28705, 32000, 6574, 13, 2820, 16981, 272, 4224, 28723, 32001, 32000, 1838, 13, -200, 28705, 13,
+            22836, 28705, 378, 28723, 32001, 32000, 489, 11143, 13, 28741, 5255, 28705, 356, 264, 1610, 28723,
+            32001, 32000, 1838, 13, 2467, 272, 11474, 28804, 32001, 32000, 489, 11143, 13
+        ],
+    },
+    (False, True): {
+        'single': [
+            1, 32000, 6574, 13, 2820, 16981, 272, 4224, 28723, 32001, 32000, 1838, 13, -200, 28705, 13, 3195, 349,
+            297, 272, 5754, 28804, 32001, 32000, 489, 11143, 13
+        ],
+        'multi': [
+            1, 32000, 6574, 13, 2820, 16981, 272, 4224, 28723, 32001, 32000, 1838, 13, -200, 28705, 13, 22836,
+            28705, 378, 28723, 32001, 32000, 489, 11143, 13, 28741, 5255, 28705, 356, 264, 1610, 28723, 32001,
+            32000, 1838, 13, 2467, 272, 11474, 28804, 32001, 32000, 489, 11143, 13
+        ],
+    },
+    (True, False): {
+        'single': [
+            1, 32000, 1587, 13, 2820, 16981, 272, 4224, 28723, 32001, 32000, 2188, 13, -200, 28705, 13, 3195, 349,
+            297, 272, 5754, 28804, 32001, 32000, 13892, 13
+        ],
+        'multi': [
+            1, 32000, 1587, 13, 2820, 16981, 272, 4224, 28723, 32001, 32000, 2188, 13, -200, 28705, 13, 22836,
+            28705, 378, 28723, 32001, 32000, 13892, 13, 28741, 5255, 28705, 356, 264, 1610, 28723, 32001, 32000,
+            2188, 13, 2467, 272, 11474, 28804, 32001, 32000, 13892, 13
+        ],
+    },
+    (True, True): {
+        'single': [
+            1, 32000, 1587, 13, 2820, 16981, 272, 4224, 28723, 32001, 32000, 2188, 13, -200, 28705, 13, 3195, 349,
+            297, 272, 5754, 28804, 32001, 32000, 13892, 13
+        ],
+        'multi': [
+            1, 32000, 1587, 13, 2820, 16981, 272, 4224, 28723, 32001, 32000, 2188, 13, -200, 28705, 13, 22836,
+            28705, 378, 28723, 32001, 32000, 13892, 13, 28741, 5255, 28705, 356, 264, 1610, 28723, 32001, 32000,
+            2188, 13, 2467, 272, 11474, 28804, 32001, 32000, 13892, 13
+        ],
+    },
+}
+
 
 def official_ids(prompt: str, encode, bos: int) -> list[int]:
     """The official ``tokenizer_image_token``: chunks around ``<image>`` encoded alone, only the first keeps BOS."""
@@ -139,7 +188,7 @@ def mistral(tmp_path_factory):
     loaded = {}
 
     def load(backbone="llama", **config):
-        key = (backbone, tuple(sorted(config.items())))
+        key = (backbone, json.dumps(config, sort_keys=True))
         if key not in loaded:
             folder = sentencepiece_folder(tmp_path_factory.mktemp("mistral"), "llama", mistral_model(), **config)
             loaded[key] = load_tokenizer(folder, backbone)
@@ -170,6 +219,25 @@ def test_sentencepiece_ids_equal_the_official_transformers_4_36(mistral, templat
     want = ORACLE_IDS[(template, legacy)][case]
     assert tokenizer.encode(get_template(template).spans(CASES[case])) == want
     assert tokenizer.encode(get_template(template).render(CASES[case])) == want  # a prompt string as is
+
+
+@pytest.mark.parametrize("case", ["single", "multi"])
+@pytest.mark.parametrize(("legacy", "declared_special"), [(False, False), (False, True), (True, False), (True, True)])
+def test_added_control_tokens_follow_4_36(mistral, legacy, declared_special, case):
+    # Under legacy: false, 4.36 keeps a lone "▁" before an added token that opens the text unless the token is
+    # one of the special tokens: [1, 28705, 32000, ...] against [1, 32000, ...].
+    def added(content, special):
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": special}  # fmt: skip
+
+    decoder = {"0": added("<unk>", True), "1": added("<s>", True), "2": added("</s>", True),
+               "32000": added("<|im_start|>", declared_special), "32001": added("<|im_end|>", declared_special)}
+    config = {"legacy": legacy, "added_tokens_decoder": decoder}
+    if declared_special:
+        config["additional_special_tokens"] = ["<|im_start|>", "<|im_end|>"]
+    tokenizer = mistral(**config)
+    want = CHATML_ORACLE_IDS[(legacy, declared_special)][case]
+    assert tokenizer.encode(get_template("chatml_direct").spans(CASES[case])) == want
 
 
 def test_an_unset_legacy_is_legacy_as_in_4_36(mistral):
