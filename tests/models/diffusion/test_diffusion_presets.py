@@ -1,5 +1,7 @@
 """Presets: tiny ones built deterministically and cached atomically; real ones found locally or named as missing."""
 
+import hashlib
+import io
 import os
 import shutil
 import threading
@@ -7,6 +9,7 @@ import threading
 import pytest
 import torch
 from diffusion_support import pixels
+from PIL import Image
 from safetensors.torch import save_file
 
 from models.diffusion import presets
@@ -180,5 +183,9 @@ def test_a_single_file_checkpoint_loads_offline_with_its_configs(tmp_path, no_re
     [from_file] = engine.text_to_image(request)
     [from_folder] = engines("tiny-sd").text_to_image(request)
     assert from_file.parameters["model"] == "dreamshaper_8"  # the file's name, never its path
-    assert from_file.parameters | {"model": "tiny-sd"} == from_folder.parameters
+    # A1111's model hash: the checkpoint file's sha256, 10 hex digits (folders have none)
+    assert from_file.parameters["model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {from_file.parameters['model_hash']}, Model: dreamshaper_8" in Image.open(
+        io.BytesIO(from_file.png)).text["parameters"]
+    assert from_file.parameters | {"model": "tiny-sd", "model_hash": None} == from_folder.parameters
     assert (pixels(from_file.png) == pixels(from_folder.png)).all()
