@@ -348,6 +348,9 @@ def _workflow_command(workflow) -> click.Command:
 
     def callback(out, broker, approve, thread, previews, quiet, **fields) -> None:
         given = {name: value for name, value in fields.items() if value is not None and value != ()}
+        for name, value in given.items():
+            if isinstance(value, tuple) and value and isinstance(value[0], list):  # JSON options: chunks of items
+                given[name] = [item for chunk in value for item in chunk]
         _run_workflow(workflow, given, out=out, broker=broker, approve=approve, thread=thread, quiet=quiet,
                       previews=previews)
 
@@ -367,10 +370,41 @@ def _field_option(name: str, field) -> click.Option:
     multiple = typing.get_origin(annotation) is list
     if multiple:
         annotation = typing.get_args(annotation)[0]
-    kind = annotation if annotation in (int, float, str) else str
+    kind = annotation if annotation in (int, float, str) else _JsonItems() if multiple else str
     shown = None if required or field.default is None or field.default_factory else str(field.default)
     return click.Option([flag, name], type=kind, multiple=multiple, required=required, default=None,
                         show_default=shown or False, help=field.description)
+
+
+class _JsonItems(click.ParamType):
+    """A list of JSON objects: inline (an object, a list of them, or JSON Lines) or a JSON / JSON Lines file.
+    The option may repeat; its values are joined in order."""
+
+    name = "JSON|FILE"
+
+    def convert(self, value, param, ctx) -> list:
+        import json
+
+        if isinstance(value, list):
+            return value
+        text, source = value, "the value"
+        if not value.lstrip().startswith(("{", "[")):
+            path = Path(value).expanduser()
+            try:
+                text, source = path.read_text(), str(path)
+            except (OSError, UnicodeDecodeError) as error:
+                self.fail(f"{value!r} is neither JSON nor a readable JSON / JSON Lines file ({error.strerror or error})")
+        try:
+            parsed = json.loads(text)
+            items = parsed if isinstance(parsed, list) else [parsed]
+        except json.JSONDecodeError:
+            try:  # JSON Lines: one object per non-blank line
+                items = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as error:
+                self.fail(f"{source}: not JSON or JSON Lines (line {error.lineno}: {error.msg})")
+        if not all(isinstance(item, dict) for item in items):
+            self.fail(f"{source}: every item must be a JSON object")
+        return items
 
 
 def _settings(broker: str | None):
