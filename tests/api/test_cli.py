@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -49,6 +50,11 @@ def test_models_lists_presets_and_where_weights_go():
     lines = result.output.splitlines()
     assert any(line.startswith("mini-gemini") and "mgm-7b-hd" in line for line in lines)
     assert any(line.startswith("diffusion") and "sdxl-base" in line for line in lines)
+    # Presets carry the names the other commands take; tiny ones are built on first use, never "missing".
+    rows = [re.split(r"\s{2,}", line) for line in lines]
+    tiny = [row for row in rows if row[1].startswith(("tiny", "small"))]
+    assert {"tiny", "tiny-gemma", "tiny-hd", "small", "tiny-sd"} <= {row[1] for row in tiny}
+    assert "tiny-llama" not in [row[1] for row in rows] and all("missing" not in row for row in tiny)
 
 
 def test_serve_says_when_the_broker_is_unreachable(monkeypatch):

@@ -80,6 +80,7 @@ def test_missing_real_preset_names_both_places(no_real_weights):
     message = str(caught.value)
     assert str(no_real_weights / "sdxl-base") in message
     assert "stabilityai/stable-diffusion-xl-base-1.0" in message and "never downloads" in message
+    assert f"`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir {no_real_weights / 'sdxl-base'}`" in message
 
 
 def test_real_preset_from_the_local_models_folder(no_real_weights):
