@@ -36,13 +36,14 @@ setup_python() {
 }
 
 case "${1:-}" in
-  setup) apt_install redis-server chromium; setup_python ;;
+  setup) apt_install redis-server chromium docker-compose; setup_python ;;
   demo)
     setup_python; shift
     exec $VENV/bin/mgmflow demo "$@" ;;
   test)
-    # The tests start redis-server on free ports and drive chromium for the playground; the demo needs neither.
-    apt_install redis-server chromium; setup_python; shift
+    # The tests start redis-server on free ports, drive chromium for the playground and check the compose file
+    # with docker-compose (no engine needed); the demo needs none of them.
+    apt_install redis-server chromium docker-compose; setup_python; shift
     exec $VENV/bin/python -m pytest "$@" ;;
   *) echo "usage: ./dev {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac
