@@ -68,7 +68,9 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
             return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         raise InvalidImageError(f"image is too large: {error}") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError as error:  # its text names PIL's in-memory file object, which tells nobody anything
+        raise InvalidImageError("not a readable image: unknown or corrupt format") from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise InvalidImageError(f"not a readable image: {error}") from error
 
 

@@ -89,13 +89,13 @@ def models() -> None:
 
 @main.command()
 @click.argument("question")
-@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Image to ask about (repeatable).")
 @click.option("--model", default="tiny", show_default=True, help="Mini-Gemini preset or checkpoint folder.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (with --temperature > 0).")
-@click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--json-schema", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Answer with JSON valid for the JSON schema in this file.")
 @click.option("--gen", is_flag=True, help="Also write a prompt for an image (Mini-Gemini's <GEN> protocol).")
 @click.option("--conv-mode", default=None, help="Conversation template, e.g. llama_3 (default: from the checkpoint).")
@@ -106,6 +106,8 @@ def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: in
 
     from models.errors import InvalidInputError
 
+    for image in images:
+        _check_image("--image", image)
     schema = None
     if json_schema is not None:
         try:
@@ -171,6 +173,7 @@ def _draw_options(command):
 @_draw_options
 def generate(prompt: str, negative, seed, steps, guidance, width, height, model, loras, out) -> None:
     """Draw an image from a text prompt into a PNG that records its parameters."""
+    loras = _check_draw_arguments(out, loras)
     from models.diffusion import TextToImageRequest
 
     request = TextToImageRequest(prompts=[prompt], seeds=None if seed is None else [seed], negative_prompt=negative,
@@ -179,16 +182,21 @@ def generate(prompt: str, negative, seed, steps, guidance, width, height, model,
 
 
 @main.command()
-@click.option("--image", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Image to edit.")
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Image to edit.")
 @click.option("--instruction", default=None, help='Edit by instruction, e.g. "make it snowy" (InstructPix2Pix).')
 @click.option("--prompt", default=None, help="Redraw towards this prompt (with --strength or --mask).")
 @click.option("--strength", type=float, default=None, help="img2img: how much to redraw, in (0, 1].")
-@click.option("--mask", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Inpainting: white marks the area to repaint; same size as the image.")
 @_draw_options
 def edit(image: Path, instruction, prompt, strength, mask, negative, seed, steps, guidance, width, height, model,
          loras, out) -> None:
     """Edit an image: by --instruction, by --prompt with --strength (img2img), or by --prompt in a --mask."""
+    loras = _check_draw_arguments(out, loras)
+    for flag, path in (("--image", image), ("--mask", mask)):
+        if path is not None:
+            _check_image(flag, path)
     from models.diffusion import Img2ImgRequest, InpaintRequest, InstructEditRequest
 
     if (instruction is None) == (prompt is None):
@@ -208,24 +216,43 @@ def edit(image: Path, instruction, prompt, strength, mask, negative, seed, steps
     _draw_to_file(request, model or default_model, loras, out)
 
 
-def _draw_to_file(request, model: str, loras: tuple[str, ...], out: Path) -> None:
-    """Run one diffusion request and write its PNG atomically: on any error no output file is left."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    from models.diffusion import LoraSpec
-
+def _check_draw_arguments(out: Path, loras: tuple[str, ...]) -> list[tuple[str, float]]:
+    """What ``generate`` / ``edit`` can check before any model loads: the output file and the LoRA files.
+    Returns the LoRAs as (path, weight)."""
     if out.suffix.lower() != ".png":
         raise click.UsageError(f"--out must name a .png file, got {out}")
     if not out.parent.is_dir():
         raise click.UsageError(f"the folder of --out does not exist: {out.parent}")
+    if not os.access(out.parent, os.W_OK):
+        raise click.UsageError(f"cannot write into the folder of --out: {out.parent}")
     specs = []
     for text in loras:
         path, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
         try:
-            specs.append(LoraSpec(path, float(weight)))
+            specs.append((path, float(weight)))
         except ValueError:
             raise click.UsageError(f"--lora takes PATH[:WEIGHT], got {text!r}") from None
+        if not Path(path).expanduser().is_file():
+            raise click.UsageError(f"--lora: no such file: {path}")
+    return specs
+
+
+def _check_image(flag: str, path: Path) -> None:
+    """Decode an image argument now, so a bad file is named before any model loads."""
+    from models.errors import InvalidImageError
+    from models.images import load_image
+
+    try:
+        load_image(path)
+    except InvalidImageError as error:
+        raise click.BadParameter(f"{path}: {error}", param_hint=flag) from None
+
+
+def _draw_to_file(request, model: str, loras: list[tuple[str, float]], out: Path) -> None:
+    """Run one diffusion request and write its PNG atomically: on any error no output file is left."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     for library in (diffusers_logging, transformers_logging):  # one line of output, not loading bars
         library.disable_progress_bar()
         library.set_verbosity_error()
@@ -233,12 +260,10 @@ def _draw_to_file(request, model: str, loras: tuple[str, ...], out: Path) -> Non
     import uuid
 
     from workers.client import TaskClient
-    from workers.settings import get_settings
     from workers.tasks.diffusion import task_for
 
-    client, run_id = TaskClient(get_settings()), f"cli-{uuid.uuid4().hex}"
-    kind, payload = task_for(request, client.store, scope="cli", model=model,
-                             loras=[(spec.path, spec.weight) for spec in specs])
+    client, run_id = TaskClient(_settings(None)), f"cli-{uuid.uuid4().hex}"
+    kind, payload = task_for(request, client.store, scope="cli", model=model, loras=loras)
     client.submit(kind, payload, task_id=f"{run_id}:draw", run_id=run_id, scope="cli", priority=0)
     try:
         record = client.wait(f"{run_id}:draw", timeout=7 * 24 * 3600)
@@ -355,6 +380,9 @@ def _workflow_command(workflow) -> click.Command:
 
     def callback(out, broker, approve, thread, previews, quiet, **fields) -> None:
         given = {name: value for name, value in fields.items() if value is not None and value != ()}
+        for name, value in given.items():
+            if isinstance(value, tuple) and value and isinstance(value[0], list):  # JSON options: chunks of items
+                given[name] = [item for chunk in value for item in chunk]
         _run_workflow(workflow, given, out=out, broker=broker, approve=approve, thread=thread, quiet=quiet,
                       previews=previews)
 
@@ -374,16 +402,59 @@ def _field_option(name: str, field) -> click.Option:
     multiple = typing.get_origin(annotation) is list
     if multiple:
         annotation = typing.get_args(annotation)[0]
-    kind = annotation if annotation in (int, float, str) else str
+    kind = annotation if annotation in (int, float, str) else _JsonItems() if multiple else str
     shown = None if required or field.default is None or field.default_factory else str(field.default)
     return click.Option([flag, name], type=kind, multiple=multiple, required=required, default=None,
                         show_default=shown or False, help=field.description)
 
 
+class _JsonItems(click.ParamType):
+    """A list of JSON objects: inline (an object, a list of them, or JSON Lines) or a JSON / JSON Lines file.
+    The option may repeat; its values are joined in order."""
+
+    name = "JSON|FILE"
+
+    def convert(self, value, param, ctx) -> list:
+        import json
+
+        if isinstance(value, list):
+            return value
+        text, source = value, "the value"
+        if not value.lstrip().startswith(("{", "[")):
+            path = Path(value).expanduser()
+            try:
+                text, source = path.read_text(), str(path)
+            except (OSError, UnicodeDecodeError) as error:
+                self.fail(f"{value!r} is neither JSON nor a readable JSON / JSON Lines file ({error.strerror or error})")
+        try:
+            parsed = json.loads(text)
+            items = parsed if isinstance(parsed, list) else [parsed]
+        except json.JSONDecodeError:
+            try:  # JSON Lines: one object per non-blank line
+                items = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as error:
+                self.fail(f"{source}: not JSON or JSON Lines (line {error.lineno}: {error.msg})")
+        if not all(isinstance(item, dict) for item in items):
+            self.fail(f"{source}: every item must be a JSON object")
+        return items
+
+
 def _settings(broker: str | None):
+    """The settings a command runs with; a broker or database that does not answer fails now, in one line."""
+    from orchestrator.api.server import check_reachable
     from workers.settings import Settings, get_settings
 
-    return Settings(broker_url=broker) if broker else get_settings()
+    settings = Settings(broker_url=broker) if broker else get_settings()
+    check_reachable(settings)
+    return settings
+
+
+def _known_run(settings, run_id: str):
+    """The record of ``run_id``, read before anything starts (an unknown id fails at once)."""
+    from orchestrator.checkpoint import open_database
+    from orchestrator.records import RunStore
+
+    return RunStore(open_database(settings)).get(run_id)
 
 
 def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None, approve: bool = False,
@@ -531,6 +602,7 @@ def resume(run_id: str, approve: bool, prompt: str | None, reject: bool, out: Pa
     if reject and (approve or prompt):
         raise click.UsageError("--reject takes neither --approve nor --prompt")
     settings = _settings(broker)
+    _known_run(settings, run_id)
     if settings.embedded:
         _quiet_libraries()
     service = RunService(settings)
@@ -551,7 +623,9 @@ def cancel(run_id: str, broker: str | None) -> None:
     """Cancel RUN_ID and its model tasks."""
     from orchestrator.runs import RunService
 
-    run = RunService(_settings(broker)).cancel(run_id)
+    settings = _settings(broker)
+    _known_run(settings, run_id)
+    run = RunService(settings).cancel(run_id)
     click.echo(f"run {run_id}: {run.status}")
 
 

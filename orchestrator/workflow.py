@@ -37,7 +37,8 @@ class Workflow:
 
     ``build_graph()`` returns an *uncompiled* ``StateGraph``: the runtime compiles it with its checkpointer.
     ``write_output(values, out_dir, context)`` writes the final state into ``out_dir`` and returns a summary
-    (e.g. the manifest); ``None`` means the workflow has no file output.
+    (e.g. the manifest); ``None`` means the workflow has no file output. ``describe_output(summary, out_dir)``
+    is what ``mgmflow run`` prints of it (e.g. the answer and where its images are); by default the folder.
     """
 
     name: str
@@ -45,6 +46,7 @@ class Workflow:
     build_graph: Callable[[], StateGraph]
     write_output: Callable[[dict[str, Any], Path, RunContext], dict[str, Any]] | None = None
     description: str = ""
+    describe_output: Callable[[dict[str, Any], Path], str] | None = None
 
     def validate_input(self, data: dict[str, Any]) -> BaseModel:
         """Validate a run's input; a bad field raises :class:`InvalidInputError` naming it."""

@@ -93,7 +93,7 @@ class MGMChatModel(BaseChatModel):
         blocks = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else message.content
         texts, images = [], []
         if message.type == "tool":
-            texts.append(f"Result of the tool {getattr(message, 'name', None) or 'call'}:")
+            texts.append(tool_result_header(getattr(message, "name", None)))
         for block in blocks:
             if isinstance(block, str):
                 texts.append(block)
@@ -104,7 +104,7 @@ class MGMChatModel(BaseChatModel):
             else:
                 raise InvalidInputError(f"unsupported content block type {block.get('type')!r}")
         for call in getattr(message, "tool_calls", None) or []:  # an agent's earlier calls, as the model wrote them
-            texts.append(json.dumps({"tool": call["name"], "arguments": call["args"]}))
+            texts.append(tool_call_text(call["name"], call["args"]))
         return {"role": role, "text": "\n".join(texts), "images": images}
 
     def _image(self, block: dict[str, Any]) -> str:
@@ -267,18 +267,37 @@ def closed(tool: dict[str, Any]) -> dict[str, Any]:
     return {**parameters, "additionalProperties": parameters.get("additionalProperties", False)}
 
 
-def tool_message(text: str, metadata: dict[str, Any]) -> AIMessage:
-    """The reply to a tools-bound request as an AIMessage: its tool call, or its answer."""
+def tool_call_text(name: str, arguments: Any) -> str:
+    """An earlier tool call in a conversation, written as the model writes calls (see ``tools_prompt``)."""
+    return json.dumps({"tool": name, "arguments": arguments})
+
+
+def tool_result_header(name: str | None) -> str:
+    """The line before a tool's result in a conversation (results reach the model as user turns)."""
+    return f"Result of the tool {name or 'call'}:"
+
+
+def parse_tool_reply(text: str, finish_reason: str | None) -> tuple[str | None, Any]:
+    """A reply decoded under ``tools_schema``: ``(tool name, arguments)`` for a call, ``(None, answer)`` else."""
     try:
         reply = json.loads(text)
     except json.JSONDecodeError as error:  # only when the answer hit max_new_tokens before closing the JSON
-        raise InvalidInputError(f"the model's reply was cut off ({metadata.get('finish_reason')}); raise "
-                                f"max_new_tokens: {error}") from None
-    if "tool" in reply:
-        call = {"name": reply["tool"], "args": reply["arguments"], "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "tool_call"}
+        raise InvalidInputError(f"the model's reply was cut off ({finish_reason}); raise max_new_tokens: "
+                                f"{error}") from None
+    return (reply["tool"], reply["arguments"]) if "tool" in reply else (None, reply["answer"])
+
+
+def tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_message(text: str, metadata: dict[str, Any]) -> AIMessage:
+    """The reply to a tools-bound request as an AIMessage: its tool call, or its answer."""
+    name, value = parse_tool_reply(text, metadata.get("finish_reason"))
+    if name is not None:
+        call = {"name": name, "args": value, "id": tool_call_id(), "type": "tool_call"}
         return AIMessage(content="", tool_calls=[call], response_metadata=metadata)
-    return AIMessage(content=reply["answer"], response_metadata=metadata)
+    return AIMessage(content=value, response_metadata=metadata)
 
 
 def _b64(data: str) -> bytes:

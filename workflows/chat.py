@@ -195,10 +195,20 @@ def write_output(values: dict[str, Any], out_dir: Path, context: RunContext) -> 
     return report
 
 
+def describe_output(report: dict[str, Any], out_dir: Path) -> str:
+    """The reply, then where its images are, for the terminal."""
+    lines = [report["reply"]]
+    lines += [f"  image: {out_dir / name}" for name in report["files"]]
+    if report.get("image_prompt"):
+        lines.append(f"  drawn from: {report['image_prompt']}")
+    return "\n".join(lines)
+
+
 workflow = Workflow(
     name="chat",
     input_model=ChatInput,
     build_graph=build_graph,
     write_output=write_output,
+    describe_output=describe_output,
     description="multi-turn chat with Mini-Gemini: text and images in, text and images out, edits by reference",
 )

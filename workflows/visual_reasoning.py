@@ -156,6 +156,16 @@ def write_output(values: dict[str, Any], out_dir: Path, context: RunContext) -> 
     return report
 
 
+def describe_output(report: dict[str, Any], out_dir: Path) -> str:
+    """The answer, then each region looked at with its crop's file, for the terminal."""
+    lines = [report["answer"]]
+    for item in report["evidence"]:
+        box = ", ".join(f"{value:.2f}" for value in item["box"])
+        lines.append(f"  [{box}] {item['question']} -> {item['answer']} ({out_dir / item['crop_image']})")
+    lines.append(f"(answer.json in {out_dir})")
+    return "\n".join(lines)
+
+
 # Prompts, formatted from raw state.
 def plan_prompt(question: str, images: int) -> str:
     return (f"Question about {images} image(s): {clip(question, QUESTION_BYTES)}\n"
@@ -186,5 +196,6 @@ workflow = Workflow(
     input_model=VisualReasoningInput,
     build_graph=build_graph,
     write_output=write_output,
+    describe_output=describe_output,
     description="a question about images → plan → look → zoom into regions → an answer with its evidence",
 )

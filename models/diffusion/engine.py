@@ -8,8 +8,9 @@ Reproducibility: one CPU ``torch.Generator`` per image, seeded with that image's
 whether drawn alone or in a batch, and the same seed and settings give the same PNG bytes on a CPU.
 
 Every PNG records its parameters (``models.diffusion.metadata``): ``task``, ``prompt``, ``negative_prompt``,
-``seed``, ``steps``, ``guidance_scale``, ``width``, ``height``, ``model``, ``scheduler``, ``loras``
-(name, weight, sha256) and, per task, ``strength``, ``image_guidance_scale``, ``image_sha256``, ``mask_sha256``.
+``seed``, ``steps``, ``guidance_scale``, ``width``, ``height``, ``model``, ``model_hash`` (single files),
+``scheduler`` (the diffusers class) with ``sampler`` / ``schedule_type`` (AUTOMATIC1111's names), ``loras``
+(name, weight, sha256, A1111 hash) and, per task, ``strength``, ``image_guidance_scale``, ``image_sha256``, ``mask_sha256``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from PIL import Image
 from models.diffusion import loading, presets
 from models.diffusion.defaults import FAMILY_DEFAULTS, ModelDefaults
 from models.diffusion.loading import LoraSpec
-from models.diffusion.metadata import encode_png
+from models.diffusion.metadata import a1111_sampler, encode_png
 from models.diffusion.requests import (
     Img2ImgRequest,
     InpaintRequest,
@@ -118,8 +119,10 @@ class DiffusionEngine:
         loras: list[dict],
         memory: MemoryOptions,
         device: torch.device,
+        model_hash: str | None = None,
     ):
         self.model = model
+        self.model_hash = model_hash
         self.family = loading.family_of(pipeline)
         self.defaults = defaults
         self.loras = loras
@@ -184,6 +187,7 @@ class DiffusionEngine:
             loras=lora_records,
             memory=memory,
             device=device,
+            model_hash=loading.model_hash(path),
         )
 
     # ---- tasks ---------------------------------------------------------------------------------------------
@@ -289,13 +293,17 @@ class DiffusionEngine:
         pixels = output.images
         if not np.isfinite(pixels).all():
             raise RuntimeError(f"{self.model} produced NaN pixels (float16 overflow?); try bfloat16 or float32")
+        sampler, schedule_type = a1111_sampler(pipeline.scheduler)
         shared = {
             "task": task,
             "negative_prompt": negative,
             "steps": steps,
             "guidance_scale": guidance,
             "model": self.model,
+            "model_hash": self.model_hash,
             "scheduler": type(pipeline.scheduler).__name__,
+            "sampler": sampler,
+            "schedule_type": schedule_type,
             "loras": [dict(lora) for lora in self.loras],
             **recorded,
         }

@@ -82,7 +82,8 @@ def display_name(name_or_path: str) -> str:
 
 
 def attach_loras(pipeline: DiffusionPipeline, loras: tuple[LoraSpec, ...]) -> list[dict]:
-    """Load each adapter into ``pipeline`` at its weight; returns what the PNGs record (name, weight, sha256)."""
+    """Load each adapter into ``pipeline`` at its weight; returns what the PNGs record: name, weight, the file's
+    sha256 and ``hash``, AUTOMATIC1111's LoRA hash (``lora_hash``)."""
     records: list[dict] = []
     for lora in loras:
         path = Path(lora.path).expanduser()
@@ -98,7 +99,7 @@ def attach_loras(pipeline: DiffusionPipeline, loras: tuple[LoraSpec, ...]) -> li
             pipeline.load_lora_weights(str(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as error:
             raise InvalidInputError(f"LoRA {path.name} does not fit this model: {error}") from error
-        records.append({"name": name, "weight": float(weight), "sha256": _sha256(path)})
+        records.append({"name": name, "weight": float(weight), "sha256": sha256_of(path), "hash": lora_hash(path)})
     if records:
         pipeline.set_adapters([r["name"] for r in records], adapter_weights=[r["weight"] for r in records])
     return records
@@ -141,9 +142,27 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
         raise ModelNotFoundError(f"could not load the checkpoint {path.name}: {error}") from error
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path, *, offset: int = 0) -> str:
+    """The sha256 of a file's bytes from ``offset`` on, read in blocks (checkpoints are gigabytes)."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
+        file.seek(offset)
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def lora_hash(path: Path) -> str:
+    """AUTOMATIC1111's LoRA hash (its "addnet" hash): for a ``.safetensors`` file, the sha256 of the tensor data
+    after the 8-byte header length and the JSON header, so editing the metadata keeps the hash; else the file's."""
+    if path.suffix != ".safetensors":
+        return sha256_of(path)
+    with path.open("rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+    return sha256_of(path, offset=8 + header_length)
+
+
+def model_hash(path: Path) -> str | None:
+    """AUTOMATIC1111's ``Model hash`` of a single-file checkpoint (the file's sha256, 10 hex digits); None for a
+    diffusers folder, which A1111 cannot load and so has no hash to match."""
+    return sha256_of(path)[:10] if path.is_file() else None

@@ -5,10 +5,14 @@ civitai, ComfyUI nodes) read::
 
     a cat in a hat
     Negative prompt: lowres, blurry
-    Steps: 30, Sampler: EulerDiscreteScheduler, CFG scale: 5.0, Seed: 42, Size: 1024x1024, Model: sdxl-base
+    Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.0, Seed: 42, Size: 1024x1024,
+    Model hash: 31e35c80fc, Model: sdxl-base, Lora hashes: "pixel_art: 0ae9ac13f1e4"
 
-Values holding a comma, colon or newline are JSON-quoted, as AUTOMATIC1111 does. The ``mgmflow`` chunk holds
-the same parameters as JSON, exactly. Nothing that varies between runs is written (no time, run id or path), so
+Samplers carry AUTOMATIC1111's names (``a1111_sampler``), ``Model hash`` is its short hash of a single-file
+checkpoint (sha256 of the file, 10 hex digits) and ``Lora hashes`` its short LoRA hash (sha256 of a
+``.safetensors`` file's tensor data after its header, 12 hex digits), so civitai-style lookups find them. Values
+holding a comma, colon or newline are JSON-quoted, as AUTOMATIC1111 does. The ``mgmflow`` chunk holds the same
+parameters as JSON, exactly (the diffusers class in ``scheduler``). Nothing that varies between runs is written (no time, run id or path), so
 the same request gives the same bytes.
 """
 
@@ -28,14 +32,35 @@ JSON_CHUNK = "mgmflow"
 # Infotext fields in AUTOMATIC1111's order -> (our key, type). Size ("WxH") and LoRAs are handled on their own.
 _FIELDS = {
     "Steps": ("steps", int),
-    "Sampler": ("scheduler", str),
+    "Sampler": ("sampler", str),
+    "Schedule type": ("schedule_type", str),
     "CFG scale": ("guidance_scale", float),
     "Image CFG scale": ("image_guidance_scale", float),
     "Seed": ("seed", int),
     "Size": None,
+    "Model hash": ("model_hash", str),
     "Model": ("model", str),
     "Denoising strength": ("strength", float),
 }
+# diffusers scheduler -> AUTOMATIC1111 sampler (the diffusers docs' mapping table). DPM-Solver++ is refined by
+# its config below; a scheduler A1111 lacks keeps its class name.
+_SAMPLERS = {
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "LMSDiscreteScheduler": "LMS",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "UniPCMultistepScheduler": "UniPC",
+    "LCMScheduler": "LCM",
+}
+_MULTISTEP_SDE = {2: "DPM++ 2M SDE", 3: "DPM++ 3M SDE"}
+# Sigma schedules A1111 writes as "Schedule type" (diffusers config flag -> name).
+_SCHEDULE_TYPES = {"use_karras_sigmas": "Karras", "use_exponential_sigmas": "Exponential", "use_beta_sigmas": "Beta"}
 # One "Key: value" pair of the last line; values may be JSON strings holding commas (AUTOMATIC1111's pattern).
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _NEGATIVE = "Negative prompt:"
@@ -70,6 +95,16 @@ def read_parameters(png: bytes) -> dict:
     raise InvalidImageError("the PNG carries no generation parameters")
 
 
+def a1111_sampler(scheduler) -> tuple[str, str | None]:
+    """(``Sampler``, ``Schedule type`` or None) as AUTOMATIC1111 names a diffusers scheduler object."""
+    name, config = type(scheduler).__name__, scheduler.config
+    sampler = _SAMPLERS.get(name, name)
+    if name == "DPMSolverMultistepScheduler" and config.get("algorithm_type") in ("sde-dpmsolver++", "sde-dpmsolver"):
+        sampler = _MULTISTEP_SDE.get(config.get("solver_order"), sampler)
+    schedule = next((label for flag, label in _SCHEDULE_TYPES.items() if config.get(flag)), None)
+    return sampler, schedule
+
+
 def infotext(parameters: dict) -> str:
     """The AUTOMATIC1111 ``parameters`` text of ``parameters``."""
     lines = [parameters["prompt"]]
@@ -79,7 +114,7 @@ def infotext(parameters: dict) -> str:
     fields = {label: size if spec is None else parameters.get(spec[0]) for label, spec in _FIELDS.items()}
     loras = parameters.get("loras") or []
     if loras:
-        fields["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['sha256'][:12]}" for lora in loras)
+        fields["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash'][:12]}" for lora in loras)
         fields["Lora weights"] = ", ".join(f"{lora['name']}: {lora['weight']}" for lora in loras)
     pairs = [f"{label}: {_quote(value)}" for label, value in fields.items() if value is not None]
     lines.append(", ".join(pairs))
@@ -113,10 +148,13 @@ def parse_infotext(text: str) -> dict:
                 parameters[label] = value
         elif label not in ("Lora hashes", "Lora weights"):
             parameters[label] = value
+    scheduler = {sampler: name for name, sampler in _SAMPLERS.items()}.get(parameters.get("sampler", ""))
+    if scheduler or parameters.get("sampler") in _SAMPLERS:  # A1111's name, or a diffusers class name as-is
+        parameters["scheduler"] = scheduler or parameters["sampler"]
     if "Lora hashes" in raw:
         weights = _name_values(raw.get("Lora weights", ""))
         parameters["loras"] = [
-            {"name": name, "sha256": short_hash, "weight": float(weights.get(name, 1.0))}
+            {"name": name, "hash": short_hash, "weight": float(weights.get(name, 1.0))}
             for name, short_hash in _name_values(raw["Lora hashes"]).items()
         ]
     return parameters

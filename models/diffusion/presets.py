@@ -111,7 +111,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         if cached is None:
             raise ModelNotFoundError(
                 f"model {name!r} is not in the Hugging Face cache and mgmflow never downloads at run time; "
-                f"fetch it first (huggingface-cli download {name}) or pass a local folder"
+                f"fetch it first (`hf download {name}`) or pass a local folder"
             )
         return cached
     raise ModelNotFoundError(
@@ -143,7 +143,7 @@ def _find_real(preset: Preset) -> Path:
         return cached
     raise ModelNotFoundError(
         f"model {preset.name!r} is not available: put its diffusers folder at {local} "
-        f"(or set MGMFLOW_MODELS_DIR), or download {preset.hub_id} into the Hugging Face cache; "
+        f"(or set MGMFLOW_MODELS_DIR), e.g. `hf download {preset.hub_id} --local-dir {local}`; "
         "mgmflow never downloads at run time"
     )
 

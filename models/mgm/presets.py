@@ -120,9 +120,10 @@ def resolve(name_or_path: str | Path) -> Path:
 
 def list_presets() -> list[PresetInfo]:
     infos = []
+    shown = {target: alias for alias, target in ALIASES.items()}  # "tiny", as every command names it
     for name in TINY_PRESETS:
-        folder = _tiny_folder(name)
-        infos.append(PresetInfo(name, "tiny", str(folder), folder.is_dir()))
+        # Always available: built locally, deterministically, on first use.
+        infos.append(PresetInfo(shown.get(name, name), "tiny", f"built locally under {_tiny_folder(name)}", True))
     for name, repo in REAL_PRESETS.items():
         found = _find_released(name)
         expected = f"{_local_folder(name)} or hub {repo}"
@@ -150,7 +151,7 @@ def _released_folder(name: str) -> Path:
     repo, local = REAL_PRESETS[name], _local_folder(name)
     raise ModelNotFoundError(
         f"weights of {name} not found: looked in {local} ($MGMFLOW_MODELS_DIR) and the Hugging Face cache "
-        f"for {repo}. Download them first, e.g. `huggingface-cli download {repo} --local-dir {local}`"
+        f"for {repo}. Download them first, e.g. `hf download {repo} --local-dir {local}`"
     )
 
 

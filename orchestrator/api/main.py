@@ -16,7 +16,7 @@ from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.limits import BodySizeLimit, rate_limiter
 from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
 from orchestrator.api.routes import (
-    artifacts, assistants, batches, health, openai, playground, runs, threads,
+    artifacts, assistants, batches, health, openai, outputs, playground, runs, threads,
 )
 from orchestrator.api.server import stop_with_supervisor
 from orchestrator.api.settings import ApiSettings
@@ -77,7 +77,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.context = context
     install_error_handlers(app)
     for router in (health.router, assistants.router, threads.router, runs.thread_router, runs.router,
-                   batches.router, artifacts.router, openai.router, playground.router):
+                   outputs.router, batches.router, artifacts.router, openai.router, playground.router):
         app.include_router(router)
     app.mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")
     # Outermost last: the body limit applies before anything reads the body; metrics see every response.

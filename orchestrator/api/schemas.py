@@ -154,6 +154,8 @@ class RunPublic(BaseModel):
     position: int | None = None
     progress: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    # A successful run of a workflow that writes files: where to download them as one zip.
+    output_url: str | None = None
 
 
 class RunsCancel(BaseModel):

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import ApiError
 from orchestrator.api.schemas import RunPublic
+from orchestrator.outputs import has_files
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,12 @@ def timestamp(seconds: float) -> datetime:
 
 
 def run_public(run: Any, *, position: int | None = None, progress: dict | None = None) -> RunPublic:
+    output = run.status == "success" and has_files(run.workflow)
     return RunPublic(
         run_id=run.run_id, thread_id=run.thread_id, assistant_id=run.workflow, status=run.status,
         created_at=timestamp(run.created_at), updated_at=timestamp(run.updated_at), metadata=run.metadata or {},
         position=position, progress=progress, error=run.error,
+        output_url=f"{run_location(run)}/output" if output else None,
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -49,6 +51,11 @@ def test_models_lists_presets_and_where_weights_go():
     lines = result.output.splitlines()
     assert any(line.startswith("mini-gemini") and "mgm-7b-hd" in line for line in lines)
     assert any(line.startswith("diffusion") and "sdxl-base" in line for line in lines)
+    # Presets carry the names the other commands take; tiny ones are built on first use, never "missing".
+    rows = [re.split(r"\s{2,}", line) for line in lines]
+    tiny = [row for row in rows if row[1].startswith(("tiny", "small"))]
+    assert {"tiny", "tiny-gemma", "tiny-hd", "small", "tiny-sd"} <= {row[1] for row in tiny}
+    assert "tiny-llama" not in [row[1] for row in rows] and all("missing" not in row for row in tiny)
 
 
 def test_serve_says_when_the_broker_is_unreachable(monkeypatch):
@@ -61,3 +68,43 @@ def test_serve_workers_need_a_broker(monkeypatch):
     monkeypatch.delenv("MGMFLOW_BROKER_URL", raising=False)
     result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), "--workers", "2"])
     assert result.exit_code == 2 and "--workers above 1 needs MGMFLOW_BROKER_URL" in result.output
+
+
+def test_bad_arguments_fail_in_one_line_before_any_model_loads(tmp_path):
+    """A missing image, folder, LoRA or run, or a broker that does not answer: one line naming it, at once."""
+    import subprocess
+    import sys
+
+    (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
+    (tmp_path / "photo.png").write_bytes(b"")
+    missing = tmp_path / "missing"
+    broker = f"redis://127.0.0.1:{free_port()}/0"
+    cases = [
+        (["generate", "--prompt", "x", "--out", f"{missing}/page.png"], f"the folder of --out does not exist: {missing}"),
+        (["generate", "--prompt", "x", "--lora", f"{missing}.safetensors:0.5", "--out", f"{tmp_path}/a.png"],
+         f"--lora: no such file: {missing}.safetensors"),
+        (["edit", "--image", f"{missing}.png", "--instruction", "red", "--out", f"{tmp_path}/b.png"],
+         f"{missing}.png' does not exist"),
+        (["edit", "--image", f"{tmp_path}/corrupt.png", "--instruction", "red", "--out", f"{tmp_path}/c.png"],
+         f"{tmp_path}/corrupt.png: not a readable image"),
+        (["chat", "--image", f"{tmp_path}/photo.png", "what is it?"], f"{tmp_path}/photo.png: image is empty"),
+        (["resume", "no-such-run"], "run 'no-such-run' not found"),
+        (["cancel", "no-such-run"], "run 'no-such-run' not found"),
+        (["run", "story", "--premise", "a fox", "--pages", "1", "--broker", broker, "--out", f"{tmp_path}/s"],
+         "cannot reach the broker at redis://127.0.0.1"),
+    ]
+    script = f"""
+import json, sys
+from click.testing import CliRunner
+from orchestrator.cli import main
+results = [(lambda r: (r.exit_code, r.output))(CliRunner().invoke(main, args)) for args, _ in {cases!r}]
+print(json.dumps({{"results": results, "loaded": [m for m in ("diffusers", "transformers") if m in sys.modules]}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"MGMFLOW_HOME": str(tmp_path / "home")})
+    report = json.loads(done.stdout.splitlines()[-1])
+    for (args, message), (code, output) in zip(cases, report["results"]):
+        assert code == 2 and message in output, (args, output)
+        assert "Traceback" not in output and "object at 0x" not in output, (args, output)
+    assert report["loaded"] == []  # no model library was even imported
+    assert not (tmp_path / "s").exists()

@@ -97,6 +97,9 @@ def test_story_from_the_playground(live_server, browser):
         document.getElementById("field-pages").value = "2";
         document.getElementById("field-seed").value = "7";
         document.getElementById("field-rounds").value = "1";
+        document.getElementById("field-width").value = "96";   // optional fields (int | None) are in the form
+        document.getElementById("field-height").value = "80";
+        document.getElementById("field-steps").value = "2";
         document.getElementById("start").click();
         true
     """)
@@ -106,7 +109,9 @@ def test_story_from_the_playground(live_server, browser):
     assert browser.evaluate('document.getElementById("status").textContent') == "success"
     sizes = browser.evaluate("""Promise.all([...document.querySelectorAll("#storyboard img")].map(
         (img) => img.decode().then(() => [img.naturalWidth, img.naturalHeight])))""")
-    assert len(sizes) == 2 and all(width > 0 and height > 0 for width, height in sizes)
+    assert sizes == [[96, 80], [96, 80]]  # the custom page size reached the drawings
+    assert browser.evaluate('document.getElementById("position").textContent') == ""
+    assert browser.evaluate('!document.getElementById("output-link").hidden')  # the storyboard's zip
     captions = browser.evaluate('[...document.querySelectorAll("#storyboard figcaption")].map((c) => c.textContent)')
     assert len(captions) == 2 and all(caption for caption in captions)
     assert browser.evaluate('document.querySelectorAll("#images img").length') >= 2  # images arrived while it ran
@@ -114,3 +119,37 @@ def test_story_from_the_playground(live_server, browser):
     browser.wait_for('!document.getElementById("preview-panel").hidden'
                      ' && document.getElementById("preview").naturalWidth > 0', 10)
     assert browser.evaluate('document.getElementById("preview-caption").textContent').startswith("preview, step ")
+
+
+def test_two_turn_chat_from_the_playground(live_server, browser):
+    """A chat continues on its thread: the second turn sees the first; the status never stays "queued"; long
+    answers wrap inside their box."""
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=f"{live_server.url}/")
+    browser.wait_for('document.querySelector("#workflow option[value=chat]") !== null', 30)
+    browser.evaluate("""
+        const select = document.getElementById("workflow");
+        select.value = "chat";
+        select.dispatchEvent(new Event("change"));
+        true
+    """)
+    browser.wait_for('document.getElementById("field-message") !== null', 30)
+    assert browser.evaluate('document.getElementById("same-thread").checked')  # chat: one thread by default
+    threads = []
+    for turn, text in enumerate(["Hello there, who are you?", "And what did I just ask you?"], start=1):
+        browser.evaluate(f"""
+            document.getElementById("field-message").value = {text!r};
+            document.getElementById("start").click();
+            true
+        """)
+        browser.wait_for(f'document.querySelectorAll("#conversation li").length === {2 * turn}'
+                         ' && !document.getElementById("start").disabled', 120)
+        assert browser.evaluate('document.getElementById("status").textContent') == "success"
+        assert browser.evaluate('document.getElementById("position").textContent') == ""
+        threads.append(browser.evaluate('document.getElementById("thread").textContent'))
+    assert threads[0] == threads[1] and threads[0].startswith("thread ")
+    turns = browser.evaluate('[...document.querySelectorAll("#conversation li")].map((li) => li.className)')
+    assert turns == ["user", "assistant", "user", "assistant"]
+    # A long line wraps: nothing in the conversation is wider than its box.
+    assert browser.evaluate("""[...document.querySelectorAll("#conversation li")].every(
+        (li) => li.scrollWidth <= li.clientWidth + 1)""")

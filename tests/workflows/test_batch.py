@@ -81,3 +81,68 @@ def test_batch_input_is_checked_up_front():
                          ({"workflow": "story", "items": [{}], "concurrency": 0}, "concurrency")]:
         with pytest.raises(InvalidInputError, match=message):
             workflow.validate_input(bad)
+
+
+class EchoInput(BaseModel):
+    text: str
+
+
+def build_echo_graph() -> StateGraph:
+    graph = StateGraph(EchoInput)
+    graph.add_node("echo", lambda state: {"text": state.text.upper()})
+    graph.add_edge(START, "echo")
+    graph.add_edge("echo", END)
+    return graph
+
+
+@pytest.fixture
+def echo_workflow():
+    register(Workflow("test-batch-echo", EchoInput, build_echo_graph))
+    yield "test-batch-echo"
+    unregister("test-batch-echo")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("form", ["json-file", "jsonl-file", "inline-list", "repeated-objects"])
+def test_run_batch_takes_items_from_a_file_or_inline_json(embedded, echo_workflow, tmp_path, form):
+    """``mgmflow run batch --items`` reads a JSON list or JSON Lines file, an inline list, or repeated objects."""
+    import json
+
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    items = [{"text": f"{form} {i}"} for i in range(3)]
+    if form == "json-file":
+        (tmp_path / "items.json").write_text(json.dumps(items))
+        flags = ["--items", str(tmp_path / "items.json")]
+    elif form == "jsonl-file":
+        (tmp_path / "items.jsonl").write_text("".join(json.dumps(item) + "\n\n" for item in items))
+        flags = ["--items", str(tmp_path / "items.jsonl")]
+    elif form == "inline-list":
+        flags = ["--items", json.dumps(items)]
+    else:
+        flags = [part for item in items for part in ("--items", json.dumps(item))]
+    result = CliRunner().invoke(main, ["run", "batch", "--workflow", echo_workflow, *flags, "--concurrency", "2",
+                                       "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["summary"] == {"success": 3}
+    outputs = [embedded.output_values(embedded.get_run(item["run_id"]))["text"] for item in report["items"]]
+    assert outputs == [item["text"].upper() for item in items]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("missing.jsonl", "neither JSON nor a readable JSON / JSON Lines file"),
+    ("[1, 2]", "every item must be a JSON object"),
+    ('{"text": ', "not JSON or JSON Lines"),
+])
+def test_run_batch_refuses_items_it_cannot_read_in_one_line(echo_workflow, tmp_path, value, message):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    result = CliRunner().invoke(main, ["run", "batch", "--workflow", echo_workflow, "--items", value,
+                                       "--out", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -89,3 +89,29 @@ def test_visual_reasoning_zooms_into_the_original_image(embedded, tmp_path):
     assert json.loads((tmp_path / "out" / "answer.json").read_text())["answer"] == report["answer"]
     lineage = {ref["id"]: ref for ref in values["artifacts"]}
     assert all(lineage[item["crop"]]["parent"] == image for item in report["evidence"])
+
+
+@pytest.mark.timeout(300)
+def test_run_prints_the_answer_and_where_the_images_are(embedded, tmp_path):
+    """``mgmflow run visual_reasoning`` / ``run chat`` print the answer itself, not only a folder name."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (96, 64), "green").save(path)
+    runner = CliRunner()
+    looked = runner.invoke(main, ["run", "visual_reasoning", "--question", "What colour is it?", "--images",
+                                  str(path), "--out", str(tmp_path / "vr"), "--quiet"])
+    assert looked.exit_code == 0, looked.output
+    report = json.loads((tmp_path / "vr" / "answer.json").read_text())
+    assert report["answer"].strip() and report["answer"] in looked.output
+    for index in range(1, len(report["evidence"]) + 1):
+        assert str(tmp_path / "vr" / f"region-{index:02d}.png") in looked.output
+
+    said = runner.invoke(main, ["run", "chat", "--message", "Draw a red kite.", "--generate", "--steps", "2",
+                                "--out", str(tmp_path / "chat"), "--quiet"])
+    assert said.exit_code == 0, said.output
+    reply = json.loads((tmp_path / "chat" / "reply.json").read_text())
+    assert reply["files"] and str(tmp_path / "chat" / reply["files"][0]) in said.output
+    assert reply["reply"] in said.output

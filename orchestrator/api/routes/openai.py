@@ -4,6 +4,12 @@ Images come as ``image_url`` parts: data URLs, or https URLs of allow-listed hos
 fetched). Each is validated by the one image decoder and stored; the ``vlm.chat`` step gets artifact ids. With
 ``"modalities": ["text", "image"]`` Mini-Gemini may write an image prompt (its ``<GEN>`` path): the image is drawn,
 stored, and returned as a markdown image link, its id in the response's ``artifacts`` extension field.
+
+Tool calling as OpenAI has it (``tools``, ``tool_choice`` auto / none / required / a named function, ``tool_calls``
+in the reply, ``tool`` messages in the history, streamed as one tool-call delta): the reply is decoded under a
+grammar built from the tools' schemas (``tools.chat_model.tools_schema``, the same as ``MGMChatModel.bind_tools``),
+so a call always names an offered tool with arguments valid for its schema. Parameters Mini-Gemini cannot honour
+(``stop``, ``logprobs``, penalties, …) are refused by name, never ignored.
 """
 
 from __future__ import annotations
@@ -21,15 +27,19 @@ from typing import Annotated, Any, Literal
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from models.diffusion.defaults import NEGATIVE_PROMPT
+from models.errors import InvalidInputError
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError
 from orchestrator.api.logs import current_run, current_task
 from orchestrator.api.routes.artifacts import store_image
+from tools.chat_model import (
+    parse_tool_reply, tool_call_id, tool_call_text, tool_result_header, tools_prompt, tools_schema,
+)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -54,11 +64,49 @@ class ImagePart(BaseModel):
     image_url: ImageUrl
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=64 * 1024)  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=16)  # assistant: the calls it made
+    tool_call_id: str | None = Field(None, max_length=128)  # tool: the call this is the result of
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4000)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # calls are always valid for their schema: decoded under it
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class JsonSchemaFormat(BaseModel):
@@ -76,10 +124,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's chat request Mini-Gemini supports; unknown fields are ignored."""
+# OpenAI parameters Mini-Gemini does not honour, with the values that ask for nothing (accepted as no-ops).
+UNSUPPORTED = {
+    "stop": (None, "", []), "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "functions": (None, []), "function_call": (None,),
+    "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,),
+    "service_tier": (None, "auto", "default"), "store": (None, False), "metadata": (None, {}), "verbosity": (None,),
+}
 
-    model_config = ConfigDict(extra="ignore")
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat request Mini-Gemini supports; anything else is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
@@ -93,6 +150,29 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     modalities: list[Literal["text", "image"]] | None = None
+    tools: list[ToolSpec] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # a reply holds at most one call, which either setting allows
+    user: str | None = Field(None, max_length=256)  # an end-user id for the caller's records; not used here
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED.items():
+                if name in data and data[name] not in neutral:
+                    raise ValueError(f"the parameter {name!r} is not supported by this server")
+                data = {key: value for key, value in data.items() if key != name}
+        return data
+
+    def tool_mode(self) -> str | None:
+        """How the reply is decoded: None (text), or the ``tool_choice`` of ``tools_schema`` (auto, required,
+        or the name of the one function to call)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
 
 
 def _models(context) -> list[str]:
@@ -140,9 +220,14 @@ async def _image_bytes(url: str, where: str, settings) -> bytes:
 
 async def _messages(context, body: ChatCompletionRequest, scope: str) -> list[dict[str, Any]]:
     """OpenAI messages as ``vlm.chat`` messages: text, and images stored as artifacts of the caller's scope."""
-    settings, total, converted = context.settings, 0, []
+    settings, total, converted, calls = context.settings, 0, [], {}
     for index, message in enumerate(body.messages):
         texts, images = [], []
+        if message.role == "tool":
+            if message.tool_call_id not in calls:
+                raise ApiError(400, f"messages[{index}].tool_call_id matches no tool call of an earlier assistant "
+                                    "message", code="invalid_request")
+            texts.append(tool_result_header(calls[message.tool_call_id]))
         parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
         for number, part in enumerate(parts or []):
             if isinstance(part, TextPart):
@@ -153,12 +238,20 @@ async def _messages(context, body: ChatCompletionRequest, scope: str) -> list[di
             artifact = await run_in_threadpool(store_image, context.store, data, scope=scope,
                                                max_pixels=settings.max_image_pixels, metadata={"source": "chat"})
             images.append(artifact.id)
+        for call in message.tool_calls or []:  # the assistant's earlier calls, as the model writes them
+            try:
+                arguments = json.loads(call.function.arguments)
+            except json.JSONDecodeError:
+                raise ApiError(400, f"messages[{index}]: the arguments of tool call {call.id[:40]!r} are not JSON",
+                               code="invalid_request") from None
+            calls[call.id] = call.function.name
+            texts.append(tool_call_text(call.function.name, arguments))
         text = "\n".join(texts)
         total += len(text)
         if total > settings.max_prompt_chars:
             raise ApiError(413, f"the messages hold over {settings.max_prompt_chars:,} characters of text",
                            code="prompt_too_long")
-        role = "system" if message.role == "developer" else message.role
+        role = {"developer": "system", "tool": "user"}.get(message.role, message.role)  # results: user turns
         converted.append({"role": role, "text": text, "images": images})
     return converted
 
@@ -182,6 +275,16 @@ async def _chat_payload(context, body: ChatCompletionRequest, scope: str) -> dic
         "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
         "json_schema": _json_schema(body.response_format), "generate_image": "image" in (body.modalities or []),
     }
+    if body.tool_choice == "required" and not body.tools or isinstance(body.tool_choice, NamedToolChoice) and \
+            body.tool_choice.function.name not in {tool.function.name for tool in body.tools or []}:
+        raise ApiError(400, "tool_choice names no tool of 'tools'", code="invalid_request")
+    mode = body.tool_mode()
+    if mode is not None:
+        if payload["json_schema"] is not None:
+            raise ApiError(400, "response_format cannot be combined with tools", code="invalid_request")
+        functions = [tool.function.model_dump(exclude_none=True) for tool in body.tools]
+        messages.insert(0, {"role": "system", "text": tools_prompt(functions), "images": []})
+        payload.update(json_schema=tools_schema(functions, mode), generate_image=False)
     if len(json.dumps(messages)) > MAX_INLINE_MESSAGES_BYTES:
         history = await run_in_threadpool(context.store.put, json.dumps(messages).encode(), scope=scope,
                                           media_type="application/json", metadata={"source": "chat-history"})
@@ -250,11 +353,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     base_url = str(request.base_url)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_stream(context, base, task_id, body.seed, scope, base_url, include_usage),
-                                   ping=15, sep="\n")
+        return EventSourceResponse(_stream(context, base, task_id, body.seed, scope, base_url, include_usage,
+                                           tools=body.tool_mode() is not None), ping=15, sep="\n")
     record = await _finished(context, task_id)
     _raise_for(record)
     result = record.result
+    if body.tool_mode() is not None:
+        message, finish_reason = _tool_reply(result)
+        return {**base, "object": "chat.completion", "usage": _usage(result), "artifacts": [],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}]}
     content, artifacts = result["text"], []
     if result.get("image_prompt"):
         links, artifacts = await _draw(context, result["image_prompt"], body.seed, run_id=completion_id,
@@ -265,6 +372,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                          "finish_reason": result["finish_reason"], "logprobs": None}]}
 
 
+def _tool_reply(result: dict) -> tuple[dict[str, Any], str]:
+    """The assistant message of a tools-bound reply (a tool call, or a text answer) and its finish reason."""
+    try:
+        name, value = parse_tool_reply(result["text"], result["finish_reason"])
+    except InvalidInputError as error:
+        raise ApiError(400, str(error), code="max_tokens_too_small") from None
+    if name is None:
+        return {"role": "assistant", "content": value}, result["finish_reason"]
+    call = {"id": tool_call_id(), "type": "function", "function": {"name": name, "arguments": json.dumps(value)}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+
+
 def _chunk(base: dict, delta: dict, finish_reason: str | None = None, **extra: Any) -> ServerSentEvent:
     body = {**base, "object": "chat.completion.chunk",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
@@ -272,8 +391,10 @@ def _chunk(base: dict, delta: dict, finish_reason: str | None = None, **extra: A
 
 
 async def _stream(context, base: dict, task_id: str, seed: int | None, scope: str, base_url: str,
-                  include_usage: bool) -> AsyncIterator[ServerSentEvent]:
-    """Token deltas as they are generated, then the image link (if any), the finish chunk, usage, ``[DONE]``."""
+                  include_usage: bool, *, tools: bool = False) -> AsyncIterator[ServerSentEvent]:
+    """Token deltas as they are generated, then the image link (if any), the finish chunk, usage, ``[DONE]``.
+    A tools-bound reply is JSON under the tools' grammar: it is sent whole once decoded, as one tool-call (or
+    content) delta."""
     run_id = base["id"]
     yield _chunk(base, {"role": "assistant", "content": ""})
     after, record = None, None
@@ -283,23 +404,34 @@ async def _stream(context, base: dict, task_id: str, seed: int | None, scope: st
         # Read after the status: every token of a finished step is in this read.
         for event in await run_in_threadpool(context.tasks.events, run_id, after):
             after = event.id
-            if event.type == "task.token" and event.data.get("task_id") == task_id:
+            if event.type == "task.token" and event.data.get("task_id") == task_id and not tools:
                 yield _chunk(base, {"content": event.data["text"]})
         if record is None:
             await asyncio.sleep(POLL_S)
     if record.status != "done":
         error = record.error or {}
-        yield ServerSentEvent(data=json.dumps({"error": {
-            "message": error.get("message", f"the model step ended {record.status}"), "type": "server_error",
-            "code": error.get("code", record.status)}}))
+        yield _error_event(error.get("message", f"the model step ended {record.status}"), "server_error",
+                           error.get("code", record.status))
         return
-    result, artifacts = record.result, []
-    if result.get("image_prompt"):
+    result, artifacts, finish_reason = record.result, [], record.result["finish_reason"]
+    if tools:
+        try:
+            message, finish_reason = _tool_reply(result)
+        except ApiError as error:
+            yield _error_event(error.message, "invalid_request_error", error.code)
+            return
+        calls = message.get("tool_calls")
+        yield _chunk(base, {"tool_calls": [{"index": 0, **calls[0]}]} if calls else {"content": message["content"]})
+    elif result.get("image_prompt"):
         links, artifacts = await _draw(context, result["image_prompt"], seed, run_id=run_id, scope=scope,
                                        base_url=base_url)
         yield _chunk(base, {"content": f"\n\n{links}"})
-    yield _chunk(base, {}, result["finish_reason"], artifacts=artifacts)
+    yield _chunk(base, {}, finish_reason, artifacts=artifacts)
     if include_usage:
         yield ServerSentEvent(data=json.dumps({**base, "object": "chat.completion.chunk", "choices": [],
                                                "usage": _usage(result)}))
     yield ServerSentEvent(data="[DONE]")
+
+
+def _error_event(message: str, kind: str, code: str) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps({"error": {"message": message, "type": kind, "code": code}}))

@@ -1,5 +1,6 @@
 // The mgmflow playground: pick a workflow, fill its input (the form is built from the workflow's input schema),
-// start a run on a new thread, follow its event stream, show images as they arrive and the storyboard at the end.
+// start a run (on a new thread, or on the same one to continue a conversation), follow its event stream, show
+// images as they arrive, then the storyboard, the answer or the conversation, and a link to the run's files.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -54,11 +55,18 @@ function isImageField(name, spec) {
   return /image/i.test(name) && (spec.type === "string" || spec.type === "array" || spec.anyOf);
 }
 
+// An optional field (`int | None`) is `anyOf: [{type: "integer", ...}, {type: "null"}]`: its non-null part.
+function unwrapOptional(spec) {
+  const options = (spec.anyOf || []).filter((option) => option.type !== "null");
+  return options.length === 1 ? { ...options[0], ...spec, anyOf: undefined, type: options[0].type } : spec;
+}
+
 function renderFields(schema) {
   const fields = $("fields");
   fields.replaceChildren();
   const required = new Set(schema.required || []);
-  for (const [name, spec] of Object.entries(schema.properties || {})) {
+  for (const [name, property] of Object.entries(schema.properties || {})) {
+    const spec = unwrapOptional(property);
     const label = document.createElement("label");
     label.textContent = `${spec.title || name} `;
     let input;
@@ -72,8 +80,8 @@ function renderFields(schema) {
       input.type = "number";
       if (spec.minimum !== undefined) input.min = spec.minimum;
       if (spec.maximum !== undefined) input.max = spec.maximum;
-      if (spec.default !== undefined) input.value = spec.default;
-      input.step = spec.type === "integer" ? "1" : "any";
+      if (spec.default !== undefined && spec.default !== null) input.value = spec.default;
+      input.step = spec.multipleOf || (spec.type === "integer" ? "1" : "any");
     } else if (spec.type === "boolean") {
       input = document.createElement("input");
       input.type = "checkbox";
@@ -160,9 +168,10 @@ function onEvent(event, data) {
       return log(`queued, position ${data.position}`);
     case "run":
       $("status").textContent = data.status;
+      if (data.status !== "pending") $("position").textContent = "";
       return log(`run ${data.status}${data.error ? `: ${data.error.message}` : ""}`, data.error ? "error" : "");
     case "node":
-      if (data.phase === "start") $("status").textContent = `running: ${data.name}`;
+      if (data.phase === "start") { $("status").textContent = `running: ${data.name}`; $("position").textContent = ""; }
       return log(`${data.phase === "start" ? "▶" : data.phase === "error" ? "✗" : "✓"} ${data.name}`);
     case "progress":
       setProgress(data.done, data.total);
@@ -183,6 +192,7 @@ function onEvent(event, data) {
       return log(`error: ${data.message || data.error}`, "error");
     case "end":
       $("status").textContent = data.status || "done";
+      $("position").textContent = "";
       return log(`end: ${data.status}`);
     default:
       return undefined;
@@ -234,17 +244,35 @@ async function follow(threadId, runId) {
   }
 }
 
-// Plain-HTTP progress while the run waits: its place in the queue.
+// Plain-HTTP progress while the run waits: its place in the queue (never shown once it has started).
 async function pollPosition(runId) {
   for (;;) {
     const run = await api(`/runs/${runId}`);
-    if (run.status !== "pending") return;
+    if (run.status !== "pending" || state.runId !== runId) return;
     $("position").textContent = `queued, position ${run.position}`;
     await new Promise((resolve) => setTimeout(resolve, 1000));
   }
 }
 
-async function showResult(threadId) {
+function showConversation(messages) {
+  const items = messages.map((message) => {
+    const item = document.createElement("li");
+    item.className = message.role;
+    item.textContent = `${message.role}: ${message.text}`;
+    return item;
+  });
+  $("conversation").replaceChildren(...items);
+  $("conversation-panel").hidden = items.length === 0;
+  for (const message of messages) {
+    for (const artifactId of message.images || []) showImage($("images"), artifactId, `${message.role}`);
+  }
+}
+
+async function showResult(threadId, runId) {
+  const run = await api(`/runs/${runId}`);
+  $("position").textContent = "";
+  $("output-link").hidden = !run.output_url;
+  if (run.output_url) $("output-link").dataset.url = run.output_url;
   const threadState = await api(`/threads/${threadId}/state`);
   const values = threadState.values || {};
   const refs = Object.fromEntries((values.artifacts || []).map((ref) => [ref.id, ref]));
@@ -254,33 +282,65 @@ async function showResult(threadId) {
     const score = ref.scores ? Object.values(ref.scores)[0] : undefined;
     await showImage($("storyboard"), artifactId, `${item}: ${ref.prompt || ""}${score !== undefined ? ` (score ${score})` : ""}`);
   }
-  const answer = values.answer || (values.messages || []).filter((m) => m.role === "assistant").map((m) => m.text).pop();
-  if (answer) { $("answer").textContent = typeof answer === "string" ? answer : JSON.stringify(answer, null, 2); $("answer-panel").hidden = false; }
+  if (values.answer) {
+    $("answer").textContent = typeof values.answer === "string" ? values.answer : JSON.stringify(values.answer, null, 2);
+    $("answer-panel").hidden = false;
+  }
+  showConversation(values.messages || []);
 }
 
-$("workflow").addEventListener("change", () => loadSchema().catch((error) => log(error.message, "error")));
+// The run's files (a story's storyboard folder, …) as a zip; fetched with the API key, then saved.
+$("output-link").addEventListener("click", async () => {
+  const response = await fetch($("output-link").dataset.url, { headers: headers() });
+  if (!response.ok) return log(`cannot download the run's files: ${response.status}`, "error");
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = `${$("workflow").value}-${state.runId}.zip`;
+  link.click();
+  URL.revokeObjectURL(link.href);
+});
+
+function newThread() {
+  state.threadId = null;
+  $("thread").textContent = "new thread";
+  $("conversation").replaceChildren();
+  $("conversation-panel").hidden = true;
+}
+
+$("workflow").addEventListener("change", () => {
+  newThread(); // a thread belongs to one workflow
+  $("same-thread").checked = $("workflow").value === "chat";
+  loadSchema().catch((error) => log(error.message, "error"));
+});
+$("new-thread").addEventListener("click", newThread);
 
 $("run-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   $("start").disabled = true;
   $("events").replaceChildren(); $("images").replaceChildren(); $("storyboard").replaceChildren();
+  $("answer-panel").hidden = true; $("output-link").hidden = true; $("position").textContent = "";
   state.shown.clear();
   state.previewSeq++;
   $("preview-panel").hidden = true;
   $("progress").value = 0;
   try {
     const input = await collectInput();
-    const thread = await api("/threads", { method: "POST", json: {} });
+    // A conversation goes on on its thread; anything else (or "New thread") starts a new one.
+    if (!$("same-thread").checked || !state.threadId) {
+      state.threadId = (await api("/threads", { method: "POST", json: {} })).thread_id;
+    }
+    const threadId = state.threadId;
+    $("thread").textContent = `thread ${threadId}`;
     const previews = Number($("previews").value) || 0;
-    const run = await api(`/threads/${thread.thread_id}/runs`, {
+    const run = await api(`/threads/${threadId}/runs`, {
       method: "POST", json: { assistant_id: $("workflow").value, input, stream_resumable: true, previews },
     });
-    Object.assign(state, { threadId: thread.thread_id, runId: run.run_id });
+    state.runId = run.run_id;
     $("cancel").disabled = false;
     $("status").textContent = run.status;
     pollPosition(run.run_id).catch(() => {});
-    await follow(thread.thread_id, run.run_id);
-    await showResult(thread.thread_id);
+    await follow(threadId, run.run_id);
+    await showResult(threadId, run.run_id);
   } catch (error) {
     $("status").textContent = "error";
     log(error.message, "error");

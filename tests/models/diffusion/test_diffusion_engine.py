@@ -20,6 +20,7 @@ from models.diffusion import (
     TextToImageRequest,
     read_parameters,
 )
+from models.diffusion.loading import lora_hash
 from models.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -65,13 +66,13 @@ def test_every_png_carries_its_parameters_and_nothing_machine_specific(engine, m
     assert read_parameters(image.png) == image.parameters
     assert image.parameters == {
         "task": "text_to_image", "prompt": "a cat, in a hat", "seed": 5, "negative_prompt": NEGATIVE_PROMPT,
-        "steps": 3, "guidance_scale": 5.0, "width": 64, "height": 64, "model": "tiny",
-        "scheduler": "EulerDiscreteScheduler", "loras": [],
+        "steps": 3, "guidance_scale": 5.0, "width": 64, "height": 64, "model": "tiny", "model_hash": None,
+        "scheduler": "EulerDiscreteScheduler", "sampler": "Euler", "schedule_type": None, "loras": [],
     }
     with Image.open(io.BytesIO(image.png)) as png:
         text = json.dumps(png.text)
     assert str(mgmflow_home) not in text and "tmp" not in text
-    assert "Steps: 3, Sampler: EulerDiscreteScheduler, CFG scale: 5.0, Seed: 5, Size: 64x64, Model: tiny" in text
+    assert "Steps: 3, Sampler: Euler, CFG scale: 5.0, Seed: 5, Size: 64x64, Model: tiny" in text
 
 
 def test_progress_reports_every_step_with_a_preview(engine):
@@ -230,7 +231,8 @@ def test_lora_changes_the_image_at_its_weight_and_is_recorded(engine, lora_file)
     assert np.abs(pixels(off.png) - pixels(base.png)).max() <= 1
     [lora] = full.parameters["loras"]
     assert lora["name"] == "pixel_art" and lora["weight"] == 1.0 and len(lora["sha256"]) == 64
-    assert f'Lora hashes: "pixel_art: {lora["sha256"][:12]}"' in Image.open(io.BytesIO(full.png)).text["parameters"]
+    assert lora["hash"] == lora_hash(lora_file) != lora["sha256"]
+    assert f'Lora hashes: "pixel_art: {lora["hash"][:12]}"' in Image.open(io.BytesIO(full.png)).text["parameters"]
 
 
 def test_bad_loras_are_typed_errors(tmp_path, photo):

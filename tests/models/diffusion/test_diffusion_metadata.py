@@ -5,7 +5,8 @@ import io
 import pytest
 from PIL import Image
 
-from models.diffusion.metadata import encode_png, infotext, parse_infotext, read_parameters
+from models.diffusion.loading import lora_hash, sha256_of
+from models.diffusion.metadata import a1111_sampler, encode_png, infotext, parse_infotext, read_parameters
 from models.errors import InvalidImageError
 
 PARAMETERS = {
@@ -19,8 +20,11 @@ PARAMETERS = {
     "height": 768,
     "model": "sdxl-base",
     "scheduler": "EulerDiscreteScheduler",
+    "sampler": "Euler",
+    "schedule_type": None,
+    "model_hash": "31e35c80fc",
     "strength": 0.75,
-    "loras": [{"name": "pixel_art", "weight": 0.8, "sha256": "ab" * 32}],
+    "loras": [{"name": "pixel_art", "weight": 0.8, "sha256": "ab" * 32, "hash": "ef" * 32}],
     "image_sha256": "cd" * 32,
 }
 
@@ -41,9 +45,9 @@ def test_a1111_text_alone_parses_back_to_our_keys():
     png = encode_png(Image.new("RGB", (8, 8)), PARAMETERS)
     parsed = parse_infotext(_chunks(png)["parameters"])
     for key in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "model",
-                "scheduler", "strength"):
+                "model_hash", "scheduler", "sampler", "strength"):
         assert parsed[key] == PARAMETERS[key], key
-    assert parsed["loras"] == [{"name": "pixel_art", "sha256": "ab" * 6, "weight": 0.8}]
+    assert parsed["loras"] == [{"name": "pixel_art", "hash": "ef" * 6, "weight": 0.8}]
 
 
 def test_infotext_layout_follows_a1111():
@@ -51,7 +55,7 @@ def test_infotext_layout_follows_a1111():
     assert text.split("\n") == [
         "a cat",
         "Negative prompt: ugly",
-        "Steps: 30, Sampler: EulerDiscreteScheduler, CFG scale: 5.5, Seed: 1099511627783, Size: 1024x768, "
+        "Steps: 30, Sampler: Euler, CFG scale: 5.5, Seed: 1099511627783, Size: 1024x768, Model hash: 31e35c80fc, "
         "Model: sdxl-base, Denoising strength: 0.75",
     ]
     assert "Negative prompt" not in infotext(PARAMETERS | {"negative_prompt": ""})
@@ -72,8 +76,65 @@ def test_reads_a_png_written_by_automatic1111():
     assert parsed["negative_prompt"] == "lowres"
     assert (parsed["steps"], parsed["seed"], parsed["guidance_scale"]) == (20, 1234, 7.0)
     assert (parsed["width"], parsed["height"]) == (512, 768)
-    assert parsed["scheduler"] == "DPM++ 2M" and parsed["Schedule type"] == "Karras"
-    assert parsed["loras"] == [{"name": "detail", "sha256": "1a2b3c4d5e6f", "weight": 1.0}]
+    assert parsed["sampler"] == "DPM++ 2M" and parsed["schedule_type"] == "Karras"
+    assert parsed["scheduler"] == "DPMSolverMultistepScheduler" and parsed["model_hash"] == "6ce0161689"
+    assert parsed["loras"] == [{"name": "detail", "hash": "1a2b3c4d5e6f", "weight": 1.0}]
+
+
+@pytest.mark.parametrize(("scheduler", "config", "sampler", "schedule_type"), [
+    ("EulerDiscreteScheduler", {}, "Euler", None),
+    ("EulerAncestralDiscreteScheduler", {}, "Euler a", None),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "Euler", "Karras"),
+    ("DPMSolverMultistepScheduler", {}, "DPM++ 2M", None),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M", "Karras"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE", None),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+                                     "use_exponential_sigmas": True}, "DPM++ 3M SDE", "Exponential"),
+    ("DPMSolverSinglestepScheduler", {}, "DPM++ SDE", None),
+    ("KDPM2AncestralDiscreteScheduler", {}, "DPM2 a", None),
+    ("DDIMScheduler", {}, "DDIM", None),
+    ("PNDMScheduler", {}, "PLMS", None),
+    ("UniPCMultistepScheduler", {}, "UniPC", None),
+    ("HeunDiscreteScheduler", {}, "Heun", None),
+])
+def test_samplers_carry_automatic1111_names(scheduler, config, sampler, schedule_type):
+    import diffusers
+
+    assert a1111_sampler(getattr(diffusers, scheduler)(**config)) == (sampler, schedule_type)
+
+
+def test_independent_a1111_parser_reads_sampler_schedule_model_hash_and_loras(tmp_path):
+    """sd-parsers (what civitai-style tools use) reads what AUTOMATIC1111 writes, from our PNG alone."""
+    from sd_parsers import ParserManager
+
+    parameters = PARAMETERS | {"sampler": "DPM++ 2M", "schedule_type": "Karras",
+                               "scheduler": "DPMSolverMultistepScheduler", "prompt": "a cat", "loras": []}
+    path = tmp_path / "page.png"
+    path.write_bytes(encode_png(Image.new("RGB", (8, 8)), parameters))
+    info = ParserManager().parse(str(path))
+    [sampler] = info.samplers
+    assert info.generator.name == "AUTOMATIC1111"
+    assert sampler.name == "DPM++ 2M" and sampler.parameters["scheduler"] == "Karras"
+    assert (sampler.model.name, sampler.model.hash) == ("sdxl-base", "31e35c80fc")
+    assert sampler.parameters["seed"] == str(PARAMETERS["seed"]) and sampler.parameters["steps"] == "30"
+    assert [prompt.value for prompt in sampler.prompts] == ["a cat"]
+
+
+def test_lora_hash_is_automatic1111s_hash_of_the_tensor_data(tmp_path):
+    """A1111's LoRA hash skips the safetensors header: new metadata in the file keeps it, unlike a whole-file sha."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    tensors = {"lora_unet_down.lora_down.weight": torch.arange(12.0).reshape(3, 4)}
+    save_file(tensors, str(first), metadata={"ss_output_name": "a"})
+    save_file(tensors, str(second), metadata={"ss_output_name": "a renamed copy"})
+    data = first.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    assert lora_hash(first) == hashlib.sha256(data[8 + header:]).hexdigest()
+    assert lora_hash(first) == lora_hash(second) and sha256_of(first) != sha256_of(second)
 
 
 def test_same_parameters_same_bytes():

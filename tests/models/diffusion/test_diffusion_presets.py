@@ -1,5 +1,7 @@
 """Presets: tiny ones built deterministically and cached atomically; real ones found locally or named as missing."""
 
+import hashlib
+import io
 import os
 import shutil
 import threading
@@ -7,6 +9,7 @@ import threading
 import pytest
 import torch
 from diffusion_support import pixels
+from PIL import Image
 from safetensors.torch import save_file
 
 from models.diffusion import presets
@@ -77,6 +80,7 @@ def test_missing_real_preset_names_both_places(no_real_weights):
     message = str(caught.value)
     assert str(no_real_weights / "sdxl-base") in message
     assert "stabilityai/stable-diffusion-xl-base-1.0" in message and "never downloads" in message
+    assert f"`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir {no_real_weights / 'sdxl-base'}`" in message
 
 
 def test_real_preset_from_the_local_models_folder(no_real_weights):
@@ -180,5 +184,9 @@ def test_a_single_file_checkpoint_loads_offline_with_its_configs(tmp_path, no_re
     [from_file] = engine.text_to_image(request)
     [from_folder] = engines("tiny-sd").text_to_image(request)
     assert from_file.parameters["model"] == "dreamshaper_8"  # the file's name, never its path
-    assert from_file.parameters | {"model": "tiny-sd"} == from_folder.parameters
+    # A1111's model hash: the checkpoint file's sha256, 10 hex digits (folders have none)
+    assert from_file.parameters["model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {from_file.parameters['model_hash']}, Model: dreamshaper_8" in Image.open(
+        io.BytesIO(from_file.png)).text["parameters"]
+    assert from_file.parameters | {"model": "tiny-sd", "model_hash": None} == from_folder.parameters
     assert (pixels(from_file.png) == pixels(from_folder.png)).all()

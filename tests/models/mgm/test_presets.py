@@ -85,7 +85,7 @@ def test_concurrent_builds_end_with_one_complete_folder(tmp_path, monkeypatch):
 def test_released_presets_point_to_hub_ids_or_local_folders(tmp_path, monkeypatch, oracle_dir):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     monkeypatch.setenv("MGMFLOW_MODELS_DIR", str(tmp_path / "models"))
-    with pytest.raises(ModelNotFoundError, match=r"YanweiLi/MGM-8x7B-HD.*huggingface-cli download") as error:
+    with pytest.raises(ModelNotFoundError, match=r"YanweiLi/MGM-8x7B-HD.*`hf download YanweiLi/MGM-8x7B-HD --local-dir ") as error:
         presets.resolve("mgm-8x7b-hd")
     assert str(tmp_path / "models" / "mgm-8x7b-hd") in str(error.value)
 
@@ -94,9 +94,11 @@ def test_released_presets_point_to_hub_ids_or_local_folders(tmp_path, monkeypatc
     assert presets.resolve("MGM-7B") == tmp_path / "models" / "mgm-7b"
 
     listed = {info.name: info for info in presets.list_presets()}
-    assert set(presets.REAL_PRESETS) | set(presets.TINY_PRESETS) == set(listed)
+    # Tiny presets are named as every command names them ("tiny", not "tiny-llama"), and are always available.
+    assert set(presets.REAL_PRESETS) | {"tiny", "tiny-gemma", "tiny-hd", "small"} == set(listed)
+    assert all(listed[name].available and listed[name].kind == "tiny" for name in ("tiny", "tiny-gemma", "small"))
     assert listed["mgm-7b"].available and not listed["mgm-34b"].available
-    assert "YanweiLi/MGM-34B" in listed["mgm-34b"].location and listed["tiny-llama"].kind == "tiny"
+    assert "YanweiLi/MGM-34B" in listed["mgm-34b"].location
 
 
 def test_unknown_name(tmp_path):
