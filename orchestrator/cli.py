@@ -402,7 +402,8 @@ def _field_option(name: str, field) -> click.Option:
     multiple = typing.get_origin(annotation) is list
     if multiple:
         annotation = typing.get_args(annotation)[0]
-    kind = annotation if annotation in (int, float, str) else _JsonItems() if multiple else str
+    objects = typing.get_origin(annotation) is dict or (isinstance(annotation, type) and issubclass(annotation, dict))
+    kind = annotation if annotation in (int, float, str) else _JsonItems() if multiple and objects else str
     shown = None if required or field.default is None or field.default_factory else str(field.default)
     return click.Option([flag, name], type=kind, multiple=multiple, required=required, default=None,
                         show_default=shown or False, help=field.description)
@@ -424,8 +425,10 @@ class _JsonItems(click.ParamType):
             path = Path(value).expanduser()
             try:
                 text, source = path.read_text(), str(path)
-            except (OSError, UnicodeDecodeError) as error:
-                self.fail(f"{value!r} is neither JSON nor a readable JSON / JSON Lines file ({error.strerror or error})")
+            except OSError as error:
+                self.fail(f"{value!r} is neither JSON nor a readable JSON / JSON Lines file ({error.strerror})")
+            except UnicodeDecodeError:
+                self.fail(f"{value!r} is not a text file")
         try:
             parsed = json.loads(text)
             items = parsed if isinstance(parsed, list) else [parsed]
@@ -573,6 +576,9 @@ def _finish(service, run, out: Path | None) -> None:
         click.echo(json.dumps(_summary(service.output_values(run)), indent=2, default=str))
         return
     result = workflow.write_output(service.output_values(run), out, service.context(run))
+    if workflow.describe_output is not None:
+        click.echo(workflow.describe_output(result, out))
+        return
     count = len(result.get("pages", [])) if isinstance(result, dict) else 0
     click.echo(f"{out}" + (f" ({count} pages)" if count else ""))
 
