@@ -13,6 +13,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, create_react_agent
 from pydantic import BaseModel, Field
+from tool_helpers import png
 
 from models.errors import InvalidInputError
 from tools.chat_model import MGMChatModel
@@ -113,3 +114,14 @@ def test_a_conversation_may_end_with_an_assistant_or_tool_message(model, ending)
     assert isinstance(reply, AIMessage) and reply.response_metadata["completion_tokens"] > 0
     verdict = model.with_structured_output(Verdict).invoke(messages)
     assert isinstance(verdict, Verdict)
+
+
+@pytest.mark.timeout(300)
+def test_the_models_own_pictures_go_back_into_the_conversation(model, client):
+    # LangChain hands the model's replies back as they came, generated image blocks included; MGM sees images in
+    # user turns only, so the picture opens the next user turn (its visual tokens are in the prompt).
+    picture = client.store.put(png(), scope=SCOPE, media_type="image/png", metadata={}).id
+    drawn = [{"type": "text", "text": "Here it is."}, {"type": "image", "file_id": picture, "mime_type": "image/png"}]
+    asked = model.invoke([HumanMessage("Draw a dog."), AIMessage(drawn), HumanMessage("What colour is it?")])
+    told = model.invoke([HumanMessage("Draw a dog."), AIMessage("Here it is."), HumanMessage("What colour is it?")])
+    assert asked.response_metadata["prompt_tokens"] > told.response_metadata["prompt_tokens"] + 1

@@ -85,5 +85,10 @@ def test_chat_turns_are_laid_out_as_the_templates_were_trained():
     assert [(t.role, t.text) for t in laid_out] == [("system", "s"), ("user", ""), ("assistant", "hello"),
                                                     ("user", "a\n\nb"), ("assistant", "c\n\nd"), ("user", "")]
     assert template_turns(turns(("user", "q"))) == turns(("user", "q"))  # already alternating: unchanged
+    # The pictures an assistant drew open the user turn after it (MGM sees images in user turns only).
+    drew = template_turns([MessageInput(role="user", text="Draw a dog."),
+                           MessageInput(role="assistant", text="Here it is.", images=["dog"]),
+                           MessageInput(role="user", text="What colour is it?", images=["cat"])])
+    assert [(t.role, t.images) for t in drew] == [("user", []), ("assistant", []), ("user", ["dog", "cat"])]
     prompt = get_template("vicuna_v1").render([Turn(t.role, t.text, len(t.images)) for t in laid_out])
     assert prompt.endswith("ASSISTANT: c\n\nd</s>USER:  ASSISTANT:")  # the reply is a new assistant turn

@@ -131,12 +131,13 @@ def _chat(ctx: StepContext, params: _ChatParams, messages: list[MessageInput], *
 
 def template_turns(messages: list[MessageInput]) -> list[MessageInput]:
     """A chat-model conversation in the shape the templates were trained on: after an optional system message,
-    user and assistant turns alternating, from a user turn to a user turn.
+    user and assistant turns alternating, from a user turn to a user turn, images in user turns only.
 
-    Clients (LangChain, OpenAI) may send consecutive messages of one role (several tool results, an agent's
-    notes) and may end on the assistant's own message (``response_format`` asks for a new reply to it): runs of one
-    role become one turn, and a conversation that opens or ends on an assistant turn gets an empty user turn there,
-    so the reply is a new assistant turn after it."""
+    Clients (LangChain, OpenAI, the chat workflow) may send consecutive messages of one role (several tool results,
+    an agent's notes), may end on the assistant's own message (``response_format`` asks for a new reply to it) and
+    may hand back the pictures the assistant drew: runs of one role become one turn, a conversation that opens or
+    ends on an assistant turn gets an empty user turn there (the reply is a new assistant turn), and an assistant
+    turn's images open the user turn after it."""
     head = messages[:1] if messages and messages[0].role == "system" else []
     turns: list[MessageInput] = []
     for message in messages[len(head):]:
@@ -150,6 +151,12 @@ def template_turns(messages: list[MessageInput]) -> list[MessageInput]:
         turns.insert(0, MessageInput(role="user", text=""))
     if not turns or turns[-1].role == "assistant":
         turns.append(MessageInput(role="user", text=""))
+    drawn: list[str] = []
+    for index, turn in enumerate(turns):
+        if turn.role == "assistant" and turn.images:
+            drawn, turns[index] = turn.images, MessageInput(role="assistant", text=turn.text)
+        elif turn.role == "user" and drawn:
+            turns[index], drawn = MessageInput(role="user", text=turn.text, images=[*drawn, *turn.images]), []
     return [*head, *turns]
 
 
