@@ -93,8 +93,8 @@ class TaskTool(BaseTool):
         task_id = f"{self.run_id}:{self.name}:{uuid.uuid4().hex}"
         try:
             self.client.submit(kind, payload, task_id=task_id, run_id=self.run_id, scope=self.scope)
-        except InvalidInputError as error:
-            raise ToolInputError(str(error)) from error
+        except InvalidInputError as error:  # the one refusal left: texts too long together for a task message
+            raise ToolInputError(f"the arguments are too long together ({error}); shorten the texts") from error
         try:
             record = self.client.wait(task_id, self.timeout)
         except TimeoutError:

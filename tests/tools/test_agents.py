@@ -69,6 +69,12 @@ def test_a_made_up_artifact_id_is_a_tool_error_the_agent_reads(model, tools):
                                      "id": "call_2", "type": "tool_call"}])
     reply = graph.compile().invoke({"messages": [HumanMessage("Draw."), bad]})["messages"][-1]
     assert reply.status == "error" and "width" in reply.content and "multiple of 8" in reply.content
+    # Texts the schema allows that are too long together for a task message (a non-ASCII character takes up to
+    # six bytes in JSON): the model is told to shorten them.
+    long = AIMessage("", tool_calls=[{"name": "generate_image", "args": {"prompt": "é" * 1000, "negative_prompt":
+                                      "ü" * 1000}, "id": "call_3", "type": "tool_call"}])
+    reply = graph.compile().invoke({"messages": [HumanMessage("Draw."), long]})["messages"][-1]
+    assert reply.status == "error" and "shorten the texts" in reply.content
     # Code that wants exceptions keeps the typed error.
     (strict,) = [t for t in make_tools(model.client, scope=SCOPE, handle_errors=False) if t.name == "describe_image"]
     with pytest.raises(InvalidInputError, match="no artifact"):
