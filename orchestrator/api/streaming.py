@@ -79,6 +79,8 @@ async def _events(context: ApiContext, run: Any, scope: str, after: str | None, 
     if after is None:
         yield ServerSentEvent(event="metadata", data=json.dumps({"run_id": run.run_id, "thread_id": run.thread_id}))
     translator = None if modes is None else ModeStream(run, modes, subgraphs)
+    if translator is not None and after is not None:  # resumed: what the client has seen shapes what follows
+        await run_in_threadpool(_replay, context, translator, run.run_id, after)
     finished, position = False, None
     try:
         while True:
@@ -113,6 +115,19 @@ async def _events(context: ApiContext, run: Any, scope: str, after: str | None, 
         if not finished and cancel_on_disconnect:
             logger.info("client left the stream of run %s: cancelling it", run.run_id)
             await run_in_threadpool(context.runs.cancel, run.run_id)
+
+
+def _replay(context: ApiContext, translator: ModeStream, run_id: str, until: str) -> None:
+    last = _order(until)
+    for event in context.runs.all_events(run_id):
+        if _order(event.id) > last:
+            return
+        translator.translate(event)
+
+
+def _order(event_id: str) -> tuple[int, int]:
+    ms, seq = event_id.split("-", 1)
+    return int(ms), int(seq)
 
 
 def stream_response(context: ApiContext, run: Any, scope: str, *, last_event_id: str | None = None,

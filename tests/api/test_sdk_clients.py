@@ -4,6 +4,7 @@ streaming in the Agent Server's stream modes, state, cancel, join, graphs and sc
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -160,6 +161,15 @@ def test_messages_stream_the_models_tokens(live_server):
         assert complete[0]["content"] == "".join(c[0]["content"] for c in chunks)
         assert [p for p in parts if p.event == "messages/partial"][-1].data == complete
         assert complete[0]["content"] == [p.data for p in parts if p.event == "values"][-1]["reply"]
+
+        # Resumed after the second partial message, the stream goes on with the whole text so far.
+        partials = [p for p in parts if p.event == "messages/partial"]
+        path = f"/runs/{parts[0].data['run_id']}/stream"
+        async with httpx.AsyncClient(base_url=live_server.url) as http:
+            response = await http.get(path, params={"stream_mode": "messages"},
+                                      headers={"Last-Event-ID": partials[1].id})
+        resumed = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert json.loads(resumed[0]) == partials[2].data and "messages/metadata" not in response.text
 
     asyncio.run(scenario())
 
