@@ -1,7 +1,8 @@
 """Mini-Gemini steps: ``vlm.chat``, ``vlm.describe``, ``vlm.write_prompt`` (``<GEN>``), ``vlm.critique``.
 
-Images, long histories and big JSON schemas (an agent's tool schemas) arrive as artifact ids. Concurrent requests for the same model run as one batched
-``MGMEngine.chat`` call; a chat turn with a ``thread_id`` reuses that thread's KV prefix on this worker.
+Images, long histories and big JSON schemas (an agent's tool schemas) arrive as artifact ids. Concurrent requests
+for the same model run as one batched ``MGMEngine.chat`` call; a chat turn with a ``thread_id`` reuses that thread's
+KV prefix on this worker.
 """
 
 from __future__ import annotations
