@@ -16,7 +16,7 @@ LangGraph's clients expect (``langgraph-sdk``, ``RemoteGraph``):
     checkpoints      checkpoints                                       event: checkpoints data: {config, values, ...}
 
 Events of a subgraph are sent as ``<mode>|<namespace>`` (namespace parts ``node:task_id`` joined by ``|``) when the
-run asks ``stream_subgraphs``, and left out otherwise. Every event keeps the id of the stored event it was made
+run asks ``stream_subgraphs``, and left out otherwise (but for messages: tokens come from wherever the model ran). Every event keeps the id of the stored event it was made
 from, so ``Last-Event-ID`` resumes a stream in any mode.
 """
 
@@ -24,19 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Any, get_args
+from typing import Any
 
 from langchain_core.messages import AIMessageChunk
-
-from orchestrator.api.schemas import StreamMode
-
-MODES = get_args(StreamMode)
 
 Part = tuple[str, str, tuple[str, ...], Any]  # (mode it belongs to, SSE event name, namespace, data)
 
 
 def parse_modes(stream_mode: str | list[str] | None) -> tuple[str, ...] | None:
-    """The requested modes, once each, in order (validated by :data:`StreamMode` in the request's schema); None:
+    """The requested modes, once each, in order (validated by ``schemas.StreamMode`` in the request); None:
     the run's own event stream, as mgmflow's clients read it."""
     if stream_mode is None:
         return None
@@ -61,8 +57,12 @@ class ModeStream:
                    "run": self._run}.get(event.type, self._custom)
         parts = []
         for mode, name, ns, data in handler(event.type, event.data, _timestamp(event.id)):
-            if mode not in self.modes or (ns and not self.subgraphs):
+            if mode not in self.modes:
                 continue
+            if ns and not self.subgraphs:
+                if mode not in ("messages", "messages-tuple"):
+                    continue
+                ns = ()  # the model's tokens, wherever it was called, as LangGraph streams messages
             self.sent_values |= mode == "values" and not ns
             parts.append(("|".join((name, *ns)), data))
         return parts
