@@ -85,6 +85,8 @@ def test_chat_turns_are_laid_out_as_the_templates_were_trained():
     assert [(t.role, t.text) for t in laid_out] == [("system", "s"), ("user", ""), ("assistant", "hello"),
                                                     ("user", "a\n\nb"), ("assistant", "c\n\nd"), ("user", "")]
     assert template_turns(turns(("user", "q"))) == turns(("user", "q"))  # already alternating: unchanged
+    long = "x" * 10_000  # two tool results, each within a message's limit, merged past it
+    assert len(template_turns(turns(("user", long), ("user", long)))[0].text) == 20_002
     # The pictures an assistant drew open the user turn after it (MGM sees images in user turns only).
     drew = template_turns([MessageInput(role="user", text="Draw a dog."),
                            MessageInput(role="assistant", text="Here it is.", images=["dog"]),

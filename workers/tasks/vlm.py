@@ -144,21 +144,25 @@ def template_turns(messages: list[MessageInput]) -> list[MessageInput]:
     for message in messages[len(head):]:
         if turns and turns[-1].role == message.role:
             last = turns[-1]
-            turns[-1] = MessageInput(role=last.role, text=f"{last.text}\n\n{message.text}".strip(),
-                                     images=[*last.images, *message.images])
+            turns[-1] = _turn(last.role, f"{last.text}\n\n{message.text}".strip(), [*last.images, *message.images])
         else:
             turns.append(message)
     if turns and turns[0].role == "assistant":
-        turns.insert(0, MessageInput(role="user", text=""))
+        turns.insert(0, _turn("user", ""))
     if not turns or turns[-1].role == "assistant":
-        turns.append(MessageInput(role="user", text=""))
+        turns.append(_turn("user", ""))
     drawn: list[str] = []
-    for index, turn in enumerate(turns):
-        if turn.role == "assistant" and turn.images:
-            drawn, turns[index] = turn.images, MessageInput(role="assistant", text=turn.text)
-        elif turn.role == "user" and drawn:
-            turns[index], drawn = MessageInput(role="user", text=turn.text, images=[*drawn, *turn.images]), []
+    for index, current in enumerate(turns):
+        if current.role == "assistant" and current.images:
+            drawn, turns[index] = current.images, _turn("assistant", current.text)
+        elif current.role == "user" and drawn:
+            turns[index], drawn = _turn("user", current.text, [*drawn, *current.images]), []
     return [*head, *turns]
+
+
+def _turn(role: str, text: str, images: list[str] | None = None) -> MessageInput:
+    """A turn made here: the size limits are on what a client sends, not on runs of its messages merged."""
+    return MessageInput.model_construct(role=role, text=text, images=images or [])
 
 
 def _json_artifact(ctx: StepContext, name: str, artifact_id: str):
