@@ -30,3 +30,18 @@ def test_tokens_of_a_model_called_in_a_subgraph_stream_without_stream_subgraphs(
     assert metadata["langgraph_checkpoint_ns"] == "refine:6f1d"
     names = [name for name, _ in translated(("messages-tuple", "updates"), subgraphs=True)]
     assert names == ["messages|refine:6f1d", "updates|refine:6f1d"]
+
+
+def test_an_approval_point_is_an_interrupt_as_langgraph_shows_it():
+    from langgraph.types import Interrupt
+
+    stream = ModeStream(RUN, ("updates", "values"), subgraphs=False)
+    stream.translate(Event("1000-0", "checkpoint", {"ns": [], "step": 3, "checkpoint_id": "c3",
+                                                    "parent_checkpoint_id": "c2", "values": {"pages": 2},
+                                                    "next": ["draw"]}))
+    parts = stream.translate(Event("1000-1", "run", {"status": "interrupted",
+                                                     "interrupt": [{"kind": "approval", "prompt": "a fox"}]}))
+    (_, update), (_, values) = parts
+    (interrupt,) = [Interrupt(**item) for item in update["__interrupt__"]]  # what RemoteGraph raises with
+    assert interrupt.value == {"kind": "approval", "prompt": "a fox"}
+    assert values == {"pages": 2, "__interrupt__": update["__interrupt__"]}
