@@ -12,6 +12,7 @@ a killed orchestration worker, a queued run whose thread became free.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -148,12 +149,15 @@ class Orchestrator:
             return self._finish(run, "success", owner)
         context = self._context(run)
         try:
-            for namespace, _mode, chunk in graph.stream(command, config, context=context, durability="sync",
-                                                         stream_mode=["tasks"], subgraphs=True):
+            for namespace, mode, chunk in graph.stream(command, config, context=context, durability="sync",
+                                                        stream_mode=["tasks", "checkpoints"], subgraphs=True):
                 if lost.is_set():  # another driver took the run over: it continues from the checkpoints
                     logger.warning("run %s: lease lost to another driver; this one stops", run.run_id)
                     return
-                self._node_event(run, namespace, chunk)
+                if mode == "tasks":
+                    self._node_event(run, namespace, chunk)
+                else:
+                    self._checkpoint_event(run, namespace, chunk)
         except Cancelled as error:
             return self._finish(run, "cancelled", owner, error)
         except DeadlineExceeded as error:
@@ -204,6 +208,8 @@ class Orchestrator:
             self.dispatch(following)
 
     def _node_event(self, run: RunInfo, namespace: tuple[str, ...], chunk: dict[str, Any]) -> None:
+        """``node {name, phase, path, ns, task_id}``; an ended node adds its ``update`` (its writes), a failed one
+        its ``error``: what the HTTP API's ``updates`` / ``debug`` / ``events`` stream modes are made of."""
         name = chunk.get("name", "")
         if name.startswith("__"):
             return
@@ -214,7 +220,24 @@ class Orchestrator:
         else:
             phase = "error" if chunk.get("error") else "end"
         path = [part.split(":", 1)[0] for part in namespace]
-        self._publish(run, "node", {"name": name, "phase": phase, "path": path})
+        event = {"name": name, "phase": phase, "path": path, "ns": list(namespace), "task_id": chunk.get("id")}
+        if phase == "end":
+            event["update"] = _jsonable(chunk.get("result"))
+        elif phase == "error":
+            event["error"] = str(chunk["error"])
+        self._publish(run, "node", event)
+
+    def _checkpoint_event(self, run: RunInfo, namespace: tuple[str, ...], chunk: dict[str, Any]) -> None:
+        """``checkpoint {ns, step, checkpoint_id, parent_checkpoint_id, values, next}`` after each step (the
+        ``values`` / ``checkpoints`` stream modes); the empty one before the input is left out."""
+        step = (chunk.get("metadata") or {}).get("step", -1)
+        if step < 0:
+            return
+        parent = (chunk.get("parent_config") or {}).get("configurable", {})
+        self._publish(run, "checkpoint", {
+            "ns": list(namespace), "step": step, "checkpoint_id": chunk["config"]["configurable"]["checkpoint_id"],
+            "parent_checkpoint_id": parent.get("checkpoint_id"), "values": _jsonable(chunk.get("values")),
+            "next": list(chunk.get("next") or ())})
 
     def _publish(self, run: RunInfo, event_type: str, data: dict[str, Any]) -> None:
         self.client.publish(run.run_id, event_type, data)
@@ -329,6 +352,11 @@ def _ended(snapshot: Any) -> bool:
     step's writes but before it saved the following checkpoint leaves a step whose tasks all finished (so none is
     ``next``) and whose successors never ran; streaming from there applies those writes and goes on."""
     return not snapshot.next and not snapshot.tasks
+
+
+def _jsonable(value: Any) -> Any:
+    """State as JSON (workflow state is JSON already; anything else, e.g. a ``Send``, as its text)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _kind(pending: Any) -> str:

@@ -36,7 +36,7 @@ from models.images import load_image
 from tools.tasks import ToolTaskError, check_image
 
 ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "user"}
-INLINE_LIMIT = 2500  # bytes of inline messages; longer histories travel as an artifact (task messages ≤ 4 KB)
+INLINE_LIMIT = 3000  # bytes of a payload; its biggest parts travel as artifacts until it fits (task messages ≤ 4 KB)
 ANSWER_CHARS = 2000  # a text answer when tools are bound
 
 
@@ -71,7 +71,7 @@ class MGMChatModel(BaseChatModel):
     def to_payload(self, messages: list[BaseMessage], json_schema: dict | None = None,
                    tools: list[dict[str, Any]] | None = None, tool_choice: Any = None) -> dict[str, Any]:
         converted = [self._message(message) for message in messages]
-        if tools:
+        if tools and tool_choice != "none":
             converted.insert(0, {"role": "system", "text": tools_prompt(tools), "images": []})
             json_schema = tools_schema(tools, tool_choice)
         payload: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
@@ -80,11 +80,18 @@ class MGMChatModel(BaseChatModel):
             payload["model"] = self.model
         if json_schema is not None:
             payload["json_schema"] = json_schema
-        if len(json.dumps(converted)) > INLINE_LIMIT:
-            stored = self.client.store.put(json.dumps(converted).encode(), scope=self.scope,
-                                           media_type="application/json", metadata={"kind": "messages"})
-            return {**payload, "messages_artifact": stored.id}
-        return {**payload, "messages": converted}
+        return self._by_reference({**payload, "messages": converted})
+
+    def _by_reference(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Store the biggest parts of the payload (the history, the JSON schema: an agent's tool schemas) as
+        artifacts, biggest first, until the task message fits; the worker reads them back from the store."""
+        for name in sorted(("messages", "json_schema"), key=lambda name: -len(json.dumps(payload.get(name)))):
+            if len(json.dumps(payload)) <= INLINE_LIMIT or name not in payload:
+                continue
+            stored = self.client.store.put(json.dumps(payload.pop(name)).encode(), scope=self.scope,
+                                           media_type="application/json", metadata={"kind": name})
+            payload[f"{name}_artifact"] = stored.id
+        return payload
 
     def _message(self, message: BaseMessage) -> dict[str, Any]:
         role = ROLES.get(message.type)
@@ -168,7 +175,7 @@ class MGMChatModel(BaseChatModel):
         run_id = self.run_id or f"chat-{uuid.uuid4().hex}"
         payload = self.to_payload(messages, kwargs.get("json_schema"), kwargs.get("tools"), kwargs.get("tool_choice"))
         text, images, metadata = self._finish(self._submit(payload, run_id), run_id)
-        if kwargs.get("tools"):
+        if calls_tools(kwargs):
             message = tool_message(text, metadata)
         else:
             content: str | list = [{"type": "text", "text": text}, *images] if images else text
@@ -177,7 +184,7 @@ class MGMChatModel(BaseChatModel):
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        if kwargs.get("tools"):  # a tool call is only usable whole: one chunk
+        if calls_tools(kwargs):  # a tool call is only usable whole: one chunk
             message = self._generate(messages, stop, run_manager, **kwargs).generations[0].message
             yield ChatGenerationChunk(message=AIMessageChunk(
                 content=message.content, response_metadata=message.response_metadata,
@@ -212,13 +219,15 @@ class MGMChatModel(BaseChatModel):
     # 3. Tools and structured output: the worker decodes under a JSON schema; the result is parsed and validated.
     def bind_tools(self, tools: list, *, tool_choice: Any = None, **kwargs: Any) -> Runnable:
         """Bind LangChain tools (or functions, pydantic models, OpenAI tool dicts). ``tool_choice``: None/"auto"
-        (call a tool or answer), "any"/"required" (call one), or a tool's name (call that one)."""
+        (call a tool or answer), "any"/"required" (call one), a tool's name (call that one), or "none" (answer in
+        text without calling one)."""
         specs = [convert_to_openai_tool(tool)["function"] for tool in tools]
         if isinstance(tool_choice, dict):  # {"type": "function", "function": {"name": ...}}
             tool_choice = tool_choice.get("function", {}).get("name")
         names = {spec["name"] for spec in specs}
-        if tool_choice not in (None, "auto", "any", "required", *names):
-            raise ValueError(f"tool_choice {tool_choice!r} is none of auto, any, required, {', '.join(sorted(names))}")
+        if tool_choice not in (None, "auto", "any", "required", "none", *names):
+            raise ValueError(f"tool_choice {tool_choice!r} is none of auto, any, required, none, "
+                             f"{', '.join(sorted(names))}")
         return self.bind(tools=specs, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(self, schema: dict | type, *, include_raw: bool = False,
@@ -241,6 +250,11 @@ class MGMChatModel(BaseChatModel):
                 return {"raw": raw, "parsed": None, "parsing_error": error}
 
         return bound | RunnableLambda(parse)
+
+
+def calls_tools(kwargs: dict[str, Any]) -> bool:
+    """Whether a request's reply is decoded as a tool call or an answer (tools bound, and not ``"none"``)."""
+    return bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
 
 
 def tools_prompt(tools: list[dict[str, Any]]) -> str:

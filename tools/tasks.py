@@ -5,9 +5,14 @@
     agent = create_agent(model, tools)                    # any LangChain agent
 
 Every tool validates its arguments first (a pydantic ``args_schema``, then checks against the store: the image
-exists in the caller's scope, the mask matches it), raising :class:`InvalidInputError` naming the argument; only
-then does it submit one task through ``TaskClient.submit`` and wait for its record. Images go in and come out as
-artifact ids. No torch code here: the models run in the workers.
+exists in the caller's scope, the mask matches it), naming the argument; only then does it submit one task through
+``TaskClient.submit`` and wait for its record. Images go in and come out as artifact ids. No torch code here: the
+models run in the workers.
+
+Failures are reported the way LangChain tools report them: bad arguments and failed tasks become the tool's output
+(a ``ToolMessage`` with ``status="error"`` in an agent), so the model reads what went wrong and can call again; a
+made-up artifact id does not end the run. ``make_tools(..., handle_errors=False)`` raises them instead
+(:class:`ToolInputError`, an ``InvalidInputError``; :class:`ToolTaskError`; pydantic's ``ValidationError``).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import io
 import uuid
 from typing import Annotated, Any, ClassVar
 
-from langchain_core.tools import BaseTool
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from langchain_core.tools import BaseTool, ToolException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.errors import InvalidInputError, MGMFlowError
 from models.images import load_image
@@ -26,13 +31,24 @@ MAX_TEXT = 2000  # characters of a prompt, question or instruction (task message
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 
 
-class ToolTaskError(MGMFlowError):
+class ToolTaskError(MGMFlowError, ToolException):
     """The task a tool dispatched did not succeed; ``code`` is the worker's error code."""
 
     def __init__(self, kind: str, status: str, error: dict[str, Any] | None) -> None:
         error = error or {}
         self.code = error.get("code", status)
         super().__init__(f"{kind} {status}: {error.get('message') or self.code}")
+
+
+class ToolInputError(InvalidInputError, ToolException):
+    """Arguments the schema allows that the store refuses: no such image in this scope, a mask of another size."""
+
+
+def validation_message(error: ValidationError) -> str:
+    """A schema violation as the model should read it: each bad field, and what it must be."""
+    problems = "; ".join(f"{'.'.join(map(str, problem['loc'])) or 'arguments'}: {problem['msg']}"
+                         for problem in error.errors())
+    return f"Invalid arguments, nothing was run: {problems}"
 
 
 class TaskTool(BaseTool):
@@ -44,14 +60,19 @@ class TaskTool(BaseTool):
     scope: str = "default"
     run_id: str = "tools"  # the run whose event stream shows the tasks' progress
     timeout: float = 600.0
+    handle_tool_error: Any = True  # ToolException's message becomes the tool's output
+    handle_validation_error: Any = validation_message
     kind: ClassVar[str]
 
     def _run(self, **arguments: Any) -> dict[str, Any]:
         args = self.args_schema.model_validate(arguments)
-        for name in self.image_arguments(args):
-            check_image(self.client.store, self.scope, getattr(args, name), argument=name)
-        self.check(args)
-        payload = self.payload(args)
+        try:
+            for name in self.image_arguments(args):
+                check_image(self.client.store, self.scope, getattr(args, name), argument=name)
+            self.check(args)
+            payload = self.payload(args)
+        except InvalidInputError as error:
+            raise error if isinstance(error, ToolException) else ToolInputError(str(error)) from error
         return self.result(args, self.dispatch(self.kind, payload), payload)
 
     # What each tool defines.
@@ -70,8 +91,14 @@ class TaskTool(BaseTool):
     def dispatch(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Submit one task and wait for it; a failed task raises :class:`ToolTaskError`."""
         task_id = f"{self.run_id}:{self.name}:{uuid.uuid4().hex}"
-        self.client.submit(kind, payload, task_id=task_id, run_id=self.run_id, scope=self.scope)
-        record = self.client.wait(task_id, self.timeout)
+        try:
+            self.client.submit(kind, payload, task_id=task_id, run_id=self.run_id, scope=self.scope)
+        except InvalidInputError as error:  # the one refusal left: texts too long together for a task message
+            raise ToolInputError(f"the arguments are too long together ({error}); shorten the texts") from error
+        try:
+            record = self.client.wait(task_id, self.timeout)
+        except TimeoutError:
+            raise ToolTaskError(kind, "timed out", {"message": f"no result within {self.timeout:g} s"}) from None
         if record.status != "done":
             raise ToolTaskError(kind, record.status, record.error)
         return record.result
@@ -332,6 +359,9 @@ TOOLS: tuple[type[TaskTool], ...] = (DescribeImageTool, AskImageTool, ZoomTool, 
                                      Img2ImgTool, InstructEditTool, InpaintTool, CritiqueTool)
 
 
-def make_tools(client: Any, *, scope: str = "default", run_id: str = "tools", timeout: float = 600.0) -> list[TaskTool]:
-    """Every task tool, bound to ``client`` (a ``TaskClient``) and the caller's ``scope``."""
-    return [tool(client=client, scope=scope, run_id=run_id, timeout=timeout) for tool in TOOLS]
+def make_tools(client: Any, *, scope: str = "default", run_id: str = "tools", timeout: float = 600.0,
+               handle_errors: bool = True) -> list[TaskTool]:
+    """Every task tool, bound to ``client`` (a ``TaskClient``) and the caller's ``scope``. ``handle_errors``:
+    failures are the tool's output (what agents need) rather than raised."""
+    handling = {} if handle_errors else {"handle_tool_error": False, "handle_validation_error": False}
+    return [tool(client=client, scope=scope, run_id=run_id, timeout=timeout, **handling) for tool in TOOLS]

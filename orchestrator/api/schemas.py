@@ -12,6 +12,9 @@ from orchestrator.runs import MAX_PREVIEWS
 
 RunStatus = Literal["pending", "running", "interrupted", "success", "error", "timeout", "cancelled"]
 ThreadStatus = Literal["idle", "busy", "interrupted", "error"]
+# The Agent Server's stream modes (orchestrator.api.stream_modes makes them); none given: the run's own events.
+StreamMode = Literal["values", "updates", "messages-tuple", "messages", "custom", "events", "debug", "tasks",
+                     "checkpoints"]
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
@@ -83,7 +86,7 @@ class ThreadPublic(BaseModel):
 
 
 class Checkpoint(BaseModel):
-    thread_id: str
+    thread_id: str | None = None
     checkpoint_ns: str = ""
     checkpoint_id: str | None = None
 
@@ -97,6 +100,15 @@ class ThreadStatePublic(BaseModel):
     parent_checkpoint: Checkpoint | None = None
     tasks: list[dict[str, Any]] = Field(default_factory=list)
     interrupts: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ThreadStateRequest(BaseModel):
+    """``POST /threads/{id}/state/checkpoint``: the state at a checkpoint (the latest without a ``checkpoint_id``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    checkpoint: Checkpoint
+    subgraphs: bool = False
 
 
 class ThreadHistoryRequest(BaseModel):
@@ -128,7 +140,8 @@ class RunCreate(BaseModel):
     input: dict[str, Any] | None = None
     command: RunCommand | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-    stream_mode: str | list[str] | None = None
+    stream_mode: StreamMode | list[StreamMode] | None = None
+    stream_subgraphs: bool = False
     stream_resumable: bool = False
     webhook: str | None = Field(None, max_length=2048)
     multitask_strategy: Literal["reject", "interrupt", "rollback", "enqueue"] = "enqueue"

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import ApiError
 from orchestrator.api.schemas import RunPublic
+from orchestrator.api.stream_modes import ModeStream, parse_modes
 from orchestrator.outputs import has_files
 
 logger = logging.getLogger(__name__)
@@ -74,16 +75,21 @@ async def wait_for_end(context: ApiContext, run_id: str, scope: str, timeout: fl
         await asyncio.sleep(POLL_S)
 
 
-async def _events(context: ApiContext, run: Any, scope: str, after: str | None,
-                  cancel_on_disconnect: bool) -> AsyncIterator[ServerSentEvent]:
+async def _events(context: ApiContext, run: Any, scope: str, after: str | None, cancel_on_disconnect: bool,
+                  modes: tuple[str, ...] | None, subgraphs: bool) -> AsyncIterator[ServerSentEvent]:
+    """The run's events as stored (``modes`` None; ``checkpoint`` events are left out: ``values`` is their mode),
+    or in the Agent Server's ``modes``."""
     if after is None:
         yield ServerSentEvent(event="metadata", data=json.dumps({"run_id": run.run_id, "thread_id": run.thread_id}))
+    translator = None if modes is None else ModeStream(run, modes, subgraphs)
+    if translator is not None and after is not None:  # resumed: what the client has seen shapes what follows
+        await run_in_threadpool(_replay, context, translator, run.run_id, after)
     finished, position = False, None
     try:
         while True:
             # Status first, then events: everything published before the run ended is in this read.
             current = await run_in_threadpool(context.runs.get_run, run.run_id, scope=scope)
-            if current.status == "pending":  # `queued` (not stored, so without an id) whenever the place changes
+            if current.status == "pending" and translator is None:  # `queued` (not stored: no id) on each move
                 now = await run_in_threadpool(context.runs.position, current)
                 if now != position:
                     position = now
@@ -91,14 +97,19 @@ async def _events(context: ApiContext, run: Any, scope: str, after: str | None,
             events = await run_in_threadpool(context.runs.events, run.run_id, after)
             for event in events:
                 after = event.id
-                yield ServerSentEvent(id=event.id, event=event.type, data=json.dumps(event.data))
+                if translator is not None:
+                    for name, data in translator.translate(event):
+                        yield ServerSentEvent(id=event.id, event=name, data=json.dumps(data))
+                elif event.type != "checkpoint":
+                    yield ServerSentEvent(id=event.id, event=event.type, data=json.dumps(event.data))
             if current.status in TERMINAL and not events:
                 break
             if not events:
                 await asyncio.sleep(POLL_S)
         values = await final_values(context, current)
         error = values.pop("__error__", None)
-        yield ServerSentEvent(event="values", data=json.dumps(values))
+        if translator is None or ("values" in translator.modes and not translator.sent_values):
+            yield ServerSentEvent(event="values", data=json.dumps(values))  # (the steps' events have expired)
         if error is not None:
             yield ServerSentEvent(event="error", data=json.dumps(error))
         yield ServerSentEvent(event="end", data=json.dumps({"run_id": current.run_id, "status": current.status}))
@@ -109,10 +120,26 @@ async def _events(context: ApiContext, run: Any, scope: str, after: str | None,
             await run_in_threadpool(context.runs.cancel, run.run_id)
 
 
+def _replay(context: ApiContext, translator: ModeStream, run_id: str, until: str) -> None:
+    last = _order(until)
+    for event in context.runs.all_events(run_id):
+        if _order(event.id) > last:
+            return
+        translator.translate(event)
+
+
+def _order(event_id: str) -> tuple[int, int]:
+    ms, seq = event_id.split("-", 1)
+    return int(ms), int(seq)
+
+
 def stream_response(context: ApiContext, run: Any, scope: str, *, last_event_id: str | None = None,
-                    cancel_on_disconnect: bool = False) -> EventSourceResponse:
-    """The run's events as SSE; ``Location`` tells ``langgraph-sdk`` where to reconnect after a drop."""
+                    cancel_on_disconnect: bool = False, stream_mode: str | list[str] | None = None,
+                    subgraphs: bool = False) -> EventSourceResponse:
+    """The run's events as SSE (in ``stream_mode``, see :mod:`orchestrator.api.stream_modes`); ``Location`` tells
+    ``langgraph-sdk`` where to reconnect after a drop."""
     after = check_event_id(last_event_id)
+    modes = parse_modes(stream_mode)
     headers = {"Location": f"{run_location(run)}/stream", "Content-Location": run_location(run)}
-    return EventSourceResponse(_events(context, run, scope, after, cancel_on_disconnect), headers=headers,
-                               ping=15, sep="\n")
+    return EventSourceResponse(_events(context, run, scope, after, cancel_on_disconnect, modes, subgraphs),
+                               headers=headers, ping=15, sep="\n")

@@ -4,7 +4,7 @@ fixtures (and by the subprocess wrappers of the distributed tests), never throug
 from __future__ import annotations
 
 import time
-from typing import TypedDict
+from typing_extensions import TypedDict  # (typing.TypedDict has no JSON schema on Python < 3.12)
 
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
@@ -42,8 +42,20 @@ def build_graph() -> StateGraph:
     return graph
 
 
+def build_nested_graph() -> StateGraph:
+    """The echo graph as a subgraph node (``outer``): what streaming with ``stream_subgraphs`` is tested on."""
+    graph = StateGraph(EchoState)
+    graph.add_node("outer", build_graph().compile())
+    graph.add_edge(START, "outer")
+    graph.add_edge("outer", END)
+    return graph
+
+
 ECHO = Workflow(name="echo", input_model=EchoInput, build_graph=build_graph, description="Echo for tests")
+NESTED = Workflow(name="echo_nested", input_model=EchoInput, build_graph=build_nested_graph,
+                  description="Echo inside a subgraph, for tests")
 
 
 def register_echo() -> None:
     register(ECHO)
+    register(NESTED)

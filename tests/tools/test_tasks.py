@@ -50,14 +50,16 @@ def test_bad_input_is_refused_before_dispatch(client, image_id, name, arguments,
            "TEXT": client.store.put(b"{}", scope=SCOPE, media_type="application/json", metadata={}).id}
     arguments = {key: ids.get(value, value) if isinstance(value, str) else value for key, value in arguments.items()}
     recorder = Recorder(client)
-    (tool,) = [tool for tool in make_tools(recorder, scope=SCOPE) if tool.name == name]
+    (tool,) = [tool for tool in make_tools(recorder, scope=SCOPE, handle_errors=False)
+               if tool.name == name]
     with pytest.raises((InvalidInputError, ValueError), match=message):
         tool.invoke(arguments)
     assert recorder.submitted == []
 
 
 def test_an_other_scopes_image_is_not_found(client, image_id):
-    (tool,) = [tool for tool in make_tools(client, scope="someone-else") if tool.name == "describe_image"]
+    (tool,) = [tool for tool in make_tools(client, scope="someone-else", handle_errors=False)
+               if tool.name == "describe_image"]
     with pytest.raises(InvalidInputError, match="no artifact"):
         tool.invoke({"image": image_id})
 

@@ -70,3 +70,27 @@ def test_one_process_per_gpu_each_seeing_only_its_gpu(tmp_path):
     assert run_per_gpu([sys.executable, "-c", script], ["0", "1"], "gpu") == 0
     assert (tmp_path / "0").read_text() == "--gpus=0 --name=gpu0"
     assert (tmp_path / "1").read_text() == "--gpus=1 --name=gpu1"
+
+
+def test_chat_turns_are_laid_out_as_the_templates_were_trained():
+    from models.mgm.conversation import Turn, get_template
+    from workers.tasks.vlm import MessageInput, template_turns
+
+    def turns(*pairs):
+        return [MessageInput(role=role, text=text) for role, text in pairs]
+
+    # Runs of one role become one turn; an opening or closing assistant turn gets an empty user turn beside it.
+    laid_out = template_turns(turns(("system", "s"), ("assistant", "hello"), ("user", "a"), ("user", "b"),
+                                    ("assistant", "c"), ("assistant", "d")))
+    assert [(t.role, t.text) for t in laid_out] == [("system", "s"), ("user", ""), ("assistant", "hello"),
+                                                    ("user", "a\n\nb"), ("assistant", "c\n\nd"), ("user", "")]
+    assert template_turns(turns(("user", "q"))) == turns(("user", "q"))  # already alternating: unchanged
+    long = "x" * 10_000  # two tool results, each within a message's limit, merged past it
+    assert len(template_turns(turns(("user", long), ("user", long)))[0].text) == 20_002
+    # The pictures an assistant drew open the user turn after it (MGM sees images in user turns only).
+    drew = template_turns([MessageInput(role="user", text="Draw a dog."),
+                           MessageInput(role="assistant", text="Here it is.", images=["dog"]),
+                           MessageInput(role="user", text="What colour is it?", images=["cat"])])
+    assert [(t.role, t.images) for t in drew] == [("user", []), ("assistant", []), ("user", ["dog", "cat"])]
+    prompt = get_template("vicuna_v1").render([Turn(t.role, t.text, len(t.images)) for t in laid_out])
+    assert prompt.endswith("ASSISTANT: c\n\nd</s>USER:  ASSISTANT:")  # the reply is a new assistant turn

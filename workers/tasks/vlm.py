@@ -1,7 +1,8 @@
 """Mini-Gemini steps: ``vlm.chat``, ``vlm.describe``, ``vlm.write_prompt`` (``<GEN>``), ``vlm.critique``.
 
-Images and long histories arrive as artifact ids. Concurrent requests for the same model run as one batched
-``MGMEngine.chat`` call; a chat turn with a ``thread_id`` reuses that thread's KV prefix on this worker.
+Images, long histories and big JSON schemas (an agent's tool schemas) arrive as artifact ids. Concurrent requests
+for the same model run as one batched ``MGMEngine.chat`` call; a chat turn with a ``thread_id`` reuses that thread's
+KV prefix on this worker.
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ class ChatInput(_ChatParams):
     messages_artifact: str | None = None  # a JSON list of messages, for histories too long for a message
     thread_id: str | None = Field(default=None, max_length=200)
     json_schema: dict | None = None
+    json_schema_artifact: str | None = None  # the schema as a JSON artifact, for schemas too big for a message
     generate_image: bool = False
 
     @model_validator(mode="after")
     def _one_history(self):
         if (self.messages is None) == (self.messages_artifact is None):
             raise ValueError("give exactly one of messages and messages_artifact")
+        if self.json_schema is not None and self.json_schema_artifact is not None:
+            raise ValueError("give at most one of json_schema and json_schema_artifact")
         return self
 
 
@@ -126,16 +130,64 @@ def _chat(ctx: StepContext, params: _ChatParams, messages: list[MessageInput], *
             "model": params.model, "batch_size": batch_size}
 
 
+def template_turns(messages: list[MessageInput]) -> list[MessageInput]:
+    """A chat-model conversation in the shape the templates were trained on: after an optional system message,
+    user and assistant turns alternating, from a user turn to a user turn, images in user turns only.
+
+    Clients (LangChain, OpenAI, the chat workflow) may send consecutive messages of one role (several tool results,
+    an agent's notes), may end on the assistant's own message (``response_format`` asks for a new reply to it) and
+    may hand back the pictures the assistant drew: runs of one role become one turn, a conversation that opens or
+    ends on an assistant turn gets an empty user turn there (the reply is a new assistant turn), and an assistant
+    turn's images open the user turn after it."""
+    head = messages[:1] if messages and messages[0].role == "system" else []
+    turns: list[MessageInput] = []
+    for message in messages[len(head):]:
+        if turns and turns[-1].role == message.role:
+            last = turns[-1]
+            turns[-1] = _turn(last.role, f"{last.text}\n\n{message.text}".strip(), [*last.images, *message.images])
+        else:
+            turns.append(message)
+    if turns and turns[0].role == "assistant":
+        turns.insert(0, _turn("user", ""))
+    if not turns or turns[-1].role == "assistant":
+        turns.append(_turn("user", ""))
+    drawn: list[str] = []
+    for index, current in enumerate(turns):
+        if current.role == "assistant" and current.images:
+            drawn, turns[index] = current.images, _turn("assistant", current.text)
+        elif current.role == "user" and drawn:
+            turns[index], drawn = _turn("user", current.text, [*drawn, *current.images]), []
+    return [*head, *turns]
+
+
+def _turn(role: str, text: str, images: list[str] | None = None) -> MessageInput:
+    """A turn made here: the size limits are on what a client sends, not on runs of its messages merged."""
+    return MessageInput.model_construct(role=role, text=text, images=images or [])
+
+
+def _json_artifact(ctx: StepContext, name: str, artifact_id: str):
+    try:
+        return json.loads(ctx.read_artifact(artifact_id))
+    except ValueError as error:
+        raise InvalidInputError(f"{name} is not JSON: {error}") from error
+
+
 @step("vlm.chat", ChatInput)
 def chat(ctx: StepContext, data: ChatInput) -> dict:
     messages = data.messages
     if messages is None:
         try:
-            messages = [MessageInput.model_validate(m) for m in json.loads(ctx.read_artifact(data.messages_artifact))]
-        except (ValueError, TypeError, ValidationError) as error:
+            messages = [MessageInput.model_validate(m)
+                        for m in _json_artifact(ctx, "messages_artifact", data.messages_artifact)]
+        except (TypeError, ValidationError) as error:
             raise InvalidInputError(f"messages_artifact is not a JSON list of messages: {error}") from error
-    result = _chat(ctx, data, messages, json_schema=data.json_schema, generate_image=data.generate_image,
-                   cache_key=data.thread_id)
+    json_schema = data.json_schema
+    if data.json_schema_artifact is not None:
+        json_schema = _json_artifact(ctx, "json_schema_artifact", data.json_schema_artifact)
+        if not isinstance(json_schema, dict):
+            raise InvalidInputError("json_schema_artifact is not a JSON object")
+    result = _chat(ctx, data, template_turns(messages), json_schema=json_schema,
+                   generate_image=data.generate_image, cache_key=data.thread_id)
     if data.thread_id is not None:
         get_runtime().affinity.remember(data.thread_id, f"vlm.{data.model}")
     return result

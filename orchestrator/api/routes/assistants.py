@@ -1,14 +1,20 @@
-"""Assistants = the registered workflows (read-only): what the ``langgraph-sdk`` client lists and validates against."""
+"""Assistants = the registered workflows (read-only): what the ``langgraph-sdk`` client lists and validates against,
+with their graphs (``/graph``) and schemas (``/schemas``, ``/subgraphs``) as the Agent Server gives them."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from fastapi import APIRouter
+from pydantic import PydanticUserError
 
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import not_found
 from orchestrator.api.schemas import AssistantPublic, AssistantSchemas, AssistantSearch
 from orchestrator.workflow import Workflow
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/assistants", tags=["assistants"])
 
 
@@ -39,6 +45,41 @@ def read_assistant(assistant_id: str, context: Context, _: CurrentScope) -> Assi
 
 @router.get("/{assistant_id}/schemas", response_model=AssistantSchemas)
 def read_assistant_schemas(assistant_id: str, context: Context, _: CurrentScope) -> AssistantSchemas:
-    """The JSON schema of a workflow's input (its fields are the flags of ``mgmflow run <workflow>``)."""
+    """The JSON schema of a workflow's input (its fields are the flags of ``mgmflow run <workflow>``), and of its
+    output and state where the state's types give one."""
     workflow = _get(context, assistant_id)
-    return AssistantSchemas(graph_id=workflow.name, input_schema=workflow.input_model.model_json_schema())
+    graph = context.runs.orchestrator.graph(workflow.name)
+    output = _json_schema(graph.get_output_jsonschema, workflow.name)
+    return AssistantSchemas(graph_id=workflow.name, input_schema=workflow.input_model.model_json_schema(),
+                            output_schema=output, state_schema=output)
+
+
+@router.get("/{assistant_id}/graph")
+def read_assistant_graph(assistant_id: str, context: Context, _: CurrentScope,
+                         xray: int | bool = False) -> dict[str, Any]:
+    """The workflow's graph as LangGraph draws it (``nodes``, ``edges``); ``xray`` opens subgraphs (an integer:
+    to that depth)."""
+    workflow = _get(context, assistant_id)
+    return context.runs.orchestrator.graph(workflow.name).get_graph(xray=xray).to_json()
+
+
+@router.get("/{assistant_id}/subgraphs")
+@router.get("/{assistant_id}/subgraphs/{namespace}")
+def read_assistant_subgraphs(assistant_id: str, context: Context, _: CurrentScope, namespace: str | None = None,
+                             recurse: bool = False) -> dict[str, dict[str, Any]]:
+    """The workflow's subgraphs by namespace, each with its input and output schemas."""
+    workflow = _get(context, assistant_id)
+    graph = context.runs.orchestrator.graph(workflow.name)
+    return {name: {"graph_id": workflow.name,
+                   "input_schema": _json_schema(subgraph.get_input_jsonschema, name),
+                   "output_schema": _json_schema(subgraph.get_output_jsonschema, name)}
+            for name, subgraph in graph.get_subgraphs(namespace=namespace, recurse=recurse)}
+
+
+def _json_schema(make: Any, name: str) -> dict[str, Any] | None:
+    """A graph's schema, or None where its state types have none (``typing.TypedDict`` on Python < 3.12)."""
+    try:
+        return make()
+    except PydanticUserError as error:
+        logger.debug("no JSON schema for %s: %s", name, error)
+        return None

@@ -1,5 +1,6 @@
 """Runs, in the shape of the LangGraph Agent Server: on a thread (``/threads/{id}/runs``) or stateless (``/runs``,
-each on a new thread). Create, ``/wait``, ``/stream`` (SSE), ``/batch``, cancel, join, list, read."""
+each on a new thread). Create, ``/wait``, ``/stream`` (SSE, in the Agent Server's stream modes), ``/batch``,
+cancel, join, join-stream, list, read; a run is also reachable by its id alone (``/runs/{run_id}/...``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.logs import current_run
-from orchestrator.api.schemas import RunCreate, RunPublic, RunsCancel, RunStatus
+from orchestrator.api.schemas import RunCreate, RunPublic, RunsCancel, RunStatus, StreamMode
 from orchestrator.api.streaming import (
     TERMINAL, check_event_id, final_values, run_location, run_public, stream_response, wait_for_end,
 )
@@ -28,6 +29,7 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0)]
+StreamModes = Annotated[list[StreamMode] | None, Query()]  # join-stream: none given, the run's own events
 
 
 # Shared steps ---------------------------------------------------------------------------------------------------
@@ -89,6 +91,26 @@ async def _waited(context, run: Any, scope: str) -> JSONResponse:
                         headers={"Content-Location": run_location(run), "Location": f"{run_location(run)}/join"})
 
 
+def _streamed(context, run: Any, scope: str, body: RunCreate):
+    return stream_response(context, run, scope, cancel_on_disconnect=body.on_disconnect == "cancel",
+                           stream_mode=body.stream_mode, subgraphs=body.stream_subgraphs)
+
+
+async def _joined(context, run_id: str, scope: str, thread_id: str | None = None) -> JSONResponse:
+    await _get(context, run_id, scope, thread_id)
+    run = await wait_for_end(context, run_id, scope)
+    return JSONResponse(await final_values(context, run))
+
+
+async def _join_stream(context, run_id: str, scope: str, thread_id: str | None, last_event_id: str | None,
+                       cancel_on_disconnect: bool, stream_mode: list[str] | None, stream_subgraphs: bool):
+    check_event_id(last_event_id)
+    run = await _get(context, run_id, scope, thread_id)
+    return stream_response(context, run, scope, last_event_id=last_event_id,
+                           cancel_on_disconnect=cancel_on_disconnect, stream_mode=stream_mode,
+                           subgraphs=stream_subgraphs)
+
+
 async def _cancel(context, run_id: str, scope: str, wait: bool) -> RunPublic:
     run = await run_in_threadpool(context.runs.cancel, run_id, scope=scope)
     if wait:
@@ -121,7 +143,7 @@ async def wait_run(body: RunCreate, context: Context, scope: CurrentScope, idemp
 async def stream_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
     """Start a run and stream its events (SSE); ``on_disconnect="cancel"`` cancels it when the client leaves."""
     run = await _start(context, body, scope, None, idempotency_key)
-    return stream_response(context, run, scope, cancel_on_disconnect=body.on_disconnect == "cancel")
+    return _streamed(context, run, scope, body)
 
 
 @router.post("/batch", response_model=list[RunPublic])
@@ -164,6 +186,29 @@ async def read_run(run_id: str, context: Context, scope: CurrentScope):
     return await _read(context, run_id, scope)
 
 
+@router.post("/{run_id}/cancel", response_model=RunPublic)
+async def cancel_run(run_id: str, context: Context, scope: CurrentScope, wait: bool = False,
+                     action: Literal["interrupt", "rollback"] = "interrupt"):
+    """Cancel a run by its id (idempotent); ``wait=1`` answers once it has stopped."""
+    await _get(context, run_id, scope)
+    return await _cancel(context, run_id, scope, wait)
+
+
+@router.get("/{run_id}/join")
+async def join_run(run_id: str, context: Context, scope: CurrentScope):
+    """Wait for the run to end; answer with its thread's state after it."""
+    return await _joined(context, run_id, scope)
+
+
+@router.get("/{run_id}/stream", response_class=JSONResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def join_run_stream(run_id: str, context: Context, scope: CurrentScope, last_event_id: LastEventId = None,
+                          cancel_on_disconnect: bool = False, stream_mode: StreamModes = None,
+                          stream_subgraphs: bool = False):
+    """Stream a run's events (SSE) from the start, or after ``Last-Event-ID`` to resume."""
+    return await _join_stream(context, run_id, scope, None, last_event_id, cancel_on_disconnect, stream_mode,
+                              stream_subgraphs)
+
+
 # Runs on a thread -----------------------------------------------------------------------------------------------
 
 
@@ -186,7 +231,7 @@ async def stream_thread_run(thread_id: str, body: RunCreate, context: Context, s
                             idempotency_key: IdempotencyKey = None):
     """Start a run on the thread and stream its events (SSE)."""
     run = await _start(context, body, scope, thread_id, idempotency_key)
-    return stream_response(context, run, scope, cancel_on_disconnect=body.on_disconnect == "cancel")
+    return _streamed(context, run, scope, body)
 
 
 @thread_router.get("", response_model=list[RunPublic])
@@ -214,17 +259,14 @@ async def cancel_thread_run(thread_id: str, run_id: str, context: Context, scope
 @thread_router.get("/{run_id}/join")
 async def join_thread_run(thread_id: str, run_id: str, context: Context, scope: CurrentScope):
     """Wait for the run to end; answer with the thread's state after it."""
-    await _get(context, run_id, scope, thread_id)
-    run = await wait_for_end(context, run_id, scope)
-    return JSONResponse(await final_values(context, run))
+    return await _joined(context, run_id, scope, thread_id)
 
 
 @thread_router.get("/{run_id}/stream", response_class=JSONResponse,
                    responses={200: {"content": {"text/event-stream": {}}}})
 async def join_thread_run_stream(thread_id: str, run_id: str, context: Context, scope: CurrentScope,
-                                 last_event_id: LastEventId = None, cancel_on_disconnect: bool = False):
+                                 last_event_id: LastEventId = None, cancel_on_disconnect: bool = False,
+                                 stream_mode: StreamModes = None, stream_subgraphs: bool = False):
     """Stream a run's events (SSE) from the start, or after ``Last-Event-ID`` to resume."""
-    check_event_id(last_event_id)
-    run = await _get(context, run_id, scope, thread_id)
-    return stream_response(context, run, scope, last_event_id=last_event_id,
-                           cancel_on_disconnect=cancel_on_disconnect)
+    return await _join_stream(context, run_id, scope, thread_id, last_event_id, cancel_on_disconnect, stream_mode,
+                              stream_subgraphs)

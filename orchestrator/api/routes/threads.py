@@ -7,15 +7,16 @@ from typing import Any
 from fastapi import APIRouter
 
 from orchestrator.api.deps import Context, CurrentScope
-from orchestrator.api.errors import ApiError
+from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.schemas import (
-    Checkpoint, ThreadCreate, ThreadHistoryRequest, ThreadPublic, ThreadSearch, ThreadStatePublic,
+    Checkpoint, ThreadCreate, ThreadHistoryRequest, ThreadPublic, ThreadSearch, ThreadStatePublic, ThreadStateRequest,
 )
 from orchestrator.api.streaming import timestamp
 from orchestrator.records import RunNotFound
 
 router = APIRouter(prefix="/threads", tags=["threads"])
 
+MAX_HISTORY = 1000  # checkpoints searched for one by id
 _STATUS = {"pending": "busy", "running": "busy", "interrupted": "interrupted", "error": "error",
            "timeout": "error"}
 
@@ -89,6 +90,19 @@ def read_thread_state(thread_id: str, context: Context, scope: CurrentScope) -> 
     history = context.runs.thread_history(thread_id, scope=scope, limit=1)
     return _state_public(thread_id, history[0]) if history else ThreadStatePublic(
         values={}, next=[], checkpoint=Checkpoint(thread_id=thread_id))
+
+
+@router.post("/{thread_id}/state/checkpoint", response_model=ThreadStatePublic)
+def read_thread_state_at(thread_id: str, body: ThreadStateRequest, context: Context,
+                         scope: CurrentScope) -> ThreadStatePublic:
+    """The thread's state at ``checkpoint.checkpoint_id`` (what ``RemoteGraph.get_state`` asks), or its latest."""
+    if body.checkpoint.checkpoint_id is None:
+        return read_thread_state(thread_id, context, scope)
+    history = context.runs.thread_history(thread_id, scope=scope, limit=MAX_HISTORY)
+    for entry in history:
+        if entry["checkpoint_id"] == body.checkpoint.checkpoint_id:
+            return _state_public(thread_id, entry)
+    raise not_found(f"checkpoint {body.checkpoint.checkpoint_id!r} of thread {thread_id!r}")
 
 
 @router.post("/{thread_id}/history", response_model=list[ThreadStatePublic])
