@@ -566,7 +566,8 @@ def _finish(service, run, out: Path | None) -> None:
             for item in pending.get("items", []):
                 click.echo(f"[{item.get('key')}] {item.get('prompt')}")
         click.echo(f"run {run.run_id} waits for approval: mgmflow resume {run.run_id} --approve "
-                   "(or --prompt TEXT to change the prompt, --reject to skip)", err=True)
+                   "(or --prompt KEY=TEXT to change one item's prompt, --prompt-all TEXT for every item, --reject to "
+                   "skip)", err=True)
         return
     if run.status != "success":
         detail = (run.error or {}).get("message", run.status)
@@ -594,32 +595,59 @@ main.add_command(_WorkflowGroup("run", help="Run a workflow: mgmflow run <workfl
 @main.command()
 @click.argument("run_id")
 @click.option("--approve", is_flag=True, help="Approve what the run waits for.")
-@click.option("--prompt", default=None, help="Approve with this prompt instead.")
+@click.option("--prompt", "prompts", multiple=True, metavar="KEY=TEXT",
+              help="Approve with this prompt for the waiting item KEY (repeatable; keys as the run listed them). "
+                   "A bare TEXT is allowed when one item waits.")
+@click.option("--prompt-all", default=None, metavar="TEXT", help="Approve with this one prompt for every waiting item.")
 @click.option("--reject", is_flag=True, help="Reject: generate nothing for the waiting items.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the result (default: the --out the run was started with).")
 @click.option("--broker", default=None, help="Broker URL (default: MGMFLOW_BROKER_URL).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def resume(run_id: str, approve: bool, prompt: str | None, reject: bool, out: Path | None, broker: str | None,
-           quiet: bool) -> None:
+def resume(run_id: str, approve: bool, prompts: tuple[str, ...], prompt_all: str | None, reject: bool,
+           out: Path | None, broker: str | None, quiet: bool) -> None:
     """Resume RUN_ID: answer its approval point, or continue it from its checkpoint."""
     from orchestrator.runs import RunService
 
-    if reject and (approve or prompt):
-        raise click.UsageError("--reject takes neither --approve nor --prompt")
+    if reject and (approve or prompts or prompt_all):
+        raise click.UsageError("--reject takes neither --approve nor a prompt")
     settings = _settings(broker)
-    _known_run(settings, run_id)
+    run = _known_run(settings, run_id)
+    if run.status == "interrupted":
+        answer = _approval(run, approve, prompts, prompt_all, reject)  # checked before anything starts
+    elif prompts or prompt_all or reject:
+        raise click.UsageError(f"run {run_id} waits for no approval (it is {run.status})")
     if settings.embedded:
         _quiet_libraries()
     service = RunService(settings)
-    run = service.get_run(run_id)
     if run.status == "interrupted":
-        if not (approve or prompt or reject):
-            raise click.UsageError("the run waits for approval: give --approve, --prompt TEXT or --reject")
-        service.resume(run_id, {"approved": not reject, **({"prompt": prompt} if prompt else {})})
+        service.resume(run_id, answer)
     else:
         service.restart(run_id)
     _follow(service, run_id, out or (Path(run.metadata["out"]) if run.metadata.get("out") else None), quiet=quiet)
+
+
+def _approval(run, approve: bool, prompts: tuple[str, ...], prompt_all: str | None, reject: bool) -> dict:
+    """The resume value of an approval point: approved or not, and new prompts by item key."""
+    if not (approve or prompts or prompt_all or reject):
+        raise click.UsageError("the run waits for approval: give --approve, --prompt KEY=TEXT, --prompt-all TEXT "
+                               "or --reject")
+    if prompts and prompt_all is not None:
+        raise click.UsageError("give either --prompt KEY=TEXT (per item) or --prompt-all TEXT, not both")
+    waiting = [item.get("key") for pending in run.interrupt or [] for item in pending.get("items", [])]
+    if prompt_all is not None:
+        return {"approved": True, "prompts": dict.fromkeys(waiting, prompt_all)}
+    chosen = {}
+    for text in prompts:
+        key, separator, value = text.partition("=")
+        if not separator or key not in waiting:
+            if len(prompts) == 1 and len(waiting) == 1:  # one item waits: a bare prompt is for it
+                key, value = waiting[0], text
+            else:
+                raise click.UsageError(f"--prompt takes KEY=TEXT with KEY one of: {', '.join(map(str, waiting))} "
+                                       "(or --prompt-all TEXT for every item)")
+        chosen[key] = value
+    return {"approved": not reject, **({"prompts": chosen} if chosen else {})}
 
 
 @main.command()

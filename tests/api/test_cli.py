@@ -108,3 +108,29 @@ print(json.dumps({{"results": results, "loaded": [m for m in ("diffusers", "tran
         assert "Traceback" not in output and "object at 0x" not in output, (args, output)
     assert report["loaded"] == []  # no model library was even imported
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.timeout(600)
+def test_resume_changes_one_pages_prompt_or_all_explicitly(api_env, tmp_path):
+    """After ``run story --approve``, ``resume --prompt KEY=TEXT`` replaces that page's prompt only; a bare prompt
+    with several pages waiting is refused, and the run still waits."""
+    runner = CliRunner()
+    out = tmp_path / "board"
+    started = runner.invoke(main, ["run", "story", "--premise", "A heron fishes at dawn.", "--pages", "2", "--seed",
+                                   "5", "--rounds", "1", "--steps", "2", "--approve", "--out", str(out), "--quiet"])
+    assert started.exit_code == 0, started.output
+    run_id = re.search(r"waits for approval: mgmflow resume (\S+)", started.output).group(1)
+    keys = re.findall(r"^\[([^\]]+)\]", started.output, re.M)
+    assert len(keys) == 2
+
+    ambiguous = runner.invoke(main, ["resume", run_id, "--prompt", "a heron, woodcut"])
+    assert ambiguous.exit_code == 2 and all(key in ambiguous.output for key in keys)
+    unknown = runner.invoke(main, ["resume", run_id, "--prompt", "page-99=a heron"])
+    assert unknown.exit_code == 2 and "KEY=TEXT" in unknown.output
+
+    resumed = runner.invoke(main, ["resume", run_id, "--prompt", f"{keys[1]}=a grey heron at dawn, woodcut",
+                                   "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    pages = json.loads((out / "manifest.json").read_text())["pages"]
+    assert pages[1]["prompt"] == "a grey heron at dawn, woodcut"
+    assert pages[0]["prompt"] != "a grey heron at dawn, woodcut"
