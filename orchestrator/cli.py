@@ -245,7 +245,7 @@ def _check_image(flag: str, path: Path) -> None:
     try:
         load_image(path)
     except InvalidImageError as error:
-        raise click.BadParameter(f"{path}: {error}", param_hint=flag) from None
+        raise InvalidImageError(f"{flag} {path}: {error}") from None
 
 
 def _draw_to_file(request, model: str, loras: list[tuple[str, float]], out: Path) -> None:
