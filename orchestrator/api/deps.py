@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from orchestrator.api.errors import ApiError
 from orchestrator.api.limits import RateLimiter, RedisRateLimiter
 from orchestrator.api.metrics import ApiMetrics
+from orchestrator.api.schemas import ID_PATTERN
 from orchestrator.api.settings import ApiSettings
 
 if TYPE_CHECKING:
@@ -65,5 +66,8 @@ async def current_scope(request: Request, context: Context) -> str:
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+# Every id in a path (thread, run, artifact, batch, assistant): checked before the handler runs, so that an id no
+# record can have (Unicode, CR/LF, NUL, too long) creates nothing and never reaches a header or a query.
+PathId = Annotated[str, Path(pattern=ID_PATTERN)]
 Store = Annotated[Any, Depends(get_store)]
 CurrentScope = Annotated[str, Depends(current_scope)]

@@ -8,6 +8,7 @@ produce a 500: anything unexpected is logged with its traceback and answered as 
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +35,32 @@ def not_found(what: str) -> ApiError:
     return ApiError(404, f"{what} not found", code="not_found")
 
 
+MAX_MESSAGE_CHARS = 300
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_URL = re.compile(r"\b([a-zA-Z][\w+.-]*://)([^\s/@'\"<>]*@)?([^\s/?#'\"<>]*)([^\s'\"<>]*)")
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL cut to its scheme and host (no user, password, path or query: they may hold
+    secrets or tokens) and object reprs (``<_io.BytesIO object at 0x…>``) removed: fit for logs and clients."""
+    text = _URL.sub(lambda match: f"{match[1]}{match[3]}", text)
+    return _OBJECT_REPR.sub("the data", text)
+
+
+def public_message(message: str) -> str:
+    """What a client is told: the first line, redacted, at most ``MAX_MESSAGE_CHARS``. Internals (parser state,
+    tracebacks) stay in the logs."""
+    lines = str(message).strip().splitlines() or ["error"]
+    text = redact(lines[0])
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS - 1] + "…"
+
+
 def error_response(request: Request, status: int, message: str, code: str, *, headers=None, param=None):
+    short = public_message(message)
+    if short != message:
+        logger.info("%s %s answered %d %s; in full: %s", request.method, request.url.path, status, code,
+                    redact(str(message)))
+    message = short
     if request.url.path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "server_error"
         body = {"error": {"message": message, "type": kind, "code": code, "param": param}}

@@ -13,13 +13,14 @@ from orchestrator.runs import MAX_PREVIEWS
 RunStatus = Literal["pending", "running", "interrupted", "success", "error", "timeout", "cancelled"]
 ThreadStatus = Literal["idle", "busy", "interrupted", "error"]
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_OFFSET = 1_000_000_000  # pages past this are empty anyway; beyond 2**63 a database cannot even bind it
 
 
 class AssistantSearch(BaseModel):
     graph_id: str | None = None
     metadata: dict[str, Any] | None = None
     limit: int = Field(10, ge=1, le=1000)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
 
 class AssistantPublic(BaseModel):
@@ -69,7 +70,7 @@ class ThreadSearch(BaseModel):
     metadata: dict[str, Any] | None = None
     status: ThreadStatus | None = None
     limit: int = Field(10, ge=1, le=1000)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
 
 class ThreadPublic(BaseModel):

@@ -55,6 +55,11 @@ class ApiSettings(Settings):
         """The scope (owner) of a key; ``None`` when the key is unknown. Keys never appear in stored data."""
         if self.open_access:
             return "default"
-        if api_key is None or not any(hmac.compare_digest(api_key, key) for key in self.api_keys):
+        # Bytes, not str: compare_digest refuses non-ASCII strings. A header arrives as latin-1 text, i.e. its bytes.
+        try:
+            sent = api_key.encode("latin-1") if api_key is not None else None
+        except UnicodeEncodeError:  # not from a header: no key is made of such text
             return None
-        return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+        if sent is None or not any(hmac.compare_digest(sent, key.encode()) for key in self.api_keys):
+            return None
+        return "key-" + hashlib.sha256(sent).hexdigest()[:16]

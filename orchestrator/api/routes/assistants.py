@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from orchestrator.api.deps import Context, CurrentScope
+from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import not_found
 from orchestrator.api.schemas import AssistantPublic, AssistantSchemas, AssistantSearch
 from orchestrator.workflow import Workflow
@@ -32,13 +32,13 @@ def search_assistants(body: AssistantSearch, context: Context, _: CurrentScope) 
 
 
 @router.get("/{assistant_id}", response_model=AssistantPublic)
-def read_assistant(assistant_id: str, context: Context, _: CurrentScope) -> AssistantPublic:
+def read_assistant(assistant_id: PathId, context: Context, _: CurrentScope) -> AssistantPublic:
     """One workflow."""
     return _public(context, _get(context, assistant_id))
 
 
 @router.get("/{assistant_id}/schemas", response_model=AssistantSchemas)
-def read_assistant_schemas(assistant_id: str, context: Context, _: CurrentScope) -> AssistantSchemas:
+def read_assistant_schemas(assistant_id: PathId, context: Context, _: CurrentScope) -> AssistantSchemas:
     """The JSON schema of a workflow's input (its fields are the flags of ``mgmflow run <workflow>``)."""
     workflow = _get(context, assistant_id)
     return AssistantSchemas(graph_id=workflow.name, input_schema=workflow.input_model.model_json_schema())

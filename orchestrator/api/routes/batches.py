@@ -10,7 +10,7 @@ from fastapi import APIRouter, Form, Header, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, CurrentScope
+from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.schemas import BatchCreate, BatchItemPublic, BatchPublic, RunCreate
 from orchestrator.api.streaming import TERMINAL, run_public
@@ -116,7 +116,7 @@ async def upload_batch(file: UploadFile, context: Context, scope: CurrentScope,
 
 
 @router.get("/{batch_id}", response_model=BatchPublic)
-async def read_batch(batch_id: str, context: Context, scope: CurrentScope) -> BatchPublic:
+async def read_batch(batch_id: PathId, context: Context, scope: CurrentScope) -> BatchPublic:
     """The batch's status, counts, and each item's status and run id."""
     run = await _batch_run(context, batch_id, scope)
     return await run_in_threadpool(_public, context, run, scope, True)
@@ -124,7 +124,7 @@ async def read_batch(batch_id: str, context: Context, scope: CurrentScope) -> Ba
 
 @router.get("/{batch_id}/results", response_class=JSONResponse,
             responses={200: {"content": {"application/json": {}, "application/x-ndjson": {}}}})
-async def read_batch_results(batch_id: str, context: Context, scope: CurrentScope,
+async def read_batch_results(batch_id: PathId, context: Context, scope: CurrentScope,
                              format: Literal["json", "jsonl"] = "json") -> Response:
     """Every item's status, error and final output (its run's state), as a JSON list or JSON Lines download."""
     run = await _batch_run(context, batch_id, scope)
@@ -149,7 +149,7 @@ async def read_batch_results(batch_id: str, context: Context, scope: CurrentScop
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchPublic)
-async def cancel_batch(batch_id: str, context: Context, scope: CurrentScope) -> BatchPublic:
+async def cancel_batch(batch_id: PathId, context: Context, scope: CurrentScope) -> BatchPublic:
     """Cancel the batch and its running items; finished items keep their results."""
     run = await _batch_run(context, batch_id, scope)
 

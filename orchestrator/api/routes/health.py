@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import Context
+from orchestrator.api.errors import redact
 from workers.artifacts import ArtifactNotFound
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ async def read_health() -> dict[str, str]:
 
 @router.get("/readyz")
 async def read_readiness(context: Context) -> JSONResponse:
-    """The broker, the artifact store and the checkpointer are reachable (503 naming what is not)."""
+    """The broker, the artifact store and the checkpointer are reachable (503 naming what is not; why is logged)."""
     checks = {
         "broker": lambda: _ping_broker(context.settings.broker_url),
         "store": lambda: _ping_store(context.store),
@@ -37,8 +38,9 @@ async def read_readiness(context: Context) -> JSONResponse:
             await run_in_threadpool(check)
             results[name] = "ok"
         except Exception as error:  # each failure is reported, not raised
-            logger.warning("readiness check %s failed: %s", name, error)
-            results[name] = f"unreachable: {type(error).__name__}: {error}"
+            # The reason goes to the log only: error texts name hosts, ports, even passwords of connection URLs.
+            logger.warning("readiness check %s failed: %s: %s", name, type(error).__name__, redact(str(error)))
+            results[name] = "unreachable"
     ready = all(value == "ok" for value in results.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": results},
                         status_code=200 if ready else 503)

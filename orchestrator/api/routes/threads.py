@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from orchestrator.api.deps import Context, CurrentScope
+from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import ApiError
 from orchestrator.api.schemas import (
     Checkpoint, ThreadCreate, ThreadHistoryRequest, ThreadPublic, ThreadSearch, ThreadStatePublic,
@@ -54,7 +54,7 @@ def create_thread(body: ThreadCreate, context: Context, scope: CurrentScope) -> 
 
 
 @router.get("/{thread_id}", response_model=ThreadPublic)
-def read_thread(thread_id: str, context: Context, scope: CurrentScope) -> ThreadPublic:
+def read_thread(thread_id: PathId, context: Context, scope: CurrentScope) -> ThreadPublic:
     """A thread, its status (from its latest run) and its current values."""
     return _thread_public(context, context.runs.get_thread(thread_id, scope=scope))
 
@@ -84,7 +84,7 @@ def search_threads(body: ThreadSearch, context: Context, scope: CurrentScope) ->
 
 
 @router.get("/{thread_id}/state", response_model=ThreadStatePublic)
-def read_thread_state(thread_id: str, context: Context, scope: CurrentScope) -> ThreadStatePublic:
+def read_thread_state(thread_id: PathId, context: Context, scope: CurrentScope) -> ThreadStatePublic:
     """The thread's latest state (what its last run left)."""
     history = context.runs.thread_history(thread_id, scope=scope, limit=1)
     return _state_public(thread_id, history[0]) if history else ThreadStatePublic(
@@ -92,7 +92,7 @@ def read_thread_state(thread_id: str, context: Context, scope: CurrentScope) -> 
 
 
 @router.post("/{thread_id}/history", response_model=list[ThreadStatePublic])
-def read_thread_history(thread_id: str, body: ThreadHistoryRequest, context: Context,
+def read_thread_history(thread_id: PathId, body: ThreadHistoryRequest, context: Context,
                         scope: CurrentScope) -> list[ThreadStatePublic]:
     """The thread's checkpoints, newest first."""
     history = context.runs.thread_history(thread_id, scope=scope, limit=body.limit)

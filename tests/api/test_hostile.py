@@ -1,0 +1,140 @@
+"""Hostile requests over HTTP against a live server with API keys (issue 12, "Low"): each is refused with a short
+4xx/503 JSON error, never a 500 or a dropped connection, and leaves nothing behind."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+from urllib.parse import quote
+
+import httpx
+import pytest
+from api_support import LiveServer, auth, make_app
+from langgraph.graph import END, START, StateGraph
+from pydantic import BaseModel
+from testkit import wait_for
+
+from orchestrator.runtime import request_approval
+from orchestrator.workflow import Workflow, register
+
+pytestmark = pytest.mark.timeout(120)
+
+KEYS = ("hostile-a", "hostile-b", "hostile-empty")
+
+
+class AskInput(BaseModel):
+    prompt: str = "a lighthouse"
+
+
+class AskState(TypedDict, total=False):
+    prompt: str
+    answer: str
+
+
+def _ask(state: AskState) -> AskState:
+    """Stop for approval (runs started with ``approve``), then answer with the approved prompt."""
+    value = request_approval({"prompt": state["prompt"]}) or {}
+    return {"answer": value.get("prompt", state["prompt"])}
+
+
+def _ask_graph() -> StateGraph:
+    graph = StateGraph(AskState)
+    graph.add_node("ask", _ask)
+    graph.add_edge(START, "ask")
+    graph.add_edge("ask", END)
+    return graph
+
+
+@pytest.fixture(scope="module")
+def server(api_env):
+    register(Workflow(name="ask", input_model=AskInput, build_graph=_ask_graph, description="Approval for tests"))
+    with LiveServer(make_app(api_keys=list(KEYS), max_prompt_chars=1000)) as live:
+        yield live
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+def _refused(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body["detail"], str) and 0 < len(body["detail"]) <= 300, body
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def _nothing_created(http: httpx.Client, key: str = "hostile-empty") -> None:
+    assert http.get("/runs", headers=auth(key)).json() == []
+    assert http.post("/threads/search", json={}, headers=auth(key)).json() == []
+
+
+def test_a_non_ascii_api_key_is_401(http):
+    for raw in ("Bearer clé-ü".encode(), b"Bearer \xff\xfe", "Bearer hostile-a\u00e9".encode("latin-1")):
+        response = http.get("/runs", headers={"Authorization": raw})
+        _refused(response, 401, "unauthorized")
+    response = http.get("/runs", headers={"x-api-key": "ключ".encode()})
+    _refused(response, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("path", ["/runs", "/threads/t-offset/runs"])
+def test_an_offset_beyond_a_64_bit_integer_is_422(http, path):
+    http.post("/threads", json={"thread_id": "t-offset", "if_exists": "do_nothing"}, headers=auth("hostile-a"))
+    for offset in (2**63, 10**30):
+        _refused(http.get(path, params={"offset": offset}, headers=auth("hostile-a")), 422, "invalid_request")
+
+
+@pytest.mark.parametrize("thread_id", ["thréad", "line\r\nX-Injected: 1", "nul\x00byte", "a" * 200, "sp ace"])
+def test_bad_path_ids_create_nothing(http, thread_id):
+    path = f"/threads/{quote(thread_id, safe='')}/runs"
+    body = {"assistant_id": "echo", "input": {"text": "x"}, "if_not_exists": "create"}
+    for suffix in ("", "/wait", "/stream"):
+        _refused(http.post(path + suffix, json=body, headers=auth("hostile-empty")), 422, "invalid_request")
+    _refused(http.get(path, headers=auth("hostile-empty")), 422, "invalid_request")
+    _nothing_created(http)
+
+
+def test_a_resume_value_obeys_the_prompt_limit(http):
+    headers = auth("hostile-a")
+    thread = http.post("/threads", json={}, headers=headers).json()["thread_id"]
+    run = http.post(f"/threads/{thread}/runs", json={"assistant_id": "ask", "approve": True}, headers=headers).json()
+    wait_for(lambda: http.get(f"/runs/{run['run_id']}", headers=headers).json()["status"] == "interrupted")
+    long = {"assistant_id": "ask", "command": {"resume": {"prompt": "x" * 5000}}}
+    _refused(http.post(f"/threads/{thread}/runs", json=long, headers=headers), 413, "prompt_too_long")
+    assert http.get(f"/runs/{run['run_id']}", headers=headers).json()["status"] == "interrupted"
+    short = {"assistant_id": "ask", "command": {"resume": {"prompt": "a boat"}}}
+    assert http.post(f"/threads/{thread}/runs", json=short, headers=headers).status_code == 200
+    final = http.get(f"/threads/{thread}/runs/{run['run_id']}/join", headers=headers).json()
+    assert final["answer"] == "a boat"
+
+
+def test_the_queue_position_counts_only_the_callers_runs(http):
+    # B's thread: one slow run, then one waiting behind it. A's runs pending meanwhile must not count for B.
+    a, b = auth("hostile-a"), auth("hostile-b")
+    slow = {"assistant_id": "echo", "input": {"text": "slow", "steps": 20, "delay": 0.1}}
+    a_thread = http.post("/threads", json={}, headers=a).json()["thread_id"]
+    a_runs = [http.post(f"/threads/{a_thread}/runs", json=slow, headers=a).json() for _ in range(3)]
+    b_thread = http.post("/threads", json={}, headers=b).json()["thread_id"]
+    first = http.post(f"/threads/{b_thread}/runs", json=slow, headers=b).json()
+    second = http.post(f"/threads/{b_thread}/runs", json=slow, headers=b).json()
+    try:
+        read = http.get(f"/runs/{second['run_id']}", headers=b).json()
+        assert read["status"] == "pending"
+        own_pending_before = 1 if http.get(f"/runs/{first['run_id']}", headers=b).json()["status"] == "pending" else 0
+        assert read["position"] == own_pending_before
+    finally:
+        for run, headers in [(second, b), (first, b), *[(r, a) for r in a_runs]]:
+            http.post(f"/threads/{run['thread_id']}/runs/{run['run_id']}/cancel", headers=headers)
+
+
+def test_readiness_does_not_show_connection_strings(api_env):
+    broker = "redis://:s3cret-password@127.0.0.1:1/0"  # nothing listens on port 1
+    with LiveServer(make_app(broker_url=broker, api_keys=["k"])) as live:
+        response = httpx.get(f"{live.url}/readyz", timeout=30)
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["broker"] == "unreachable" and checks["store"] == "ok", checks
+    assert "s3cret" not in response.text and "127.0.0.1" not in response.text
+
