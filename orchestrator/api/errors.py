@@ -48,10 +48,10 @@ def redact(text: str) -> str:
 
 
 def public_message(message: str) -> str:
-    """What a client is told: the first line, redacted, at most ``MAX_MESSAGE_CHARS``. Internals (parser state,
-    tracebacks) stay in the logs."""
-    lines = str(message).strip().splitlines() or ["error"]
-    text = redact(lines[0])
+    """What a client is told: one line (the first and, where there are more, the last: parsers put the reason
+    there), redacted, at most ``MAX_MESSAGE_CHARS``. Internals (parser state, tracebacks) stay in the logs."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()] or ["error"]
+    text = redact(lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}")
     return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS - 1] + "…"
 
 

@@ -138,3 +138,18 @@ def test_readiness_does_not_show_connection_strings(api_env):
     assert checks["broker"] == "unreachable" and checks["store"] == "ok", checks
     assert "s3cret" not in response.text and "127.0.0.1" not in response.text
 
+
+
+def test_error_bodies_are_short_and_free_of_internals(http):
+    junk = http.post("/artifacts", files={"file": ("x.png", b"GIF89a but not really", "image/png")},
+                     headers=auth("hostile-a"))
+    body = _refused(junk, 400, "invalid_image")
+    assert "object at 0x" not in body["detail"] and "BytesIO" not in body["detail"]
+    # The regex parser's message spans lines and repeats the pattern: the client gets one short line.
+    schema = {"type": "string", "pattern": "((" + "a" * 500}
+    chat = http.post("/v1/chat/completions", headers=auth("hostile-a"), json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert chat.status_code == 400, chat.text
+    message = chat.json()["error"]["message"]
+    assert len(message) <= 300 and "\n" not in message and message.endswith("unclosed group"), message
