@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import re
 
+import kombu.exceptions
+import psycopg
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,6 +39,7 @@ def not_found(what: str) -> ApiError:
 
 
 MAX_MESSAGE_CHARS = 300
+BACKEND_RETRY_AFTER_S = 5
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _URL = re.compile(r"\b([a-zA-Z][\w+.-]*://)([^\s/@'\"<>]*@)?([^\s/?#'\"<>]*)([^\s'\"<>]*)")
 
@@ -118,6 +122,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MGMFlowError)
     async def _mgmflow_error(request: Request, error: MGMFlowError):
         return error_response(request, 409, str(error), error.code)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    @app.exception_handler(kombu.exceptions.OperationalError)
+    @app.exception_handler(psycopg.OperationalError)
+    async def _backend_down(request: Request, error: Exception):
+        # The broker or the database is down or unreachable: the client may retry; the operator reads the log.
+        logger.error("%s %s: a backend is unavailable: %s: %s", request.method, request.url.path,
+                     type(error).__name__, redact(str(error)))
+        return error_response(request, 503, "a backend service is unavailable; retry later", "unavailable",
+                              headers={"Retry-After": str(BACKEND_RETRY_AFTER_S)})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):

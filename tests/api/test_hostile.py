@@ -153,3 +153,21 @@ def test_error_bodies_are_short_and_free_of_internals(http):
     assert chat.status_code == 400, chat.text
     message = chat.json()["error"]["message"]
     assert len(message) <= 300 and "\n" not in message and message.endswith("unclosed group"), message
+
+
+def test_redis_down_is_503_with_retry_after(api_env, tmp_path):
+    from worker_support import RedisServer
+
+    redis = RedisServer(tmp_path)
+    try:
+        with LiveServer(make_app(broker_url=redis.url, api_keys=["k"])) as live, \
+                httpx.Client(base_url=live.url, headers=auth("k"), timeout=60) as client:
+            assert client.get("/runs").status_code == 200
+            redis.kill()
+            for method, path, body in [("GET", "/runs", None), ("GET", "/runs/no-such-run", None),
+                                       ("POST", "/runs", {"assistant_id": "echo", "input": {"text": "x"}})]:
+                response = client.request(method, path, json=body)
+                refused = _refused(response, 503, "unavailable")
+                assert int(response.headers["Retry-After"]) >= 1 and "127.0.0.1" not in refused["detail"]
+    finally:
+        redis.stop()
