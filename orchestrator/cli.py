@@ -51,7 +51,7 @@ def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
 
     from orchestrator.api import create_app
     from orchestrator.api.logs import configure_logging
-    from orchestrator.api.server import check_reachable, default_host
+    from orchestrator.api.server import check_reachable, default_host, uvicorn_options
     from orchestrator.api.settings import ApiSettings
 
     settings = ApiSettings()
@@ -61,7 +61,8 @@ def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
     if settings.open_access and host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("mgmflow.serve").warning(
             "no API keys configured (MGMFLOW_API_KEYS): anyone who reaches %s:%d can use this server", host, port)
-    options = {"host": host, "port": port, "log_level": log_level, "log_config": None, "timeout_graceful_shutdown": 5}
+    options = {"host": host, "port": port, "log_level": log_level, "log_config": None, "timeout_graceful_shutdown": 5,
+               **uvicorn_options(settings)}
     if workers == 1:
         uvicorn.run(create_app(settings), **options)
         return

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import install_error_handlers
-from orchestrator.api.limits import BodySizeLimit, rate_limiter
+from orchestrator.api.limits import BodyReadTimeout, BodySizeLimit, rate_limiter
 from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
 from orchestrator.api.routes import (
     artifacts, assistants, batches, health, openai, playground, runs, threads,
@@ -82,5 +82,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")
     # Outermost last: the body limit applies before anything reads the body; metrics see every response.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
     return app

@@ -29,6 +29,12 @@ class ApiSettings(Settings):
     webhook_backoff_s: float = Field(1.0, gt=0, le=600)
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # A connection has this long to send a request's headers (from opening, or from the previous response), and
+    # a request this long to deliver its whole body; then it is closed (headers) or answered 408 (body).
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # Open connections per API process; a request beyond answers 503 at once.
+    max_connections: int = Field(1000, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_prompt_chars: int = Field(32_768, ge=1)
     max_pages: int = Field(64, ge=1)
