@@ -26,6 +26,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from models.diffusion.defaults import NEGATIVE_PROMPT
+from orchestrator.api.allowlist import allowed
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError
 from orchestrator.api.logs import current_run, current_task
@@ -119,9 +120,12 @@ async def _image_bytes(url: str, where: str, settings) -> bytes:
             return base64.b64decode(match["data"], validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: invalid base64 in the data URL", code="invalid_base64") from None
-    host = httpx.URL(url).host if url.startswith(("http://", "https://")) else None
-    if host is None or host not in settings.image_url_hosts:
-        raise ApiError(400, f"{where}: only data URLs, or URLs on hosts in MGMFLOW_IMAGE_URL_HOSTS, are accepted",
+    try:
+        permitted = allowed(url, settings.image_url_hosts)
+    except ValueError:
+        permitted = False
+    if not permitted:
+        raise ApiError(400, f"{where}: only data URLs, or URLs on origins in MGMFLOW_IMAGE_URL_HOSTS, are accepted",
                        code="image_url_not_allowed")
     try:
         async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
