@@ -171,3 +171,36 @@ def test_redis_down_is_503_with_retry_after(api_env, tmp_path):
                 assert int(response.headers["Retry-After"]) >= 1 and "127.0.0.1" not in refused["detail"]
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_abandoned_chat_completion_stops_its_model_step(server, stream):
+    # The test watches which model steps the route submits (a spy on the in-process task client).
+    tasks = server.server.config.app.state.context.tasks
+    submitted: list[str] = []
+    submit = tasks.submit
+
+    def spy(kind, payload, *, task_id, **kwargs):
+        submitted.append(task_id)
+        return submit(kind, payload, task_id=task_id, **kwargs)
+
+    tasks.submit = spy
+    body = {"model": "tiny", "max_tokens": 8192, "temperature": 1.0, "seed": 5, "stream": stream,
+            "messages": [{"role": "user", "content": "Write a very long story."}]}
+    try:
+        with httpx.Client(base_url=server.url, headers=auth("hostile-a"), timeout=httpx.Timeout(30, read=1)) as client:
+            if stream:
+                with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                    lines = response.iter_lines()
+                    while '"content": "' not in next(lines) or not submitted:  # a token arrived: the step runs
+                        pass
+                # leaving the block closes the connection mid-stream
+            else:
+                with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s and hangs up
+                    client.post("/v1/chat/completions", json=body)
+    finally:
+        tasks.submit = submit
+    (task_id,) = submitted
+    record = wait_for(lambda: (r := tasks.get(task_id)) is not None and r.final and r, timeout=20,
+                      what="the abandoned step to end")
+    assert record.status == "cancelled", record

@@ -16,8 +16,10 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
+import anyio
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -28,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from models.diffusion.defaults import NEGATIVE_PROMPT
 from orchestrator.api.allowlist import allowed
 from orchestrator.api.deps import Context, CurrentScope
-from orchestrator.api.errors import ApiError
+from orchestrator.api.errors import ApiError, public_message
 from orchestrator.api.logs import current_run, current_task
 from orchestrator.api.routes.artifacts import store_image
 
@@ -36,6 +38,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 CHAT_PRIORITY = 0  # interactive: ahead of every run and batch item
 POLL_S = 0.05
+DISCONNECT_POLL_S = 0.25
 MAX_INLINE_MESSAGES_BYTES = 3000  # the step message must stay under 4 KB: longer histories go as an artifact
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w=.+-]+)*),(?P<data>.*)$", re.S)
 
@@ -256,17 +259,45 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_stream(context, base, task_id, body.seed, scope, base_url, include_usage),
                                    ping=15, sep="\n")
-    record = await _finished(context, task_id)
-    _raise_for(record)
-    result = record.result
-    content, artifacts = result["text"], []
-    if result.get("image_prompt"):
-        links, artifacts = await _draw(context, result["image_prompt"], body.seed, run_id=completion_id,
-                                       scope=scope, base_url=base_url)
-        content = f"{content}\n\n{links}".strip()
+    async with _cancelled_if_abandoned(context, request, completion_id):
+        record = await _finished(context, task_id)
+        _raise_for(record)
+        result = record.result
+        content, artifacts = result["text"], []
+        if result.get("image_prompt"):
+            links, artifacts = await _draw(context, result["image_prompt"], body.seed, run_id=completion_id,
+                                           scope=scope, base_url=base_url)
+            content = f"{content}\n\n{links}".strip()
     return {**base, "object": "chat.completion", "usage": _usage(result), "artifacts": artifacts,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": result["finish_reason"], "logprobs": None}]}
+
+
+@asynccontextmanager
+async def _cancelled_if_abandoned(context, request: Request, run_id: str) -> AsyncIterator[None]:
+    """Wait for the answer while watching the connection: a client that hangs up (its timeout, a closed tab)
+    gets its model steps cancelled, so that no GPU keeps generating for nobody."""
+    waiting = asyncio.current_task()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        waiting.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        await _cancel_steps(context, run_id)
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _cancel_steps(context, run_id: str) -> None:
+    # Shielded: it runs while this request is being cancelled, where any other await would be cancelled too.
+    with anyio.CancelScope(shield=True):
+        await run_in_threadpool(context.tasks.cancel, run_id)
 
 
 def _chunk(base: dict, delta: dict, finish_reason: str | None = None, **extra: Any) -> ServerSentEvent:
@@ -281,27 +312,32 @@ async def _stream(context, base: dict, task_id: str, seed: int | None, scope: st
     run_id = base["id"]
     yield _chunk(base, {"role": "assistant", "content": ""})
     after, record = None, None
-    while record is None:
-        record = await run_in_threadpool(context.tasks.get, task_id)
-        record = record if record is not None and record.final else None
-        # Read after the status: every token of a finished step is in this read.
-        for event in await run_in_threadpool(context.tasks.events, run_id, after):
-            after = event.id
-            if event.type == "task.token" and event.data.get("task_id") == task_id:
-                yield _chunk(base, {"content": event.data["text"]})
-        if record is None:
-            await asyncio.sleep(POLL_S)
-    if record.status != "done":
-        error = record.error or {}
-        yield ServerSentEvent(data=json.dumps({"error": {
-            "message": error.get("message", f"the model step ended {record.status}"), "type": "server_error",
-            "code": error.get("code", record.status)}}))
-        return
-    result, artifacts = record.result, []
-    if result.get("image_prompt"):
-        links, artifacts = await _draw(context, result["image_prompt"], seed, run_id=run_id, scope=scope,
-                                       base_url=base_url)
-        yield _chunk(base, {"content": f"\n\n{links}"})
+    try:
+        while record is None:
+            record = await run_in_threadpool(context.tasks.get, task_id)
+            record = record if record is not None and record.final else None
+            # Read after the status: every token of a finished step is in this read.
+            for event in await run_in_threadpool(context.tasks.events, run_id, after):
+                after = event.id
+                if event.type == "task.token" and event.data.get("task_id") == task_id:
+                    yield _chunk(base, {"content": event.data["text"]})
+            if record is None:
+                await asyncio.sleep(POLL_S)
+        if record.status != "done":
+            error = record.error or {}
+            yield ServerSentEvent(data=json.dumps({"error": {
+                "message": public_message(error.get("message", f"the model step ended {record.status}")),
+                "type": "server_error", "code": error.get("code", record.status)}}))
+            return
+        result, artifacts = record.result, []
+        if result.get("image_prompt"):
+            links, artifacts = await _draw(context, result["image_prompt"], seed, run_id=run_id, scope=scope,
+                                           base_url=base_url)
+            yield _chunk(base, {"content": f"\n\n{links}"})
+    except (asyncio.CancelledError, GeneratorExit):
+        # The client closed the stream (sse-starlette cancels this generator): stop the model steps with it.
+        await _cancel_steps(context, run_id)
+        raise
     yield _chunk(base, {}, result["finish_reason"], artifacts=artifacts)
     if include_usage:
         yield ServerSentEvent(data=json.dumps({**base, "object": "chat.completion.chunk", "choices": [],
