@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from models.errors import InvalidInputError, MGMFlowError, ModelNotFoundError, ResourceExhaustedError
 from orchestrator.records import RunNotFound
@@ -83,6 +84,15 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     return "; ".join(parts) or "invalid request", first_param
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
 
@@ -99,8 +109,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large"}.get(error.status_code, "http_error")
-        return error_response(request, error.status_code, str(error.detail), code, headers=error.headers)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "body_too_large"}.get(error.status_code, "http_error")
+        headers = error.headers
+        if error.status_code == 405:  # Starlette names the methods of one route; the path may have several
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return error_response(request, error.status_code, str(error.detail), code, headers=headers)
 
     @app.exception_handler(ArtifactNotFound)
     @app.exception_handler(RunNotFound)

@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.limits import BodyReadTimeout, BodySizeLimit, rate_limiter
+from orchestrator.api.openapi import install_openapi
 from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
 from orchestrator.api.headers import SecurityHeaders
 from orchestrator.api.routes import (
@@ -79,6 +80,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.context = context
     install_error_handlers(app)
+    install_openapi(app, settings)
     for router in (health.router, assistants.router, threads.router, runs.thread_router, runs.router,
                    batches.router, artifacts.router, openai.router, playground.router, docs.router):
         app.include_router(router)

@@ -119,4 +119,7 @@ def uvicorn_options(settings: ApiSettings) -> dict[str, Any]:
         "http": functools.partial(HeaderTimeoutProtocol, header_timeout_s=settings.header_timeout_s),
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": 5,
+        # serve --workers: an API process imports torch and transformers before it answers the supervisor's
+        # health check; on a busy machine that takes longer than uvicorn's 5 s, and it killed and respawned them.
+        "timeout_worker_healthcheck": 60,
     }

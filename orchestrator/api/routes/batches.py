@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import ApiError, not_found
+from orchestrator.api.openapi import errors
 from orchestrator.api.schemas import BatchCreate, BatchItemPublic, BatchPublic, RunCreate
 from orchestrator.api.streaming import TERMINAL, run_public
 from orchestrator.api.submission import admit
@@ -93,14 +94,14 @@ async def _batch_run(context, batch_id: str, scope: str) -> Any:
     return run
 
 
-@router.post("", response_model=BatchPublic)
+@router.post("", response_model=BatchPublic, responses=errors(404))
 async def create_batch(body: BatchCreate, context: Context, scope: CurrentScope,
                        idempotency_key: IdempotencyKey = None) -> BatchPublic:
     """Submit a batch: ``items`` are inputs of ``assistant_id``, at most ``concurrency`` run at once."""
     return await _submit(context, body, scope, idempotency_key)
 
 
-@router.post("/upload", response_model=BatchPublic)
+@router.post("/upload", response_model=BatchPublic, responses=errors(404))
 async def upload_batch(file: UploadFile, context: Context, scope: CurrentScope,
                        assistant_id: Annotated[str, Form(min_length=1, max_length=128)],
                        concurrency: Annotated[int, Form(ge=1, le=256)] = 4,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import Context
@@ -24,7 +26,13 @@ async def read_health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, Literal["ok", "unreachable"]]  # broker, store, checkpointer
+
+
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "A backend is unreachable (which one: in checks)"}})
 async def read_readiness(context: Context) -> JSONResponse:
     """The broker, the artifact store and the checkpointer are reachable (503 naming what is not; why is logged)."""
     checks = {
@@ -62,7 +70,8 @@ def _ping_store(store) -> None:
         return
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def read_metrics(context: Context) -> Response:
     """Prometheus metrics: queue depth, run and task latency, HTTP traffic, errors."""
     body = await run_in_threadpool(context.metrics.scrape, context.runs)

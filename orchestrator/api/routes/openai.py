@@ -32,6 +32,7 @@ from orchestrator.api.allowlist import allowed
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError, public_message
 from orchestrator.api.logs import current_run, current_task
+from orchestrator.api.openapi import errors
 from orchestrator.api.routes.artifacts import store_image
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -243,7 +244,7 @@ def _usage(result: dict) -> dict[str, int]:
 
 
 @router.post("/chat/completions", response_class=JSONResponse,
-             responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}})
+             responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}, **errors(404, 502)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, context: Context,
                                  scope: CurrentScope):
     """One Mini-Gemini chat turn; ``stream: true`` answers with ``chat.completion.chunk`` SSE events."""

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.logs import current_run
+from orchestrator.api.openapi import errors
 from orchestrator.api.schemas import MAX_OFFSET, RunCreate, RunPublic, RunsCancel, RunStatus
 from orchestrator.api.streaming import (
     TERMINAL, check_event_id, final_values, run_location, run_public, stream_response, wait_for_end,
@@ -25,7 +26,9 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 thread_router = APIRouter(prefix="/threads/{thread_id}/runs", tags=["thread-runs"])
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
-LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)]
+# The pattern is documented only: check_event_id answers a bad one with its own 400.
+LastEventId = Annotated[str, Header(alias="Last-Event-ID", max_length=64,
+                                    json_schema_extra={"pattern": r"^(-1|\d{1,20}-\d{1,20})?$"})]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 
@@ -38,8 +41,9 @@ async def _start(context, body: RunCreate, scope: str, thread_id: str | None, id
 
     A ``webhook`` is recorded with the run; ``orchestrator.api.webhooks`` delivers it once the run has ended."""
     if body.command is not None and body.command.resume is not None:
-        if thread_id is None:
-            raise ApiError(422, "command.resume needs a thread: POST /threads/{thread_id}/runs", code="invalid_request")
+        if thread_id is None:  # a new thread has no run waiting for approval
+            raise ApiError(409, "command.resume needs the thread of the interrupted run: POST /threads/{thread_id}/runs",
+                           code="not_interrupted")
         check_limits(body.command.resume, context.settings, "command.resume")
         waiting = await run_in_threadpool(context.runs.list_runs, scope=scope, thread_id=thread_id,
                                           status="interrupted", limit=1)
@@ -106,33 +110,34 @@ async def _list(context, scope: str, thread_id: str | None, status: str | None, 
 # Stateless runs -------------------------------------------------------------------------------------------------
 
 
-@router.post("", response_model=RunPublic)
+@router.post("", response_model=RunPublic, responses=errors(404, 409))
 async def create_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
     """Start a background run on a new thread; poll it with ``GET /runs/{run_id}``."""
     return _created(await _start(context, body, scope, None, idempotency_key))
 
 
-@router.post("/wait")
+@router.post("/wait", responses=errors(404, 409))
 async def wait_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
     """Start a run and answer with its final state."""
     return await _waited(context, await _start(context, body, scope, None, idempotency_key), scope)
 
 
-@router.post("/stream", response_class=JSONResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@router.post("/stream", response_class=JSONResponse,
+             responses={200: {"content": {"text/event-stream": {}}}, **errors(404, 409)})
 async def stream_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
     """Start a run and stream its events (SSE); ``on_disconnect="cancel"`` cancels it when the client leaves."""
     run = await _start(context, body, scope, None, idempotency_key)
     return stream_response(context, run, scope, cancel_on_disconnect=body.on_disconnect == "cancel")
 
 
-@router.post("/batch", response_model=list[RunPublic])
+@router.post("/batch", response_model=list[RunPublic], responses=errors(404, 409))
 async def create_run_batch(context: Context, scope: CurrentScope,
                            body: Annotated[list[RunCreate], Body(min_length=1, max_length=1000)]):
     """Start several background runs at once (each on its own thread)."""
     return [run_public(await _start(context, item, scope, None, None)) for item in body]
 
 
-@router.post("/cancel", status_code=204)
+@router.post("/cancel", status_code=204, responses=errors(404))
 async def cancel_runs(body: RunsCancel, context: Context, scope: CurrentScope,
                       action: Literal["interrupt", "rollback"] = "interrupt"):
     """Cancel runs by id, by thread, or every pending/running one of this key."""
@@ -168,21 +173,22 @@ async def read_run(run_id: PathId, context: Context, scope: CurrentScope):
 # Runs on a thread -----------------------------------------------------------------------------------------------
 
 
-@thread_router.post("", response_model=RunPublic)
+@thread_router.post("", response_model=RunPublic, responses=errors(409))
 async def create_thread_run(thread_id: PathId, body: RunCreate, context: Context, scope: CurrentScope,
                             idempotency_key: IdempotencyKey = None):
     """Start a background run on the thread (after its earlier runs: runs on a thread are serial)."""
     return _created(await _start(context, body, scope, thread_id, idempotency_key))
 
 
-@thread_router.post("/wait")
+@thread_router.post("/wait", responses=errors(409))
 async def wait_thread_run(thread_id: PathId, body: RunCreate, context: Context, scope: CurrentScope,
                           idempotency_key: IdempotencyKey = None):
     """Start a run on the thread and answer with the thread's state after it."""
     return await _waited(context, await _start(context, body, scope, thread_id, idempotency_key), scope)
 
 
-@thread_router.post("/stream", response_class=JSONResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@thread_router.post("/stream", response_class=JSONResponse,
+                    responses={200: {"content": {"text/event-stream": {}}}, **errors(409)})
 async def stream_thread_run(thread_id: PathId, body: RunCreate, context: Context, scope: CurrentScope,
                             idempotency_key: IdempotencyKey = None):
     """Start a run on the thread and stream its events (SSE)."""
@@ -221,7 +227,7 @@ async def join_thread_run(thread_id: PathId, run_id: PathId, context: Context, s
 
 
 @thread_router.get("/{run_id}/stream", response_class=JSONResponse,
-                   responses={200: {"content": {"text/event-stream": {}}}})
+                   responses={200: {"content": {"text/event-stream": {}}}, **errors(400)})
 async def join_thread_run_stream(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope,
                                  last_event_id: LastEventId = None, cancel_on_disconnect: bool = False):
     """Stream a run's events (SSE) from the start, or after ``Last-Event-ID`` to resume."""

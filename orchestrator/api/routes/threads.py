@@ -8,6 +8,7 @@ from fastapi import APIRouter
 
 from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import ApiError
+from orchestrator.api.openapi import errors
 from orchestrator.api.schemas import (
     Checkpoint, ThreadCreate, ThreadHistoryRequest, ThreadPublic, ThreadSearch, ThreadStatePublic,
 )
@@ -34,7 +35,7 @@ def _thread_public(context, thread: dict[str, Any], *, with_values: bool = True)
     )
 
 
-@router.post("", response_model=ThreadPublic)
+@router.post("", response_model=ThreadPublic, responses=errors(409))
 def create_thread(body: ThreadCreate, context: Context, scope: CurrentScope) -> ThreadPublic:
     """Create a thread (``if_exists="do_nothing"`` returns an existing one of yours instead of a 409)."""
     if body.thread_id is not None:
