@@ -65,6 +65,11 @@ class ApiSettings(Settings):
             entry_origin(entry)  # a ValueError here: a typo fails at start, not at the first request
         return entries
 
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # MGMFLOW_WEBHOOK_SECRET= in an .env file
+
     @field_validator("webhook_secret")
     @classmethod
     def _check_secret(cls, secret: SecretStr | None) -> SecretStr | None:
