@@ -145,7 +145,7 @@ class WebhookSender:
             raise
         except Exception as unexpected:  # e.g. the store unreachable: counts as a failed attempt
             logger.exception("webhook of run %s: attempt %d broke", webhook.run_id, attempt)
-            error, final = f"{type(unexpected).__name__}: {unexpected}", False
+            error, final = f"{type(unexpected).__name__}: {redact(str(unexpected))}", False
         if error is None:
             logger.info("webhook of run %s delivered (attempt %d)", webhook.run_id, attempt)
             retry_at = None
