@@ -28,7 +28,7 @@ KEY = "fuzz-key"
 CONFIG = """
 [[operations]]
 include-method = "POST"
-include-path-regex = '^/(artifacts|batches|batches/upload|runs|runs/(wait|stream|batch)|threads/[^/]+/runs(/(wait|stream))?|v1/chat/completions)$'
+include-path-regex = '^/(artifacts|batches(/upload)?|(threads/[^/]+/)?runs(/(wait|stream|batch))?|v1/chat/completions)$'
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 """
 

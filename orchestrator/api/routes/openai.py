@@ -258,8 +258,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     base_url = str(request.base_url)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_stream(context, base, task_id, body.seed, scope, base_url, include_usage),
-                                   ping=15, sep="\n")
+        events = _stream(context, base, task_id, body.seed, scope, base_url, include_usage)
+        return EventSourceResponse(_cancelled_when_closed(context, completion_id, events), ping=15, sep="\n")
     async with _cancelled_if_abandoned(context, request, completion_id):
         record = await _finished(context, task_id)
         _raise_for(record)
@@ -295,6 +295,17 @@ async def _cancelled_if_abandoned(context, request: Request, run_id: str) -> Asy
         watcher.cancel()
 
 
+async def _cancelled_when_closed(context, run_id: str, events: AsyncIterator[ServerSentEvent]):
+    """``events``; a client that closes the stream first (sse-starlette then cancels this generator) gets its
+    model steps cancelled too."""
+    try:
+        async for event in events:
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        await _cancel_steps(context, run_id)
+        raise
+
+
 async def _cancel_steps(context, run_id: str) -> None:
     # Shielded: it runs while this request is being cancelled, where any other await would be cancelled too.
     with anyio.CancelScope(shield=True):
@@ -313,32 +324,27 @@ async def _stream(context, base: dict, task_id: str, seed: int | None, scope: st
     run_id = base["id"]
     yield _chunk(base, {"role": "assistant", "content": ""})
     after, record = None, None
-    try:
-        while record is None:
-            record = await run_in_threadpool(context.tasks.get, task_id)
-            record = record if record is not None and record.final else None
-            # Read after the status: every token of a finished step is in this read.
-            for event in await run_in_threadpool(context.tasks.events, run_id, after):
-                after = event.id
-                if event.type == "task.token" and event.data.get("task_id") == task_id:
-                    yield _chunk(base, {"content": event.data["text"]})
-            if record is None:
-                await asyncio.sleep(POLL_S)
-        if record.status != "done":
-            error = record.error or {}
-            yield ServerSentEvent(data=json.dumps({"error": {
-                "message": public_message(error.get("message", f"the model step ended {record.status}")),
-                "type": "server_error", "code": error.get("code", record.status)}}))
-            return
-        result, artifacts = record.result, []
-        if result.get("image_prompt"):
-            links, artifacts = await _draw(context, result["image_prompt"], seed, run_id=run_id, scope=scope,
-                                           base_url=base_url)
-            yield _chunk(base, {"content": f"\n\n{links}"})
-    except (asyncio.CancelledError, GeneratorExit):
-        # The client closed the stream (sse-starlette cancels this generator): stop the model steps with it.
-        await _cancel_steps(context, run_id)
-        raise
+    while record is None:
+        record = await run_in_threadpool(context.tasks.get, task_id)
+        record = record if record is not None and record.final else None
+        # Read after the status: every token of a finished step is in this read.
+        for event in await run_in_threadpool(context.tasks.events, run_id, after):
+            after = event.id
+            if event.type == "task.token" and event.data.get("task_id") == task_id:
+                yield _chunk(base, {"content": event.data["text"]})
+        if record is None:
+            await asyncio.sleep(POLL_S)
+    if record.status != "done":
+        error = record.error or {}
+        yield ServerSentEvent(data=json.dumps({"error": {
+            "message": public_message(error.get("message", f"the model step ended {record.status}")),
+            "type": "server_error", "code": error.get("code", record.status)}}))
+        return
+    result, artifacts = record.result, []
+    if result.get("image_prompt"):
+        links, artifacts = await _draw(context, result["image_prompt"], seed, run_id=run_id, scope=scope,
+                                       base_url=base_url)
+        yield _chunk(base, {"content": f"\n\n{links}"})
     yield _chunk(base, {}, result["finish_reason"], artifacts=artifacts)
     if include_usage:
         yield ServerSentEvent(data=json.dumps({**base, "object": "chat.completion.chunk", "choices": [],

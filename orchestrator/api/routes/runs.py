@@ -42,7 +42,7 @@ async def _start(context, body: RunCreate, scope: str, thread_id: str | None, id
     A ``webhook`` is recorded with the run; ``orchestrator.api.webhooks`` delivers it once the run has ended."""
     if body.command is not None and body.command.resume is not None:
         if thread_id is None:  # a new thread has no run waiting for approval
-            raise ApiError(409, "command.resume needs the thread of the interrupted run: POST /threads/{thread_id}/runs",
+            raise ApiError(409, "command.resume needs the interrupted run's thread: POST /threads/{thread_id}/runs",
                            code="not_interrupted")
         check_limits(body.command.resume, context.settings, "command.resume")
         waiting = await run_in_threadpool(context.runs.list_runs, scope=scope, thread_id=thread_id,
