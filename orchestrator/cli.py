@@ -51,7 +51,7 @@ def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
 
     from orchestrator.api import create_app
     from orchestrator.api.logs import configure_logging
-    from orchestrator.api.server import check_reachable, default_host
+    from orchestrator.api.server import check_reachable, default_host, uvicorn_options
     from orchestrator.api.settings import ApiSettings
 
     settings = ApiSettings()
@@ -61,7 +61,8 @@ def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
     if settings.open_access and host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("mgmflow.serve").warning(
             "no API keys configured (MGMFLOW_API_KEYS): anyone who reaches %s:%d can use this server", host, port)
-    options = {"host": host, "port": port, "log_level": log_level, "log_config": None, "timeout_graceful_shutdown": 5}
+    options = {"host": host, "port": port, "log_level": log_level, "log_config": None, "timeout_graceful_shutdown": 5,
+               **uvicorn_options(settings)}
     if workers == 1:
         uvicorn.run(create_app(settings), **options)
         return
@@ -679,18 +680,21 @@ def submit(batch_file: Path, workflow: str, server: str, api_key: str | None, co
     """Send a batch (a JSON list or JSON Lines of inputs) to a server, show its progress, download the results."""
     from tqdm import tqdm
 
-    from orchestrator.api.client import ApiClient, check_batch_file
+    from orchestrator.api.client import ApiClient, check_batch_file, check_out_dir, server_id
 
     check_batch_file(batch_file)
+    if out_dir is not None:
+        check_out_dir(out_dir)  # before the batch is sent: a folder that would be refused at the end
     client = ApiClient(server, api_key)
     batch = client.upload_batch(batch_file, workflow, concurrency, priority, idempotency_key)
+    server_id(batch["batch_id"], "batch id")
     with tqdm(total=batch["total"], unit="item", desc=f"batch {batch['batch_id'][:8]}") as bar:
         def show(status: dict) -> None:
             bar.update(status["done"] - bar.n)
             bar.set_postfix({k: v for k, v in sorted(status["counts"].items())}, refresh=True)
 
         final = client.follow(batch["batch_id"], show)
-    out_dir = out_dir or Path(f"batch-{batch['batch_id']}")
+    out_dir = out_dir or Path(f"batch-{batch['batch_id']}")  # a plain id: checked above
     written = client.download(batch["batch_id"], out_dir)
     click.echo(f"batch {final['run']['status']}: {final['counts']}; {written['items']} results and "
                f"{written['images']} images in {out_dir}")

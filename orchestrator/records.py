@@ -267,9 +267,11 @@ class RunStore:
         return [_decode(row) for row in rows]
 
     def position(self, run: RunInfo) -> int:
-        """Runs admitted before this one that have not started yet (its place in the queue)."""
+        """Runs of the same scope admitted before this one that have not started yet (its place in the queue as
+        its owner sees it: other keys' traffic is not theirs to observe). Uses the (scope, status, created_at) index."""
         rows = self.db.execute(
-            "SELECT COUNT(*) FROM mgmflow_runs WHERE status = 'pending' AND created_at < ?", (run.created_at,)
+            "SELECT COUNT(*) FROM mgmflow_runs WHERE scope = ? AND status = 'pending' AND created_at < ?",
+            (run.scope, run.created_at),
         )
         return int(rows[0][0]) if run.status == "pending" else 0
 

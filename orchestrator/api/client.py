@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -14,9 +15,11 @@ from typing import Any
 import httpx
 
 from models.errors import InvalidInputError, MGMFlowError
+from orchestrator.api.schemas import ID_PATTERN
 from orchestrator.api.server import ServiceUnreachable
 
 FINISHED = ("success", "error", "timeout", "cancelled")
+DOWNLOAD_ITEM = re.compile(r"item-\d{5,}")
 
 
 class ServerError(MGMFlowError):
@@ -65,14 +68,19 @@ class ApiClient:
     def download(self, batch_id: str, out_dir: Path) -> dict[str, Any]:
         """Write ``results.jsonl`` and every image artifact of the successful items into ``out_dir``.
 
-        Everything goes into a temporary folder first, renamed into place at the end: no partial output."""
-        rows = self.request("GET", f"/batches/{batch_id}/results").json()
+        Everything goes into a temporary folder first, renamed into place at the end: no partial output. File
+        names come from the server's ids: each is checked to be a plain id first (a hostile server names no path)."""
+        check_out_dir(out_dir)
+        rows = self.request("GET", f"/batches/{server_id(batch_id, 'batch id')}/results").json()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
         try:
             images = 0
             for row in rows:
+                if not isinstance(row.get("index"), int) or isinstance(row["index"], bool) or row["index"] < 0:
+                    raise ServerError(f"the server sent {str(row.get('index'))[:40]!r}: not a valid item index")
                 for artifact_id in _image_ids(row.get("output") or {}):
+                    server_id(artifact_id, "artifact id")
                     folder = staging / f"item-{row['index']:05d}"
                     folder.mkdir(exist_ok=True)
                     data = self.request("GET", f"/artifacts/{artifact_id}/content").content
@@ -80,6 +88,7 @@ class ApiClient:
                     images += 1
             (staging / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
             if out_dir.exists():
+                check_out_dir(out_dir)  # again: it may have been filled while the batch ran
                 shutil.rmtree(out_dir)
             os.replace(staging, out_dir)
         except BaseException:
@@ -94,6 +103,28 @@ def _image_ids(values: dict[str, Any]) -> list[str]:
     if chosen:
         return [chosen[key] for key in sorted(chosen, key=lambda k: (len(k), k))]
     return [ref["id"] for ref in values.get("artifacts") or [] if ref.get("kind", "image") == "image"]
+
+
+def server_id(value: Any, what: str) -> str:
+    """``value`` if it is a plain id (what the server issues), else a :class:`ServerError`."""
+    if not isinstance(value, str) or not re.fullmatch(ID_PATTERN, value) or value.strip(".") == "":
+        raise ServerError(f"the server sent {str(value)[:40]!r}: not a valid {what}")
+    return value
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """``out_dir`` may be replaced: missing, empty, or an earlier download (``results.jsonl`` and ``item-NNNNN``
+    folders only). Anything else is someone's folder: refused, never deleted."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InvalidInputError(f"--out {out_dir} exists and is not a folder")
+    foreign = [entry.name for entry in out_dir.iterdir()
+               if not (entry.name == "results.jsonl" and entry.is_file()
+                       or DOWNLOAD_ITEM.fullmatch(entry.name) and entry.is_dir())]
+    if foreign:
+        raise InvalidInputError(f"--out {out_dir} is not empty and not an earlier download (it has "
+                                f"{foreign[0]!r}): choose another folder")
 
 
 def check_batch_file(path: Path) -> None:

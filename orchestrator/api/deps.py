@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from orchestrator.api.errors import ApiError
 from orchestrator.api.limits import RateLimiter, RedisRateLimiter
 from orchestrator.api.metrics import ApiMetrics
+from orchestrator.api.schemas import ID_PATTERN
 from orchestrator.api.settings import ApiSettings
 
 if TYPE_CHECKING:
@@ -52,11 +54,18 @@ async def get_store(context: Context) -> Any:
     return context.store
 
 
-async def current_scope(request: Request, context: Context) -> str:
+# The two ways to send a key, declared as the OpenAPI document's security schemes (either one will do).
+bearer_key = HTTPBearer(auto_error=False, scheme_name="bearer", description="A key of MGMFLOW_API_KEYS.")
+header_key = APIKeyHeader(name="x-api-key", auto_error=False, scheme_name="apiKey",
+                          description="The same key in x-api-key, as langgraph-sdk sends it.")
+
+
+async def current_scope(context: Context,
+                        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_key)],
+                        api_key: Annotated[str | None, Depends(header_key)]) -> str:
     """The caller's scope from ``Authorization: Bearer <key>`` (or ``x-api-key``, as ``langgraph-sdk`` sends);
     every request that passes is also counted against the scope's rate limit."""
-    header = request.headers.get("authorization", "")
-    key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key")
+    key = bearer.credentials.strip() if bearer is not None else api_key
     scope = context.settings.scope_of(key)
     if scope is None:
         raise ApiError(401, "missing or invalid API key", code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
@@ -65,5 +74,8 @@ async def current_scope(request: Request, context: Context) -> str:
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+# Every id in a path (thread, run, artifact, batch, assistant): checked before the handler runs, so that an id no
+# record can have (Unicode, CR/LF, NUL, too long) creates nothing and never reaches a header or a query.
+PathId = Annotated[str, Path(pattern=ID_PATTERN)]
 Store = Annotated[Any, Depends(get_store)]
 CurrentScope = Annotated[str, Depends(current_scope)]

@@ -8,11 +8,16 @@ produce a 500: anything unexpected is logged with its traceback and answered as 
 from __future__ import annotations
 
 import logging
+import re
 
+import kombu.exceptions
+import psycopg
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from models.errors import InvalidInputError, MGMFlowError, ModelNotFoundError, ResourceExhaustedError
 from orchestrator.records import RunNotFound
@@ -34,7 +39,33 @@ def not_found(what: str) -> ApiError:
     return ApiError(404, f"{what} not found", code="not_found")
 
 
+MAX_MESSAGE_CHARS = 300
+BACKEND_RETRY_AFTER_S = 5
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_URL = re.compile(r"\b([a-zA-Z][\w+.-]*://)([^\s/@'\"<>]*@)?([^\s/?#'\"<>]*)([^\s'\"<>]*)")
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL cut to its scheme and host (no user, password, path or query: they may hold
+    secrets or tokens) and object reprs (``<_io.BytesIO object at 0x…>``) removed: fit for logs and clients."""
+    text = _URL.sub(lambda match: f"{match[1]}{match[3]}", text)
+    return _OBJECT_REPR.sub("the data", text)
+
+
+def public_message(message: str) -> str:
+    """What a client is told: one line (the first and, where there are more, the last: parsers put the reason
+    there), redacted, at most ``MAX_MESSAGE_CHARS``. Internals (parser state, tracebacks) stay in the logs."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()] or ["error"]
+    text = redact(lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}")
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS - 1] + "…"
+
+
 def error_response(request: Request, status: int, message: str, code: str, *, headers=None, param=None):
+    short = public_message(message)
+    if short != message:
+        logger.info("%s %s answered %d %s; in full: %s", request.method, request.url.path, status, code,
+                    redact(str(message)))
+    message = short
     if request.url.path.startswith("/v1/"):
         kind = "invalid_request_error" if status < 500 else "server_error"
         body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
@@ -53,6 +84,15 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     return "; ".join(parts) or "invalid request", first_param
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
 
@@ -69,8 +109,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(error.status_code, "http_error")
-        return error_response(request, error.status_code, str(error.detail), code, headers=error.headers)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "body_too_large"}.get(error.status_code, "http_error")
+        headers = error.headers
+        if error.status_code == 405:  # Starlette names the methods of one route; the path may have several
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        return error_response(request, error.status_code, str(error.detail), code, headers=headers)
 
     @app.exception_handler(ArtifactNotFound)
     @app.exception_handler(RunNotFound)
@@ -92,6 +136,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MGMFlowError)
     async def _mgmflow_error(request: Request, error: MGMFlowError):
         return error_response(request, 409, str(error), error.code)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    @app.exception_handler(kombu.exceptions.OperationalError)
+    @app.exception_handler(psycopg.OperationalError)
+    async def _backend_down(request: Request, error: Exception):
+        # The broker or the database is down or unreachable: the client may retry; the operator reads the log.
+        logger.error("%s %s: a backend is unavailable: %s: %s", request.method, request.url.path,
+                     type(error).__name__, redact(str(error)))
+        return error_response(request, 503, "a backend service is unavailable; retry later", "unavailable",
+                              headers={"Retry-After": str(BACKEND_RETRY_AFTER_S)})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):

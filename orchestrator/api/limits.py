@@ -46,6 +46,36 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+class BodyReadTimeout:
+    """Answers 408 (and closes the connection) when a request's body has not fully arrived ``timeout_s`` after
+    the app first asked for it: a client that announces a body and trickles it, or stops, holds nothing for long."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float):
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline: float | None = None
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal deadline, complete
+            if complete:  # later calls wait for the disconnect (streams): no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                                    headers={"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
 def _rate_limited(retry_after_s: float) -> ApiError:
     return ApiError(429, "rate limit exceeded", code="rate_limited",
                     headers={"Retry-After": str(max(1, round(retry_after_s)))})

@@ -13,10 +13,12 @@ from fastapi.staticfiles import StaticFiles
 
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import install_error_handlers
-from orchestrator.api.limits import BodySizeLimit, rate_limiter
+from orchestrator.api.limits import BodyReadTimeout, BodySizeLimit, rate_limiter
+from orchestrator.api.openapi import install_openapi
 from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
+from orchestrator.api.headers import SecurityHeaders
 from orchestrator.api.routes import (
-    artifacts, assistants, batches, health, openai, outputs, playground, runs, threads,
+    artifacts, assistants, batches, docs, health, openai, outputs, playground, runs, threads,
 )
 from orchestrator.api.server import stop_with_supervisor
 from orchestrator.api.settings import ApiSettings
@@ -73,14 +75,20 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         summary="Agentic any-to-any workflows around Mini-Gemini: runs, threads, batches, artifacts, OpenAI chat.",
         lifespan=lifespan,
         generate_unique_id_function=_unique_id,
+        docs_url=None,  # routes.docs serves it from local files
+        redoc_url=None,
     )
     app.state.context = context
     install_error_handlers(app)
+    install_openapi(app, settings)
     for router in (health.router, assistants.router, threads.router, runs.thread_router, runs.router,
-                   outputs.router, batches.router, artifacts.router, openai.router, playground.router):
+                   outputs.router, batches.router, artifacts.router, openai.router, playground.router, docs.router):
         app.include_router(router)
     app.mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")
+    app.mount(docs.ASSETS_URL, docs.ASSETS, name="docs-assets")
     # Outermost last: the body limit applies before anything reads the body; metrics see every response.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyReadTimeout, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
+    app.add_middleware(SecurityHeaders)
     return app

@@ -4,9 +4,9 @@ works); our additions (queue position, progress, priority, errors) are extra fie
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from orchestrator.runs import MAX_PREVIEWS
 
@@ -16,13 +16,20 @@ ThreadStatus = Literal["idle", "busy", "interrupted", "error"]
 StreamMode = Literal["values", "updates", "messages-tuple", "messages", "custom", "events", "debug", "tasks",
                      "checkpoints"]
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+# Request bodies are strict (``ConfigDict(strict=True)``): ``"offset": false`` or ``"priority": "3"`` are refused
+# (422) as their schema says, not coerced. Integers are JSON Schema's: 3.0 is one.
+Integer = Annotated[int, BeforeValidator(lambda value: int(value) if isinstance(value, float) and value.is_integer()
+                                         else value)]
+MAX_OFFSET = 1_000_000_000  # pages past this are empty anyway; beyond 2**63 a database cannot even bind it
 
 
 class AssistantSearch(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     graph_id: str | None = None
     metadata: dict[str, Any] | None = None
-    limit: int = Field(10, ge=1, le=1000)
-    offset: int = Field(0, ge=0)
+    limit: Integer = Field(10, ge=1, le=1000)
+    offset: Integer = Field(0, ge=0, le=MAX_OFFSET)
 
 
 class AssistantPublic(BaseModel):
@@ -53,7 +60,7 @@ class AssistantSchemas(BaseModel):
 
 
 class ThreadCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     thread_id: str | None = Field(None, pattern=ID_PATTERN)
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -61,18 +68,18 @@ class ThreadCreate(BaseModel):
 
 
 class ThreadUpdate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class ThreadSearch(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     metadata: dict[str, Any] | None = None
     status: ThreadStatus | None = None
-    limit: int = Field(10, ge=1, le=1000)
-    offset: int = Field(0, ge=0)
+    limit: Integer = Field(10, ge=1, le=1000)
+    offset: Integer = Field(0, ge=0, le=MAX_OFFSET)
 
 
 class ThreadPublic(BaseModel):
@@ -112,9 +119,9 @@ class ThreadStateRequest(BaseModel):
 
 
 class ThreadHistoryRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    limit: int = Field(10, ge=1, le=1000)
+    limit: Integer = Field(10, ge=1, le=1000)
     before: dict[str, Any] | str | None = None
 
 
@@ -124,7 +131,7 @@ class ThreadHistoryRequest(BaseModel):
 class RunCommand(BaseModel):
     """Resume an interrupted run (a human approval): ``{"resume": {"approved": true, "prompt": "..."}}``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     resume: Any = None
 
@@ -134,7 +141,7 @@ class RunCreate(BaseModel):
     (the flags of ``mgmflow run <workflow>``). Fields of the SDK we do not use (config, durability, ...) are
     accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     assistant_id: str = Field(min_length=1, max_length=128)
     input: dict[str, Any] | None = None
@@ -148,10 +155,10 @@ class RunCreate(BaseModel):
     if_not_exists: Literal["create", "reject"] = "reject"
     on_disconnect: Literal["cancel", "continue"] = "continue"
     # Our additions: 0 is the most urgent; interactive runs default ahead of batch items.
-    priority: int = Field(3, ge=0, le=9)
+    priority: Integer = Field(3, ge=0, le=9)
     approve: bool = False
     # Diffusion steps of the run store a preview every N denoising steps; `task.step` events carry its id.
-    previews: int = Field(0, ge=0, le=MAX_PREVIEWS)
+    previews: Integer = Field(0, ge=0, le=MAX_PREVIEWS)
 
 
 class RunPublic(BaseModel):
@@ -172,7 +179,12 @@ class RunPublic(BaseModel):
 
 
 class RunsCancel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Which runs: at least one of the three, not null (the schema says so, for generated clients and fuzzers).
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"anyOf": [
+        {"required": ["run_ids"], "properties": {"run_ids": {"type": "array", "minItems": 1}}},
+        {"required": ["thread_id"], "properties": {"thread_id": {"type": "string"}}},
+        {"required": ["status"], "properties": {"status": {"type": "string"}}},
+    ]})
 
     thread_id: str | None = None
     run_ids: list[str] | None = Field(None, max_length=10_000)
@@ -197,12 +209,12 @@ class ArtifactPublic(BaseModel):
 class BatchCreate(BaseModel):
     """Many inputs of one workflow, run through the ``batch`` workflow with at most ``concurrency`` at once."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     assistant_id: str = Field(min_length=1, max_length=128)
     items: list[dict[str, Any]] = Field(min_length=1)
-    concurrency: int = Field(4, ge=1, le=256)
-    priority: int = Field(7, ge=0, le=9)
+    concurrency: Integer = Field(4, ge=1, le=256)
+    priority: Integer = Field(7, ge=0, le=9)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -3,15 +3,24 @@ API processes end with it."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
+import logging
 import multiprocessing
 import os
 import signal
 import sys
+from typing import Any
 from urllib.parse import urlsplit
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from models.errors import MGMFlowError
 from orchestrator.api.settings import LOOPBACK, ApiSettings
+
+
+logger = logging.getLogger(__name__)
 
 
 class ServiceUnreachable(MGMFlowError):
@@ -60,3 +69,57 @@ def stop_with_supervisor() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     if os.getppid() != supervisor.pid:  # it died before the call above
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol plus a deadline for each request's headers: ``header_timeout_s`` from the
+    connection's opening (or from the first byte of a keep-alive request), else the connection is closed.
+    uvicorn has none: a client that sends nothing, or half a header line, held its connection for ever."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.header_timer is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self.header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self.header_timer = None
+        logger.debug("closing a connection that sent no complete request headers in %.0f s", self.header_timeout_s)
+        self.transport.close()
+
+
+def uvicorn_options(settings: ApiSettings) -> dict[str, Any]:
+    """The options of ``mgmflow serve``'s uvicorn that bound what one client can hold: header deadline,
+    connection cap (the body deadline is :class:`orchestrator.api.limits.BodyReadTimeout`, in the app)."""
+    return {
+        "http": functools.partial(HeaderTimeoutProtocol, header_timeout_s=settings.header_timeout_s),
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": 5,
+        # serve --workers: an API process imports torch and transformers before it answers the supervisor's
+        # health check; on a busy machine that takes longer than uvicorn's 5 s, and it killed and respawned them.
+        "timeout_worker_healthcheck": 60,
+    }

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
+from orchestrator.api.allowlist import entry_origin
 from workers.settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -19,16 +21,26 @@ class ApiSettings(Settings):
 
     # Bearer keys, comma-separated. None configured: open, single-user, loopback by default.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Hosts whose https image URLs chat requests may reference; nothing else is ever fetched.
+    # Origins (scheme://host[:port]; a bare host is https on 443, see api.allowlist) whose image URLs chat
+    # requests may reference; nothing else is ever fetched.
     image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Hosts that run webhooks may be sent to. None: no webhooks (and no delivery loop).
+    # Origins that run webhooks may be sent to, as image_url_hosts. None: no webhooks (and no delivery loop).
     webhook_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # A webhook is retried until delivered, at most this many attempts; the waits double from the backoff
     # (1, 2, 4 … s, at most 10 minutes apart: the default gives up after about an hour).
+    # The Standard Webhooks signing secret, "whsec_<base64>", the same for every API process of a deployment.
+    # Unset: one is made once and kept in $MGMFLOW_HOME/webhook-secret (readable by its owner only).
+    webhook_secret: SecretStr | None = None
     webhook_max_attempts: int = Field(15, ge=1, le=100)
     webhook_backoff_s: float = Field(1.0, gt=0, le=600)
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # A connection has this long to send a request's headers (from opening, or from the previous response), and
+    # a request this long to deliver its whole body; then it is closed (headers) or answered 408 (body).
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # Open connections per API process; a request beyond answers 503 at once.
+    max_connections: int = Field(1000, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_prompt_chars: int = Field(32_768, ge=1)
     max_pages: int = Field(64, ge=1)
@@ -46,6 +58,31 @@ class ApiSettings(Settings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("image_url_hosts", "webhook_hosts")
+    @classmethod
+    def _check_origins(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            entry_origin(entry)  # a ValueError here: a typo fails at start, not at the first request
+        return entries
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # MGMFLOW_WEBHOOK_SECRET= in an .env file
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            value = secret.get_secret_value()
+            try:
+                key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                key = b""
+            if not value.startswith("whsec_") or len(key) < 16:
+                raise ValueError("MGMFLOW_WEBHOOK_SECRET must be whsec_<base64 of at least 16 random bytes>")
+        return secret
+
     @property
     def open_access(self) -> bool:
         """No keys configured: a single-user server."""
@@ -55,6 +92,11 @@ class ApiSettings(Settings):
         """The scope (owner) of a key; ``None`` when the key is unknown. Keys never appear in stored data."""
         if self.open_access:
             return "default"
-        if api_key is None or not any(hmac.compare_digest(api_key, key) for key in self.api_keys):
+        # Bytes, not str: compare_digest refuses non-ASCII strings. A header arrives as latin-1 text, i.e. its bytes.
+        try:
+            sent = api_key.encode("latin-1") if api_key is not None else None
+        except UnicodeEncodeError:  # not from a header: no key is made of such text
             return None
-        return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+        if sent is None or not any(hmac.compare_digest(sent, key.encode()) for key in self.api_keys):
+            return None
+        return "key-" + hashlib.sha256(sent).hexdigest()[:16]

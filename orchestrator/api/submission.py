@@ -4,10 +4,10 @@ within its quota; then one call to the run service (idempotent per ``Idempotency
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 
+from orchestrator.api.allowlist import allowed, url_origin
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.schemas import RunCreate
@@ -31,13 +31,15 @@ def check_limits(value: Any, settings, where: str = "input") -> None:
 
 
 def check_webhook(url: str | None, settings) -> None:
+    """At admission (and before each attempt): a well-formed http(s) URL on an allowed origin (scheme, host, port)."""
     if url is None:
         return
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ApiError(422, "webhook must be an http(s) URL", code="invalid_webhook")
-    if parts.hostname not in settings.webhook_hosts:
-        raise ApiError(422, f"webhook host {parts.hostname!r} is not allowed (MGMFLOW_WEBHOOK_HOSTS)",
+    try:
+        scheme, host, port = url_origin(url)
+    except ValueError as error:
+        raise ApiError(422, f"webhook: {error}", code="invalid_webhook") from None
+    if not allowed(url, settings.webhook_hosts):
+        raise ApiError(422, f"webhook origin {scheme}://{host}:{port} is not allowed (MGMFLOW_WEBHOOK_HOSTS)",
                        code="webhook_not_allowed")
 
 

@@ -134,3 +134,71 @@ def test_resume_changes_one_pages_prompt_or_all_explicitly(api_env, tmp_path):
     pages = json.loads((out / "manifest.json").read_text())["pages"]
     assert pages[1]["prompt"] == "a grey heron at dawn, woodcut"
     assert pages[0]["prompt"] != "a grey heron at dawn, woodcut"
+
+
+def test_submit_refuses_to_replace_a_folder_it_did_not_write(live_server, tmp_path):
+    batch = tmp_path / "inputs.jsonl"
+    batch.write_text('{"text": "x"}\n')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    result = CliRunner().invoke(main, ["submit", str(batch), "-w", "echo", "--server", live_server.url,
+                                       "--out", str(mine)])
+    assert result.exit_code == 2 and "not empty" in result.output, result.output
+    assert (mine / "thesis.tex").read_text() == "years of work" and len(list(mine.iterdir())) == 1
+    # An earlier download (or an empty folder) is replaced.
+    out = tmp_path / "results"
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["submit", str(batch), "-w", "echo", "--server", live_server.url,
+                                           "--out", str(out)])
+        assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(("batch_id", "artifact_id", "index"), [
+    ("../../escaped", "aaaaaaaaaaaaaaaaaaaaaa", 0),
+    ("b1", "../../../escaped", 0),
+    ("b1", "aaaaaaaaaaaaaaaaaaaaaa", "../x"),
+])
+def test_submit_refuses_server_ids_that_are_not_ids(tmp_path, monkeypatch, batch_id, artifact_id, index):
+    """A hostile (or broken) server names files: ids that are not plain ids write nothing anywhere."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    run = {"status": "success"}
+    answers = {
+        "/batches/upload": {"batch_id": batch_id, "total": 1, "done": 0, "counts": {}, "run": run},
+        f"/batches/{batch_id}": {"batch_id": batch_id, "total": 1, "done": 1, "counts": {"success": 1}, "run": run},
+        f"/batches/{batch_id}/results": [{"index": index, "status": "success", "run_id": "r",
+                                          "output": {"artifacts": [{"id": artifact_id, "kind": "image"}]}}],
+    }
+
+    class Hostile(BaseHTTPRequestHandler):
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            path = self.path.split("?")[0]
+            body = json.dumps(answers[path]).encode() if path in answers else b"\x89PNG fake"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    batch = work / "inputs.jsonl"
+    batch.write_text('{"text": "x"}\n')
+    try:
+        result = CliRunner().invoke(main, ["submit", str(batch), "-w", "echo", "--server",
+                                           f"http://127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 2 and "not a valid" in result.output, result.output
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "a", "a/b", "a/b/c", "a/b/c/inputs.jsonl"]

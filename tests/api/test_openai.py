@@ -128,7 +128,7 @@ def test_remote_image_urls_only_from_allow_listed_hosts(api_env):
     images = HTTPServer(("127.0.0.1", 0), Images)
     threading.Thread(target=images.serve_forever, daemon=True).start()
     try:
-        with LiveServer(make_app(image_url_hosts=["127.0.0.1"])) as server:
+        with LiveServer(make_app(image_url_hosts=[f"http://127.0.0.1:{images.server_port}"])) as server:
             client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=240)
             url = f"http://127.0.0.1:{images.server_port}/fox.png"
             completion = client.chat.completions.create(model=_model(client), max_tokens=2, messages=[
@@ -138,6 +138,10 @@ def test_remote_image_urls_only_from_allow_listed_hosts(api_env):
             with pytest.raises(BadRequestError):  # "localhost" is the same machine, but not on the list
                 client.chat.completions.create(model=_model(client), messages=[{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": f"http://localhost:{images.server_port}/x.png"}}]}])
+            for elsewhere in (f"https://127.0.0.1:{images.server_port}/x.png", "http://127.0.0.1:1/x.png"):
+                with pytest.raises(BadRequestError):  # the same host, another scheme or port: not on the list
+                    client.chat.completions.create(model=_model(client), messages=[{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": elsewhere}}]}])
             assert fetched == ["/fox.png"]
     finally:
         images.shutdown()

@@ -153,3 +153,28 @@ def test_two_turn_chat_from_the_playground(live_server, browser):
     # A long line wraps: nothing in the conversation is wider than its box.
     assert browser.evaluate("""[...document.querySelectorAll("#conversation li")].every(
         (li) => li.scrollWidth <= li.clientWidth + 1)""")
+
+
+def test_docs_and_playground_render_offline_under_a_content_security_policy(live_server, browser):
+    import re
+
+    import httpx
+
+    for path in ("/docs", "/playground/index.html", "/openapi.json"):
+        headers = httpx.get(f"{live_server.url}{path}").headers
+        assert "script-src 'self'" in headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+    page = httpx.get(f"{live_server.url}/docs").text
+    # Every file of the page comes from this server (it rendered blank offline: Swagger UI came from a CDN).
+    assert all(url.startswith("/") for url in re.findall(r'(?:src|href)="([^"]+)"', page)), page
+    browser.call("Page.enable")
+    browser.call("Page.addScriptToEvaluateOnNewDocument", source="""
+        window.violations = [];
+        document.addEventListener("securitypolicyviolation",
+            (e) => window.violations.push(e.violatedDirective + " " + e.blockedURI));""")
+    browser.call("Page.navigate", url=f"{live_server.url}/docs")
+    browser.wait_for('document.querySelectorAll(".opblock").length > 30', 30)  # every operation is listed
+    assert browser.evaluate("window.violations") == []
+    browser.call("Page.navigate", url=f"{live_server.url}/")
+    browser.wait_for('document.querySelector("#workflow option[value=story]") !== null', 30)
+    assert browser.evaluate("window.violations") == []

@@ -129,7 +129,7 @@ def test_webhook_is_called_when_the_run_ends(api_env):
     server = HTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with TestClient(make_app(webhook_hosts=["127.0.0.1"])) as hooked:
+        with TestClient(make_app(webhook_hosts=[f"http://127.0.0.1:{server.server_port}"])) as hooked:
             run = hooked.post("/runs", json={"assistant_id": "echo", "input": {"text": "hook"},
                                              "webhook": f"http://127.0.0.1:{server.server_port}/done"}).json()
             wait_for(lambda: received, timeout=30)

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from models.images import load_image
-from orchestrator.api.deps import CurrentScope, SettingsDep, Store
+from orchestrator.api.deps import CurrentScope, PathId, SettingsDep, Store
 from orchestrator.api.schemas import ArtifactPublic
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
@@ -37,14 +37,14 @@ async def create_artifact(file: UploadFile, store: Store, settings: SettingsDep,
 
 
 @router.get("/{artifact_id}", response_model=ArtifactPublic)
-def read_artifact(artifact_id: str, store: Store, scope: CurrentScope) -> ArtifactPublic:
+def read_artifact(artifact_id: PathId, store: Store, scope: CurrentScope) -> ArtifactPublic:
     """An artifact's metadata (media type, size, sha256, prompt, seed, model, run...)."""
     return ArtifactPublic.model_validate(store.info(artifact_id, scope=scope).to_dict())
 
 
 @router.get("/{artifact_id}/content", response_class=Response,
             responses={200: {"content": {"image/png": {}, "application/octet-stream": {}}}})
-def read_artifact_content(artifact_id: str, store: Store, scope: CurrentScope) -> Response:
+def read_artifact_content(artifact_id: PathId, store: Store, scope: CurrentScope) -> Response:
     """An artifact's bytes."""
     artifact = store.info(artifact_id, scope=scope)
     return Response(store.get(artifact_id, scope=scope), media_type=artifact.media_type,
@@ -52,7 +52,7 @@ def read_artifact_content(artifact_id: str, store: Store, scope: CurrentScope) -
 
 
 @router.delete("/{artifact_id}", status_code=204)
-def delete_artifact(artifact_id: str, store: Store, scope: CurrentScope) -> Response:
+def delete_artifact(artifact_id: PathId, store: Store, scope: CurrentScope) -> Response:
     """Forget an artifact."""
     store.delete(artifact_id, scope=scope)
     return Response(status_code=204)

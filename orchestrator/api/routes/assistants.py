@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import PydanticUserError
 
-from orchestrator.api.deps import Context, CurrentScope
+from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import not_found
 from orchestrator.api.schemas import AssistantPublic, AssistantSchemas, AssistantSearch
 from orchestrator.workflow import Workflow
@@ -38,13 +38,13 @@ def search_assistants(body: AssistantSearch, context: Context, _: CurrentScope) 
 
 
 @router.get("/{assistant_id}", response_model=AssistantPublic)
-def read_assistant(assistant_id: str, context: Context, _: CurrentScope) -> AssistantPublic:
+def read_assistant(assistant_id: PathId, context: Context, _: CurrentScope) -> AssistantPublic:
     """One workflow."""
     return _public(context, _get(context, assistant_id))
 
 
 @router.get("/{assistant_id}/schemas", response_model=AssistantSchemas)
-def read_assistant_schemas(assistant_id: str, context: Context, _: CurrentScope) -> AssistantSchemas:
+def read_assistant_schemas(assistant_id: PathId, context: Context, _: CurrentScope) -> AssistantSchemas:
     """The JSON schema of a workflow's input (its fields are the flags of ``mgmflow run <workflow>``), and of its
     output and state where the state's types give one."""
     workflow = _get(context, assistant_id)
@@ -55,7 +55,7 @@ def read_assistant_schemas(assistant_id: str, context: Context, _: CurrentScope)
 
 
 @router.get("/{assistant_id}/graph")
-def read_assistant_graph(assistant_id: str, context: Context, _: CurrentScope,
+def read_assistant_graph(assistant_id: PathId, context: Context, _: CurrentScope,
                          xray: int | bool = False) -> dict[str, Any]:
     """The workflow's graph as LangGraph draws it (``nodes``, ``edges``); ``xray`` opens subgraphs (an integer:
     to that depth)."""
@@ -65,7 +65,7 @@ def read_assistant_graph(assistant_id: str, context: Context, _: CurrentScope,
 
 @router.get("/{assistant_id}/subgraphs")
 @router.get("/{assistant_id}/subgraphs/{namespace}")
-def read_assistant_subgraphs(assistant_id: str, context: Context, _: CurrentScope, namespace: str | None = None,
+def read_assistant_subgraphs(assistant_id: PathId, context: Context, _: CurrentScope, namespace: str | None = None,
                              recurse: bool = False) -> dict[str, dict[str, Any]]:
     """The workflow's subgraphs by namespace, each with its input and output schemas."""
     workflow = _get(context, assistant_id)

@@ -10,8 +10,9 @@ from fastapi import APIRouter, Form, Header, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, CurrentScope
+from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import ApiError, not_found
+from orchestrator.api.openapi import errors
 from orchestrator.api.schemas import BatchCreate, BatchItemPublic, BatchPublic, RunCreate
 from orchestrator.api.streaming import TERMINAL, run_public
 from orchestrator.api.submission import admit
@@ -93,14 +94,14 @@ async def _batch_run(context, batch_id: str, scope: str) -> Any:
     return run
 
 
-@router.post("", response_model=BatchPublic)
+@router.post("", response_model=BatchPublic, responses=errors(404))
 async def create_batch(body: BatchCreate, context: Context, scope: CurrentScope,
                        idempotency_key: IdempotencyKey = None) -> BatchPublic:
     """Submit a batch: ``items`` are inputs of ``assistant_id``, at most ``concurrency`` run at once."""
     return await _submit(context, body, scope, idempotency_key)
 
 
-@router.post("/upload", response_model=BatchPublic)
+@router.post("/upload", response_model=BatchPublic, responses=errors(404))
 async def upload_batch(file: UploadFile, context: Context, scope: CurrentScope,
                        assistant_id: Annotated[str, Form(min_length=1, max_length=128)],
                        concurrency: Annotated[int, Form(ge=1, le=256)] = 4,
@@ -116,7 +117,7 @@ async def upload_batch(file: UploadFile, context: Context, scope: CurrentScope,
 
 
 @router.get("/{batch_id}", response_model=BatchPublic)
-async def read_batch(batch_id: str, context: Context, scope: CurrentScope) -> BatchPublic:
+async def read_batch(batch_id: PathId, context: Context, scope: CurrentScope) -> BatchPublic:
     """The batch's status, counts, and each item's status and run id."""
     run = await _batch_run(context, batch_id, scope)
     return await run_in_threadpool(_public, context, run, scope, True)
@@ -124,7 +125,7 @@ async def read_batch(batch_id: str, context: Context, scope: CurrentScope) -> Ba
 
 @router.get("/{batch_id}/results", response_class=JSONResponse,
             responses={200: {"content": {"application/json": {}, "application/x-ndjson": {}}}})
-async def read_batch_results(batch_id: str, context: Context, scope: CurrentScope,
+async def read_batch_results(batch_id: PathId, context: Context, scope: CurrentScope,
                              format: Literal["json", "jsonl"] = "json") -> Response:
     """Every item's status, error and final output (its run's state), as a JSON list or JSON Lines download."""
     run = await _batch_run(context, batch_id, scope)
@@ -149,7 +150,7 @@ async def read_batch_results(batch_id: str, context: Context, scope: CurrentScop
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchPublic)
-async def cancel_batch(batch_id: str, context: Context, scope: CurrentScope) -> BatchPublic:
+async def cancel_batch(batch_id: PathId, context: Context, scope: CurrentScope) -> BatchPublic:
     """Cancel the batch and its running items; finished items keep their results."""
     run = await _batch_run(context, batch_id, scope)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import Context
+from orchestrator.api.errors import redact
 from workers.artifacts import ArtifactNotFound
 
 logger = logging.getLogger(__name__)
@@ -23,9 +26,15 @@ async def read_health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, Literal["ok", "unreachable"]]  # broker, store, checkpointer
+
+
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "A backend is unreachable (which one: in checks)"}})
 async def read_readiness(context: Context) -> JSONResponse:
-    """The broker, the artifact store and the checkpointer are reachable (503 naming what is not)."""
+    """The broker, the artifact store and the checkpointer are reachable (503 naming what is not; why is logged)."""
     checks = {
         "broker": lambda: _ping_broker(context.settings.broker_url),
         "store": lambda: _ping_store(context.store),
@@ -37,8 +46,9 @@ async def read_readiness(context: Context) -> JSONResponse:
             await run_in_threadpool(check)
             results[name] = "ok"
         except Exception as error:  # each failure is reported, not raised
-            logger.warning("readiness check %s failed: %s", name, error)
-            results[name] = f"unreachable: {type(error).__name__}: {error}"
+            # The reason goes to the log only: error texts name hosts, ports, even passwords of connection URLs.
+            logger.warning("readiness check %s failed: %s: %s", name, type(error).__name__, redact(str(error)))
+            results[name] = "unreachable"
     ready = all(value == "ok" for value in results.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": results},
                         status_code=200 if ready else 503)
@@ -60,7 +70,8 @@ def _ping_store(store) -> None:
         return
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def read_metrics(context: Context) -> Response:
     """Prometheus metrics: queue depth, run and task latency, HTTP traffic, errors."""
     body = await run_in_threadpool(context.metrics.scrape, context.runs)

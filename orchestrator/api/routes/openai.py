@@ -22,8 +22,10 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
+import anyio
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -33,9 +35,11 @@ from starlette.concurrency import run_in_threadpool
 
 from models.diffusion.defaults import NEGATIVE_PROMPT
 from models.errors import InvalidInputError
+from orchestrator.api.allowlist import allowed
 from orchestrator.api.deps import Context, CurrentScope
-from orchestrator.api.errors import ApiError
+from orchestrator.api.errors import ApiError, public_message
 from orchestrator.api.logs import current_run, current_task
+from orchestrator.api.openapi import errors
 from orchestrator.api.routes.artifacts import store_image
 from tools.chat_model import (
     parse_tool_reply, tool_call_id, tool_call_text, tool_result_header, tools_prompt, tools_schema,
@@ -45,6 +49,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 CHAT_PRIORITY = 0  # interactive: ahead of every run and batch item
 POLL_S = 0.05
+DISCONNECT_POLL_S = 0.25
 MAX_INLINE_MESSAGES_BYTES = 3000  # the step message must stay under 4 KB: longer histories go as an artifact
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w=.+-]+)*),(?P<data>.*)$", re.S)
 
@@ -199,9 +204,12 @@ async def _image_bytes(url: str, where: str, settings) -> bytes:
             return base64.b64decode(match["data"], validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: invalid base64 in the data URL", code="invalid_base64") from None
-    host = httpx.URL(url).host if url.startswith(("http://", "https://")) else None
-    if host is None or host not in settings.image_url_hosts:
-        raise ApiError(400, f"{where}: only data URLs, or URLs on hosts in MGMFLOW_IMAGE_URL_HOSTS, are accepted",
+    try:
+        permitted = allowed(url, settings.image_url_hosts)
+    except ValueError:
+        permitted = False
+    if not permitted:
+        raise ApiError(400, f"{where}: only data URLs, or URLs on origins in MGMFLOW_IMAGE_URL_HOSTS, are accepted",
                        code="image_url_not_allowed")
     try:
         async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
@@ -339,7 +347,7 @@ def _usage(result: dict) -> dict[str, int]:
 
 
 @router.post("/chat/completions", response_class=JSONResponse,
-             responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}})
+             responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}, **errors(404, 502)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, context: Context,
                                  scope: CurrentScope):
     """One Mini-Gemini chat turn; ``stream: true`` answers with ``chat.completion.chunk`` SSE events."""
@@ -353,20 +361,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     base_url = str(request.base_url)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_stream(context, base, task_id, body.seed, scope, base_url, include_usage,
-                                           tools=body.tool_mode() is not None), ping=15, sep="\n")
-    record = await _finished(context, task_id)
-    _raise_for(record)
-    result = record.result
-    if body.tool_mode() is not None:
-        message, finish_reason = _tool_reply(result)
-        return {**base, "object": "chat.completion", "usage": _usage(result), "artifacts": [],
-                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}]}
-    content, artifacts = result["text"], []
-    if result.get("image_prompt"):
-        links, artifacts = await _draw(context, result["image_prompt"], body.seed, run_id=completion_id,
-                                       scope=scope, base_url=base_url)
-        content = f"{content}\n\n{links}".strip()
+        events = _stream(context, base, task_id, body.seed, scope, base_url, include_usage,
+                         tools=body.tool_mode() is not None)
+        return EventSourceResponse(_cancelled_when_closed(context, completion_id, events), ping=15, sep="\n")
+    async with _cancelled_if_abandoned(context, request, completion_id):
+        record = await _finished(context, task_id)
+        _raise_for(record)
+        result = record.result
+        if body.tool_mode() is not None:
+            message, finish_reason = _tool_reply(result)
+            return {**base, "object": "chat.completion", "usage": _usage(result), "artifacts": [],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}]}
+        content, artifacts = result["text"], []
+        if result.get("image_prompt"):
+            links, artifacts = await _draw(context, result["image_prompt"], body.seed, run_id=completion_id,
+                                           scope=scope, base_url=base_url)
+            content = f"{content}\n\n{links}".strip()
     return {**base, "object": "chat.completion", "usage": _usage(result), "artifacts": artifacts,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": result["finish_reason"], "logprobs": None}]}
@@ -382,6 +392,44 @@ def _tool_reply(result: dict) -> tuple[dict[str, Any], str]:
         return {"role": "assistant", "content": value}, result["finish_reason"]
     call = {"id": tool_call_id(), "type": "function", "function": {"name": name, "arguments": json.dumps(value)}}
     return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+
+
+@asynccontextmanager
+async def _cancelled_if_abandoned(context, request: Request, run_id: str) -> AsyncIterator[None]:
+    """Wait for the answer while watching the connection: a client that hangs up (its timeout, a closed tab)
+    gets its model steps cancelled, so that no GPU keeps generating for nobody."""
+    waiting = asyncio.current_task()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        waiting.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        await _cancel_steps(context, run_id)
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _cancelled_when_closed(context, run_id: str, events: AsyncIterator[ServerSentEvent]):
+    """``events``; a client that closes the stream first (sse-starlette then cancels this generator) gets its
+    model steps cancelled too."""
+    try:
+        async for event in events:
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        await _cancel_steps(context, run_id)
+        raise
+
+
+async def _cancel_steps(context, run_id: str) -> None:
+    # Shielded: it runs while this request is being cancelled, where any other await would be cancelled too.
+    with anyio.CancelScope(shield=True):
+        await run_in_threadpool(context.tasks.cancel, run_id)
 
 
 def _chunk(base: dict, delta: dict, finish_reason: str | None = None, **extra: Any) -> ServerSentEvent:
@@ -410,8 +458,8 @@ async def _stream(context, base: dict, task_id: str, seed: int | None, scope: st
             await asyncio.sleep(POLL_S)
     if record.status != "done":
         error = record.error or {}
-        yield _error_event(error.get("message", f"the model step ended {record.status}"), "server_error",
-                           error.get("code", record.status))
+        yield _error_event(public_message(error.get("message", f"the model step ended {record.status}")),
+                           "server_error", error.get("code", record.status))
         return
     result, artifacts, finish_reason = record.result, [], record.result["finish_reason"]
     if tools:

@@ -11,14 +11,15 @@ from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, CurrentScope
+from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.logs import current_run
-from orchestrator.api.schemas import RunCreate, RunPublic, RunsCancel, RunStatus, StreamMode
+from orchestrator.api.openapi import errors
+from orchestrator.api.schemas import MAX_OFFSET, RunCreate, RunPublic, RunsCancel, RunStatus, StreamMode
 from orchestrator.api.streaming import (
     TERMINAL, check_event_id, final_values, run_location, run_public, stream_response, wait_for_end,
 )
-from orchestrator.api.submission import admit
+from orchestrator.api.submission import admit, check_limits
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +27,11 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 thread_router = APIRouter(prefix="/threads/{thread_id}/runs", tags=["thread-runs"])
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
-LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)]
+# The pattern is documented only: check_event_id answers a bad one with its own 400.
+LastEventId = Annotated[str, Header(alias="Last-Event-ID", max_length=64,
+                                    json_schema_extra={"pattern": r"^(-1|\d{1,20}-\d{1,20})?$"})]
 Limit = Annotated[int, Query(ge=1, le=1000)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 StreamModes = Annotated[list[StreamMode] | None, Query()]  # join-stream: none given, the run's own events
 
 
@@ -40,8 +43,10 @@ async def _start(context, body: RunCreate, scope: str, thread_id: str | None, id
 
     A ``webhook`` is recorded with the run; ``orchestrator.api.webhooks`` delivers it once the run has ended."""
     if body.command is not None and body.command.resume is not None:
-        if thread_id is None:
-            raise ApiError(422, "command.resume needs a thread: POST /threads/{thread_id}/runs", code="invalid_request")
+        if thread_id is None:  # a new thread has no run waiting for approval
+            raise ApiError(409, "command.resume needs the interrupted run's thread: POST /threads/{thread_id}/runs",
+                           code="not_interrupted")
+        check_limits(body.command.resume, context.settings, "command.resume")
         waiting = await run_in_threadpool(context.runs.list_runs, scope=scope, thread_id=thread_id,
                                           status="interrupted", limit=1)
         if not waiting:
@@ -127,33 +132,34 @@ async def _list(context, scope: str, thread_id: str | None, status: str | None, 
 # Stateless runs -------------------------------------------------------------------------------------------------
 
 
-@router.post("", response_model=RunPublic)
+@router.post("", response_model=RunPublic, responses=errors(404, 409))
 async def create_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
     """Start a background run on a new thread; poll it with ``GET /runs/{run_id}``."""
     return _created(await _start(context, body, scope, None, idempotency_key))
 
 
-@router.post("/wait")
+@router.post("/wait", responses=errors(404, 409))
 async def wait_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
     """Start a run and answer with its final state."""
     return await _waited(context, await _start(context, body, scope, None, idempotency_key), scope)
 
 
-@router.post("/stream", response_class=JSONResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@router.post("/stream", response_class=JSONResponse,
+             responses={200: {"content": {"text/event-stream": {}}}, **errors(404, 409)})
 async def stream_run(body: RunCreate, context: Context, scope: CurrentScope, idempotency_key: IdempotencyKey = None):
     """Start a run and stream its events (SSE); ``on_disconnect="cancel"`` cancels it when the client leaves."""
     run = await _start(context, body, scope, None, idempotency_key)
     return _streamed(context, run, scope, body)
 
 
-@router.post("/batch", response_model=list[RunPublic])
+@router.post("/batch", response_model=list[RunPublic], responses=errors(404, 409))
 async def create_run_batch(context: Context, scope: CurrentScope,
                            body: Annotated[list[RunCreate], Body(min_length=1, max_length=1000)]):
     """Start several background runs at once (each on its own thread)."""
     return [run_public(await _start(context, item, scope, None, None)) for item in body]
 
 
-@router.post("/cancel", status_code=204)
+@router.post("/cancel", status_code=204, responses=errors(404))
 async def cancel_runs(body: RunsCancel, context: Context, scope: CurrentScope,
                       action: Literal["interrupt", "rollback"] = "interrupt"):
     """Cancel runs by id, by thread, or every pending/running one of this key."""
@@ -181,27 +187,28 @@ async def list_runs(context: Context, scope: CurrentScope, limit: Limit = 10, of
 
 
 @router.get("/{run_id}", response_model=RunPublic)
-async def read_run(run_id: str, context: Context, scope: CurrentScope):
+async def read_run(run_id: PathId, context: Context, scope: CurrentScope):
     """A run's status, queue position (runs admitted before it, not started yet) and latest progress."""
     return await _read(context, run_id, scope)
 
 
-@router.post("/{run_id}/cancel", response_model=RunPublic)
-async def cancel_run(run_id: str, context: Context, scope: CurrentScope, wait: bool = False,
+@router.post("/{run_id}/cancel", response_model=RunPublic, responses=errors(404))
+async def cancel_run(run_id: PathId, context: Context, scope: CurrentScope, wait: bool = False,
                      action: Literal["interrupt", "rollback"] = "interrupt"):
     """Cancel a run by its id (idempotent); ``wait=1`` answers once it has stopped."""
     await _get(context, run_id, scope)
     return await _cancel(context, run_id, scope, wait)
 
 
-@router.get("/{run_id}/join")
-async def join_run(run_id: str, context: Context, scope: CurrentScope):
+@router.get("/{run_id}/join", responses=errors(404))
+async def join_run(run_id: PathId, context: Context, scope: CurrentScope):
     """Wait for the run to end; answer with its thread's state after it."""
     return await _joined(context, run_id, scope)
 
 
-@router.get("/{run_id}/stream", response_class=JSONResponse, responses={200: {"content": {"text/event-stream": {}}}})
-async def join_run_stream(run_id: str, context: Context, scope: CurrentScope, last_event_id: LastEventId = None,
+@router.get("/{run_id}/stream", response_class=JSONResponse,
+            responses={200: {"content": {"text/event-stream": {}}}, **errors(400, 404)})
+async def join_run_stream(run_id: PathId, context: Context, scope: CurrentScope, last_event_id: LastEventId = None,
                           cancel_on_disconnect: bool = False, stream_mode: StreamModes = None,
                           stream_subgraphs: bool = False):
     """Stream a run's events (SSE) from the start, or after ``Last-Event-ID`` to resume."""
@@ -212,22 +219,23 @@ async def join_run_stream(run_id: str, context: Context, scope: CurrentScope, la
 # Runs on a thread -----------------------------------------------------------------------------------------------
 
 
-@thread_router.post("", response_model=RunPublic)
-async def create_thread_run(thread_id: str, body: RunCreate, context: Context, scope: CurrentScope,
+@thread_router.post("", response_model=RunPublic, responses=errors(409))
+async def create_thread_run(thread_id: PathId, body: RunCreate, context: Context, scope: CurrentScope,
                             idempotency_key: IdempotencyKey = None):
     """Start a background run on the thread (after its earlier runs: runs on a thread are serial)."""
     return _created(await _start(context, body, scope, thread_id, idempotency_key))
 
 
-@thread_router.post("/wait")
-async def wait_thread_run(thread_id: str, body: RunCreate, context: Context, scope: CurrentScope,
+@thread_router.post("/wait", responses=errors(409))
+async def wait_thread_run(thread_id: PathId, body: RunCreate, context: Context, scope: CurrentScope,
                           idempotency_key: IdempotencyKey = None):
     """Start a run on the thread and answer with the thread's state after it."""
     return await _waited(context, await _start(context, body, scope, thread_id, idempotency_key), scope)
 
 
-@thread_router.post("/stream", response_class=JSONResponse, responses={200: {"content": {"text/event-stream": {}}}})
-async def stream_thread_run(thread_id: str, body: RunCreate, context: Context, scope: CurrentScope,
+@thread_router.post("/stream", response_class=JSONResponse,
+                    responses={200: {"content": {"text/event-stream": {}}}, **errors(409)})
+async def stream_thread_run(thread_id: PathId, body: RunCreate, context: Context, scope: CurrentScope,
                             idempotency_key: IdempotencyKey = None):
     """Start a run on the thread and stream its events (SSE)."""
     run = await _start(context, body, scope, thread_id, idempotency_key)
@@ -235,7 +243,7 @@ async def stream_thread_run(thread_id: str, body: RunCreate, context: Context, s
 
 
 @thread_router.get("", response_model=list[RunPublic])
-async def list_thread_runs(thread_id: str, context: Context, scope: CurrentScope, limit: Limit = 10,
+async def list_thread_runs(thread_id: PathId, context: Context, scope: CurrentScope, limit: Limit = 10,
                            offset: Offset = 0, status: RunStatus | None = None):
     """The thread's runs, newest first."""
     await run_in_threadpool(context.runs.get_thread, thread_id, scope=scope)
@@ -243,13 +251,13 @@ async def list_thread_runs(thread_id: str, context: Context, scope: CurrentScope
 
 
 @thread_router.get("/{run_id}", response_model=RunPublic)
-async def read_thread_run(thread_id: str, run_id: str, context: Context, scope: CurrentScope):
+async def read_thread_run(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope):
     """A run's status, queue position and latest progress."""
     return await _read(context, run_id, scope, thread_id)
 
 
 @thread_router.post("/{run_id}/cancel", response_model=RunPublic)
-async def cancel_thread_run(thread_id: str, run_id: str, context: Context, scope: CurrentScope,
+async def cancel_thread_run(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope,
                             wait: bool = False, action: Literal["interrupt", "rollback"] = "interrupt"):
     """Cancel a run (idempotent: a finished run stays as it was); ``wait=1`` answers once it has stopped."""
     await _get(context, run_id, scope, thread_id)
@@ -257,14 +265,14 @@ async def cancel_thread_run(thread_id: str, run_id: str, context: Context, scope
 
 
 @thread_router.get("/{run_id}/join")
-async def join_thread_run(thread_id: str, run_id: str, context: Context, scope: CurrentScope):
+async def join_thread_run(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope):
     """Wait for the run to end; answer with the thread's state after it."""
     return await _joined(context, run_id, scope, thread_id)
 
 
 @thread_router.get("/{run_id}/stream", response_class=JSONResponse,
-                   responses={200: {"content": {"text/event-stream": {}}}})
-async def join_thread_run_stream(thread_id: str, run_id: str, context: Context, scope: CurrentScope,
+                   responses={200: {"content": {"text/event-stream": {}}}, **errors(400)})
+async def join_thread_run_stream(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope,
                                  last_event_id: LastEventId = None, cancel_on_disconnect: bool = False,
                                  stream_mode: StreamModes = None, stream_subgraphs: bool = False):
     """Stream a run's events (SSE) from the start, or after ``Last-Event-ID`` to resume."""

@@ -6,8 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from orchestrator.api.deps import Context, CurrentScope
+from orchestrator.api.deps import Context, CurrentScope, PathId
 from orchestrator.api.errors import ApiError, not_found
+from orchestrator.api.openapi import errors
 from orchestrator.api.schemas import (
     Checkpoint, ThreadCreate, ThreadHistoryRequest, ThreadPublic, ThreadSearch, ThreadStatePublic, ThreadStateRequest,
 )
@@ -35,7 +36,7 @@ def _thread_public(context, thread: dict[str, Any], *, with_values: bool = True)
     )
 
 
-@router.post("", response_model=ThreadPublic)
+@router.post("", response_model=ThreadPublic, responses=errors(409))
 def create_thread(body: ThreadCreate, context: Context, scope: CurrentScope) -> ThreadPublic:
     """Create a thread (``if_exists="do_nothing"`` returns an existing one of yours instead of a 409)."""
     if body.thread_id is not None:
@@ -55,7 +56,7 @@ def create_thread(body: ThreadCreate, context: Context, scope: CurrentScope) -> 
 
 
 @router.get("/{thread_id}", response_model=ThreadPublic)
-def read_thread(thread_id: str, context: Context, scope: CurrentScope) -> ThreadPublic:
+def read_thread(thread_id: PathId, context: Context, scope: CurrentScope) -> ThreadPublic:
     """A thread, its status (from its latest run) and its current values."""
     return _thread_public(context, context.runs.get_thread(thread_id, scope=scope))
 
@@ -85,7 +86,7 @@ def search_threads(body: ThreadSearch, context: Context, scope: CurrentScope) ->
 
 
 @router.get("/{thread_id}/state", response_model=ThreadStatePublic)
-def read_thread_state(thread_id: str, context: Context, scope: CurrentScope) -> ThreadStatePublic:
+def read_thread_state(thread_id: PathId, context: Context, scope: CurrentScope) -> ThreadStatePublic:
     """The thread's latest state (what its last run left)."""
     history = context.runs.thread_history(thread_id, scope=scope, limit=1)
     return _state_public(thread_id, history[0]) if history else ThreadStatePublic(
@@ -93,7 +94,7 @@ def read_thread_state(thread_id: str, context: Context, scope: CurrentScope) -> 
 
 
 @router.post("/{thread_id}/state/checkpoint", response_model=ThreadStatePublic)
-def read_thread_state_at(thread_id: str, body: ThreadStateRequest, context: Context,
+def read_thread_state_at(thread_id: PathId, body: ThreadStateRequest, context: Context,
                          scope: CurrentScope) -> ThreadStatePublic:
     """The thread's state at ``checkpoint.checkpoint_id`` (what ``RemoteGraph.get_state`` asks), or its latest."""
     if body.checkpoint.checkpoint_id is None:
@@ -106,7 +107,7 @@ def read_thread_state_at(thread_id: str, body: ThreadStateRequest, context: Cont
 
 
 @router.post("/{thread_id}/history", response_model=list[ThreadStatePublic])
-def read_thread_history(thread_id: str, body: ThreadHistoryRequest, context: Context,
+def read_thread_history(thread_id: PathId, body: ThreadHistoryRequest, context: Context,
                         scope: CurrentScope) -> list[ThreadStatePublic]:
     """The thread's checkpoints, newest first."""
     history = context.runs.thread_history(thread_id, scope=scope, limit=body.limit)
