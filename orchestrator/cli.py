@@ -697,4 +697,4 @@ def submit(batch_file: Path, workflow: str, server: str, api_key: str | None, co
     out_dir = out_dir or Path(f"batch-{batch['batch_id']}")  # a plain id: checked above
     written = client.download(batch["batch_id"], out_dir)
     click.echo(f"batch {final['run']['status']}: {final['counts']}; {written['items']} results and "
-               f"{written['images']} images in {out_dir}")
+               f"{written['files']} files in {out_dir}")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ from orchestrator.api.server import ServiceUnreachable
 
 FINISHED = ("success", "error", "timeout", "cancelled")
 DOWNLOAD_ITEM = re.compile(r"item-\d{5,}")
+OUTPUT_URL = re.compile(rf"/threads/{ID_PATTERN.strip('^$')}/runs/{ID_PATTERN.strip('^$')}/output")
 
 
 class ServerError(MGMFlowError):
@@ -66,7 +69,8 @@ class ApiClient:
             time.sleep(poll_s)
 
     def download(self, batch_id: str, out_dir: Path) -> dict[str, Any]:
-        """Write ``results.jsonl`` and every image artifact of the successful items into ``out_dir``.
+        """Write ``results.jsonl`` and each successful item's files into ``out_dir/item-NNNNN``: the folder its run
+        writes (a story's storyboard: manifest, pages, ``index.html``, contact sheet), else its image artifacts.
 
         Everything goes into a temporary folder first, renamed into place at the end: no partial output. File
         names come from the server's ids: each is checked to be a plain id first (a hostile server names no path)."""
@@ -75,17 +79,22 @@ class ApiClient:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
         try:
-            images = 0
+            files = 0
             for row in rows:
                 if not isinstance(row.get("index"), int) or isinstance(row["index"], bool) or row["index"] < 0:
                     raise ServerError(f"the server sent {str(row.get('index'))[:40]!r}: not a valid item index")
+                folder = staging / f"item-{row['index']:05d}"
+                if row.get("output_url"):
+                    if not OUTPUT_URL.fullmatch(str(row["output_url"])):
+                        raise ServerError(f"the server sent {str(row['output_url'])[:80]!r}: not a run's output URL")
+                    files += _extract(self.request("GET", row["output_url"]).content, folder)
+                    continue
                 for artifact_id in _image_ids(row.get("output") or {}):
                     server_id(artifact_id, "artifact id")
-                    folder = staging / f"item-{row['index']:05d}"
                     folder.mkdir(exist_ok=True)
                     data = self.request("GET", f"/artifacts/{artifact_id}/content").content
                     (folder / f"{artifact_id}.png").write_bytes(data)
-                    images += 1
+                    files += 1
             (staging / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
             if out_dir.exists():
                 check_out_dir(out_dir)  # again: it may have been filled while the batch ran
@@ -94,7 +103,26 @@ class ApiClient:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return {"items": len(rows), "images": images}
+        return {"items": len(rows), "files": files}
+
+
+def _extract(archive: bytes, folder: Path) -> int:
+    """Unpack a run's output zip into ``folder``; every name must stay inside it (a hostile server's zip names no
+    path outside). Returns the number of files."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(archive)) as files:
+            for entry in files.infolist():
+                parts = PurePosixPath(entry.filename).parts
+                if entry.filename.startswith("/") or "\\" in entry.filename or not parts or ".." in parts:
+                    raise ServerError(f"the server's zip names {entry.filename[:80]!r}: not a file inside its folder")
+                if entry.is_dir():
+                    continue
+                target = folder.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(files.read(entry))
+            return sum(not entry.is_dir() for entry in files.infolist())
+    except zipfile.BadZipFile as error:
+        raise ServerError(f"the server's output is not a zip: {error}") from None
 
 
 def _image_ids(values: dict[str, Any]) -> list[str]:

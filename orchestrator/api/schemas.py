@@ -112,7 +112,7 @@ class ThreadStatePublic(BaseModel):
 class ThreadStateRequest(BaseModel):
     """``POST /threads/{id}/state/checkpoint``: the state at a checkpoint (the latest without a ``checkpoint_id``)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     checkpoint: Checkpoint
     subgraphs: bool = False

@@ -37,9 +37,9 @@ def check_webhook(url: str | None, settings) -> None:
     try:
         scheme, host, port = url_origin(url)
     except ValueError as error:
-        raise ApiError(422, f"webhook: {error}", code="invalid_webhook") from None
+        raise ApiError(400, f"webhook: {error}", code="invalid_webhook") from None
     if not allowed(url, settings.webhook_hosts):
-        raise ApiError(422, f"webhook origin {scheme}://{host}:{port} is not allowed (MGMFLOW_WEBHOOK_HOSTS)",
+        raise ApiError(400, f"webhook origin {scheme}://{host}:{port} is not allowed (MGMFLOW_WEBHOOK_HOSTS)",
                        code="webhook_not_allowed")
 
 

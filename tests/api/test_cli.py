@@ -202,3 +202,38 @@ def test_submit_refuses_server_ids_that_are_not_ids(tmp_path, monkeypatch, batch
     assert result.exit_code == 2 and "not a valid" in result.output, result.output
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "a", "a/b", "a/b/c", "a/b/c/inputs.jsonl"]
+
+
+@pytest.mark.timeout(600)
+def test_submit_downloads_each_storys_storyboard(live_server, tmp_path):
+    """``submit --out`` gives every story item the folder the CLI would write: manifest, pages, index.html."""
+    batch = tmp_path / "stories.jsonl"
+    batch.write_text("".join(json.dumps({"premise": premise, "pages": 1, "seed": 3, "rounds": 1, "steps": 2}) + "\n"
+                             for premise in ("A crow keeps a secret.", "A snail crosses a road.")))
+    out = tmp_path / "boards"
+    result = CliRunner().invoke(main, ["submit", str(batch), "-w", "story", "--server", live_server.url,
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for index in range(2):
+        folder = out / f"item-{index:05d}"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert (folder / "index.html").is_file() and (folder / "contact-sheet.png").is_file()
+        assert [(folder / page["image"]).read_bytes()[:8] for page in manifest["pages"]] == [b"\x89PNG\r\n\x1a\n"]
+
+
+def test_a_hostile_output_zip_writes_nothing_outside_its_folder(tmp_path):
+    import io
+    import zipfile
+
+    from orchestrator.api.client import ServerError, _extract
+
+    for name in ("../escaped.txt", "/etc/escaped.txt", "a/../../escaped.txt"):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr("manifest.json", "{}")
+            archive.writestr(name, "x")
+        with pytest.raises(ServerError, match="not a file inside its folder"):
+            _extract(buffer.getvalue(), tmp_path / "item" / "inner")
+        assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "item" / "escaped.txt").exists()
+    with pytest.raises(ServerError, match="not a zip"):
+        _extract(b"<html>", tmp_path / "other")

@@ -154,5 +154,5 @@ def test_webhooks_off_the_allowed_origins_are_refused(api_env, webhook, code):
         before = client.get("/runs", params={"limit": 1000}).json()
         response = client.post("/runs", json={"assistant_id": "echo", "input": {"text": "x"}, "webhook": url})
         assert client.get("/runs", params={"limit": 1000}).json() == before  # nothing was created
-    assert response.status_code == 422 and response.json()["code"] == code, response.text
+    assert response.status_code == 400 and response.json()["code"] == code, response.text
     assert "secret" not in response.text

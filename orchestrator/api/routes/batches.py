@@ -138,6 +138,7 @@ async def read_batch_results(batch_id: PathId, context: Context, scope: CurrentS
             if item.status == "success" and item.run_id:
                 child = context.runs.get_run(item.run_id, scope=scope)
                 row["output"] = context.runs.thread_state(child.thread_id, scope=scope)
+                row["output_url"] = run_public(child).output_url  # its files as a zip (a story's storyboard)
             rows.append(row)
         return rows
 
