@@ -40,6 +40,24 @@ _ROLES = ("system", "user", "assistant")
 
 DEFAULT_VISUAL_CACHE_BYTES = 512 * 2**20
 DEFAULT_PREFIX_CACHE_BYTES = 2 * 2**30
+DEFAULT_VISION_BATCH_BYTES = 2 * 2**30  # activations of one vision-encoding chunk (3 HD images, 14 at 768 px)
+
+
+def vision_bytes_per_image(config, dtype: torch.dtype) -> int:
+    """Estimated peak activation bytes of one image in the vision encoders, for sizing encoding chunks.
+
+    The largest working sets: ConvNeXt's first stage at a quarter of the aux resolution, whose blocks widen
+    4x (input, normalised, hidden, activated and residual tensors alive together: ~10x its width), and CLIP on
+    each low-resolution view (MLP hidden states, and the attention scores of every head). Plus the pixels.
+    """
+    side = config.image_size_aux // 4
+    convnext = 10 * config.aux_dims[0] * side * side
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    views = config.image_grid**2 + int(config.image_global)
+    clip = views * 2 * tokens * (vision.intermediate_size + vision.num_attention_heads * tokens)
+    pixels = 4 * 3 * (config.image_size_aux**2 + views * vision.image_size**2)  # float32 from the processor
+    return dtype.itemsize * max(convnext, clip) + pixels
 
 
 @dataclass
@@ -133,6 +151,7 @@ class MGMEngine:
         template: str | None = None,
         visual_cache_bytes: int = DEFAULT_VISUAL_CACHE_BYTES,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        vision_batch_bytes: int = DEFAULT_VISION_BATCH_BYTES,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -147,18 +166,19 @@ class MGMEngine:
         geometry = (config.image_grid, config.image_global, config.image_size_aux)
         self.visual_cache = VisualFeatureCache(visual_cache_bytes, (model_id, geometry))
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.images_per_encoding = max(1, vision_batch_bytes // vision_bytes_per_image(config, model.dtype))
         self._grammars: GrammarCompiler | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, *, device=None, dtype=None, template: str | None = None, **cache_sizes
+        cls, name_or_path: str | Path, *, device=None, dtype=None, template: str | None = None, **budgets
     ) -> MGMEngine:
         """Load a preset name (``tiny``, ``mgm-7b``…) or a checkpoint folder."""
         from models.mgm import load_pretrained, presets
 
         model, processor = load_pretrained(presets.resolve(name_or_path), device=device, dtype=dtype)
-        return cls(model, processor, model_id=str(name_or_path), template=template, **cache_sizes)
+        return cls(model, processor, model_id=str(name_or_path), template=template, **budgets)
 
     def compatibility_key(self, request: ChatRequest) -> Hashable:
         """Requests with equal keys batch well together.
@@ -269,13 +289,14 @@ class MGMEngine:
         return Prompt(embeds[0], past)
 
     def _visual_features(self, images: dict[str, Image.Image]) -> dict[str, torch.Tensor]:
-        """Visual tokens [n_visual, H] per image digest, encoding in one batch only the images not cached."""
+        """Visual tokens [n_visual, H] per image digest, encoding only the images not cached, in chunks of
+        ``images_per_encoding`` (the vision activations of a chunk fit ``vision_batch_bytes``)."""
         features = {digest: self.visual_cache.get(digest) for digest in images}
         missing = [digest for digest, value in features.items() if value is None]
-        if missing:
-            pixels, pixels_aux = self.processor.preprocess([images[d] for d in missing])
-            encoded = self.model.encode_images(pixels, pixels_aux)
-            for digest, row in zip(missing, encoded):
+        for start in range(0, len(missing), self.images_per_encoding):
+            chunk = missing[start : start + self.images_per_encoding]
+            encoded = self.model.encode_images(*self.processor.preprocess([images[d] for d in chunk]))
+            for digest, row in zip(chunk, encoded):
                 features[digest] = row
                 self.visual_cache.put(digest, row)
         return features  # type: ignore[return-value]
