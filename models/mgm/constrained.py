@@ -38,6 +38,9 @@ class GrammarConstraint:
     def is_stopped(self) -> bool:
         return self._matcher.is_stopped()
 
+    def is_accepting(self) -> bool:
+        return self._matcher.is_accepting()
+
 
 class GrammarCompiler:
     """Builds constraints for one tokenizer. Building the llguidance tokenizer is costly: keep one per model."""

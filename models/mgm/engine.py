@@ -6,7 +6,7 @@ One ``chat`` call runs its requests as one batch through four steps:
 2. reuse: take the thread's KV prefix from the prefix cache (``cache_key``) and the images' visual tokens
    from the feature cache, encoding only images not seen before;
 3. decode: one left-padded batch, each row with its own sampling, stops and grammar (JSON schema, regex,
-   or the ``<GEN>`` protocol);
+   or the ``<GEN>`` protocol when an image prompt is required);
 4. results: split ``<h>…</h>`` image prompts, store each thread's KV for its next turn.
 """
 
@@ -37,6 +37,9 @@ from models.mgm.generation import OnToken, Prompt, SamplingParams, generate
 
 Role = Literal["system", "user", "assistant"]
 _ROLES = ("system", "user", "assistant")
+# "allow": the official behaviour, the model may end with an <h>…</h> prompt or not; "require": it must.
+ImageMode = Literal["allow", "require"]
+_IMAGE_MODES = ("allow", "require")
 
 DEFAULT_VISUAL_CACHE_BYTES = 512 * 2**20
 DEFAULT_PREFIX_CACHE_BYTES = 2 * 2**30
@@ -83,13 +86,15 @@ class ChatRequest:
     stop: Sequence[str] = ()
     json_schema: dict | None = None
     regex: str | None = None
-    generate_image: bool = False
+    generate_image: ImageMode | None = None  # ask for an image prompt: <GEN> in the user turn (see gen_protocol)
     cache_key: str | None = None  # the conversation thread: its next turn reuses this turn's KV prefix
 
     def __post_init__(self) -> None:
         if not self.messages:
             raise InvalidInputError("a chat request needs at least one message")
-        if sum(x is not None and x is not False for x in (self.json_schema, self.regex, self.generate_image)) > 1:
+        if self.generate_image is not None and self.generate_image not in _IMAGE_MODES:
+            raise InvalidInputError(f"generate_image must be 'allow', 'require' or None, got {self.generate_image!r}")
+        if sum(x is not None for x in (self.json_schema, self.regex, self.generate_image)) > 1:
             raise InvalidInputError("json_schema, regex and generate_image exclude each other")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidInputError("stop must be a list of non-empty strings")
@@ -111,6 +116,7 @@ class ChatRequest:
 class ChatResult:
     text: str
     image_prompt: str | None
+    # "length": cut at max_new_tokens; a structured answer (json_schema, regex) is then incomplete, never valid.
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int  # visual tokens included
     completion_tokens: int
@@ -242,7 +248,7 @@ class MGMEngine:
                 entry.request.cache_key, [*entry.items(), *fed], [*lengths, *[1] * len(fed)], generation.past
             )
         text, image_prompt = generation.text, None
-        if entry.request.generate_image:
+        if entry.request.generate_image is not None:
             text, image_prompt = split_image_prompt(text)
         return ChatResult(text, image_prompt, generation.finish_reason, sum(lengths), len(generation.token_ids))
 
@@ -256,7 +262,7 @@ class MGMEngine:
         turns, images = [], []
         for index, message in enumerate(request.messages):
             text = message.text
-            if request.generate_image and index == len(request.messages) - 1:
+            if request.generate_image is not None and index == len(request.messages) - 1:
                 text += GEN_SUFFIX  # in the user turn, as the official CLI does
             turns.append(Turn(message.role, text, len(message.images)))
             images += [load_image(source) for source in message.images]
@@ -306,9 +312,9 @@ class MGMEngine:
             return self._grammar_compiler().json_schema(request.json_schema)
         if request.regex is not None:
             return self._grammar_compiler().regex(request.regex)
-        if request.generate_image:
+        if request.generate_image == "require":
             return self._grammar_compiler().lark(gen_grammar(max_new_tokens))
-        return None
+        return None  # "allow" decodes freely, as the official code does
 
     def _grammar_compiler(self) -> GrammarCompiler:
         if self._grammars is None:  # built on first use: about a second for a large vocabulary

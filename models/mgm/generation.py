@@ -59,7 +59,9 @@ class TokenConstraint(Protocol):
 
     def consume(self, token_id: int) -> None: ...
 
-    def is_stopped(self) -> bool: ...
+    def is_stopped(self) -> bool: ...  # nothing but the end may come
+
+    def is_accepting(self) -> bool: ...  # the output so far is complete (more may still come)
 
 
 @dataclass
@@ -176,7 +178,9 @@ class _Row:
         if self.assembler.stopped or (self.constraint is not None and self.constraint.is_stopped()):
             self.finish_reason = "stop"
         elif len(self.token_ids) >= self.params.max_new_tokens:
-            self.finish_reason = "length"
+            # A structured answer is "stop" only if complete: "length" marks it as cut, never valid.
+            complete = self.constraint is not None and self.constraint.is_accepting()
+            self.finish_reason = "stop" if complete else "length"
         if self.finish_reason is not None:
             piece += self.assembler.finish()
         return piece

@@ -86,9 +86,12 @@ def test_bad_requests_are_clear_4xx(openai_client, live_server):
         assert caught.value.code == code, (url, caught.value.body)
 
 
-def test_generated_image_comes_back_as_markdown_and_artifact_ids(openai_client, live_server):
+def test_generated_image_comes_back_as_markdown_and_artifact_ids(openai_client, live_server, monkeypatch):
     import httpx
+    from testkit import script_mgm_answers
 
+    # MGM draws when it writes an <h>…</h> prompt (generate_image "allow"); a random model would not.
+    script_mgm_answers(monkeypatch, "A fox. <h>a red fox curled up in fresh snow</h>")
     completion = openai_client.chat.completions.create(
         model=_model(openai_client), max_tokens=24, seed=11, extra_body={"modalities": ["text", "image"]},
         messages=[{"role": "user", "content": "Draw a red fox in the snow."}])
@@ -96,7 +99,7 @@ def test_generated_image_comes_back_as_markdown_and_artifact_ids(openai_client, 
     assert len(artifacts) == 1
     content = completion.choices[0].message.content
     link = f"{live_server.url}/artifacts/{artifacts[0]}/content"
-    assert f"]({link})" in content
+    assert content.startswith("A fox.") and f"![a red fox curled up in fresh snow]({link})" in content
     image = httpx.get(link, timeout=10)
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(image.content)).size[0] > 0

@@ -180,7 +180,7 @@ async def _chat_payload(context, body: ChatCompletionRequest, scope: str) -> dic
     payload: dict[str, Any] = {
         "model": body.model, "max_new_tokens": body.max_completion_tokens or body.max_tokens or 512,
         "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
-        "json_schema": _json_schema(body.response_format), "generate_image": "image" in (body.modalities or []),
+        "json_schema": _json_schema(body.response_format), "generate_image": "allow" if "image" in (body.modalities or []) else None,  # MGM decides to draw or not
     }
     if len(json.dumps(messages)) > MAX_INLINE_MESSAGES_BYTES:
         history = await run_in_threadpool(context.store.put, json.dumps(messages).encode(), scope=scope,
