@@ -281,17 +281,17 @@ class _Sampler:
         logits = logits.float()
         if self.bitmask is not None:
             logits = logits.masked_fill(~self._allowed(rows, logits.shape[-1]), float("-inf"))
-        tokens = logits.argmax(-1)
-        sampled = [slot for slot, row in enumerate(rows) if row.params.temperature > 0]
-        if sampled:
-            index = torch.tensor(sampled, device=self.device)
-            probs = torch.softmax(logits[index] / self.divisors[index], dim=-1)  # [b, V]
-            tokens[index] = _draw(probs, self.uniforms[index, self.step])
-            nucleus = [slot for slot in sampled if rows[slot].params.top_p < 1]
-            if nucleus:
-                within = torch.tensor([sampled.index(slot) for slot in nucleus], device=self.device)
-                index = index[within]
-                tokens[index] = _top_p_tokens(probs[within], self.top_p[index], self.uniforms[index, self.step])
+        greedy = [slot for slot, row in enumerate(rows) if row.params.temperature == 0]
+        tokens = logits.argmax(-1) if greedy else torch.empty(len(rows), dtype=torch.long, device=self.device)
+        for nucleus in (False, True):  # the sampled rows without top-p, then those with it
+            slots = [slot for slot, row in enumerate(rows)
+                     if row.params.temperature > 0 and (row.params.top_p < 1) == nucleus]
+            if slots:
+                index = torch.tensor(slots, device=self.device)
+                chosen = logits if len(slots) == len(rows) else logits[index]
+                probs = torch.softmax(chosen / self.divisors[index], dim=-1)  # [b, V]
+                uniforms = self.uniforms[index, self.step]
+                tokens[index] = _top_p_draw(probs, uniforms, self.top_p[index]) if nucleus else _draw(probs, uniforms)
         self.step += 1
         return tokens
 
@@ -314,8 +314,8 @@ class _Sampler:
         return bits.flatten(1)[:, :vocab_size].bool()
 
 
-def _top_p_tokens(probs: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Tokens [b] sampled from each row's nucleus: its most likely tokens whose mass first reaches ``top_p``."""
+def _top_p_draw(probs: torch.Tensor, uniforms: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Tokens [b] drawn from each row's nucleus: its most likely tokens whose mass first reaches ``top_p``."""
     candidates = min(TOP_P_CANDIDATES, probs.shape[-1])
     values, ids = probs.topk(candidates, dim=-1)  # sorted, [b, k]
     tokens = _nucleus_draw(values, ids, top_p, uniforms)
