@@ -67,6 +67,12 @@ def test_structured_output_follows_the_json_schema(openai_client):
         messages=[{"role": "user", "content": "Name a color and a count."}])
     answer = json.loads(completion.choices[0].message.content)
     assert answer["color"] in ("red", "green", "blue") and 0 <= answer["count"] <= 9
+    with pytest.raises(BadRequestError) as cut:  # too few tokens to close the JSON: an error, never cut JSON
+        openai_client.chat.completions.create(
+            model=_model(openai_client), max_tokens=3, seed=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+            messages=[{"role": "user", "content": "Name a color and a count."}])
+    assert cut.value.code == "incomplete_output"
 
 
 def test_bad_requests_are_clear_4xx(openai_client, live_server):

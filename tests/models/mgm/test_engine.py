@@ -89,7 +89,8 @@ def test_generate_image_allowed_takes_the_block_the_model_writes(engine, monkeyp
     script_mgm_answers(monkeypatch, "A dog, because weekends are for walks. <h>a happy dog in a sunny park</h>")
     [result] = engine.chat([_ask("Draw the weekend.", generate_image="allow", max_new_tokens=64)])
     assert result.finish_reason == "stop"
-    assert (result.text, result.image_prompt) == ("A dog, because weekends are for walks.", "a happy dog in a sunny park")
+    assert result.text == "A dog, because weekends are for walks."
+    assert result.image_prompt == "a happy dog in a sunny park"
 
 
 def test_structured_answer_cut_by_max_new_tokens_says_so(engine):

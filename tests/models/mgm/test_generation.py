@@ -198,7 +198,8 @@ def _watched(model, tokenizer, prompts, params, constraints=None):
     return watch
 
 
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 1}, {"temperature": 0.8, "top_p": 0.9, "seed": 1}])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 1},
+                                      {"temperature": 0.8, "top_p": 0.9, "seed": 1}])
 def test_sampling_runs_over_the_whole_batch_at_once_and_keeps_logits_on_the_device(
         tiny_llama, tiny_tokenizer, sampling):
     prompt = _prompt(tiny_llama, tiny_tokenizer, TEXTS[1])
