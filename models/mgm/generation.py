@@ -253,7 +253,7 @@ def generate(
 
 
 # Top-p looks for the nucleus among this many most likely tokens first; only rows whose nucleus is larger (flat
-# distributions) sort their whole vocabulary, which costs ~10 ms a row on a CPU at 128k tokens.
+# distributions) sort their whole vocabulary, which costs ~10 ms a row on an idle CPU core at 128k tokens.
 TOP_P_CANDIDATES = 1024
 _BITS = torch.arange(32, dtype=torch.int32)
 
