@@ -24,6 +24,12 @@ class InvalidImageError(InvalidInputError):
     code = "invalid_image"
 
 
+class IncompleteOutputError(InvalidInputError):
+    """A structured answer (JSON schema, regex) reached max_new_tokens before it was complete."""
+
+    code = "incomplete_output"
+
+
 class ModelNotFoundError(MGMFlowError):
     """Weights or files of a model are not where they were expected."""
 

@@ -98,25 +98,48 @@ def models() -> None:
 @click.option("--seed", type=int, default=None, help="Seed for sampling (with --temperature > 0).")
 @click.option("--json-schema", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Answer with JSON valid for the JSON schema in this file.")
-@click.option("--gen", is_flag=True, help="Also write a prompt for an image (Mini-Gemini's <GEN> protocol).")
+@click.option("--gen", is_flag=True, help="Let the model draw (Mini-Gemini's <GEN> protocol): the image prompt it "
+              "writes, if it writes one, is drawn into --out.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("generate.png"),
+              show_default=True, help="PNG of the drawing, with --gen.")
+@click.option("--draw-model", default="tiny", show_default=True,
+              help="Diffusion preset or folder that draws, with --gen (the official CLI uses sdxl-base).")
 @click.option("--conv-mode", default=None, help="Conversation template, e.g. llama_3 (default: from the checkpoint).")
 def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: int, temperature: float,
-         seed: int | None, json_schema: Path | None, gen: bool, conv_mode: str | None) -> None:
+         seed: int | None, json_schema: Path | None, gen: bool, out: Path, draw_model: str,
+         conv_mode: str | None) -> None:
     """Ask Mini-Gemini a QUESTION about images; the answer streams as it is written."""
     import json
 
-    from models.errors import InvalidInputError
+    from models.errors import IncompleteOutputError, InvalidInputError
 
     for image in images:
         _check_image("--image", image)
+    if gen:
+        _check_draw_arguments(out, ())
     schema = None
     if json_schema is not None:
         try:
             schema = json.loads(json_schema.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise InvalidInputError(f"--json-schema: cannot read {json_schema} as JSON: {error}") from None
-    _stream_chat(model, question, list(images), conv_mode, max_new_tokens=max_new_tokens, temperature=temperature,
-                 seed=seed, json_schema=schema, generate_image=gen)
+    result = _stream_chat(model, question, list(images), conv_mode, max_new_tokens=max_new_tokens,
+                          temperature=temperature, seed=seed, json_schema=schema,
+                          generate_image="allow" if gen else None)
+    if result.finish_reason == "length":
+        if schema is not None:
+            raise IncompleteOutputError(f"the JSON was cut at --max-new-tokens {max_new_tokens}; raise it")
+        click.echo(f"(stopped at --max-new-tokens {max_new_tokens})", err=True)
+    if gen and result.image_prompt is None:
+        click.echo("no image: the model wrote no <h>…</h> prompt")
+    elif gen:  # as the official CLI: draw what the model asked for, with MGM's negative prompt
+        from models.diffusion import TextToImageRequest
+        from models.mgm import NEGATIVE_PROMPT
+
+        click.echo(f"image prompt: {result.image_prompt}")
+        request = TextToImageRequest(prompts=[result.image_prompt], seeds=None if seed is None else [seed],
+                                     negative_prompt=NEGATIVE_PROMPT)
+        _draw_to_file(request, draw_model, [], out)
 
 
 @main.command()
@@ -132,8 +155,8 @@ def demo(out: Path, pages: int, broker: str | None) -> None:
                   broker=broker)
 
 
-def _stream_chat(model: str, question: str, images: list, conv_mode: str | None = None, **options) -> None:
-    """One chat turn printed as it streams; with generate_image the image prompt follows on its own line."""
+def _stream_chat(model: str, question: str, images: list, conv_mode: str | None = None, **options):
+    """One chat turn printed as it streams; returns its ``ChatResult``."""
     from transformers.utils import logging as transformers_logging
 
     from models.images import load_image
@@ -145,10 +168,7 @@ def _stream_chat(model: str, question: str, images: list, conv_mode: str | None 
     engine = MGMEngine.from_pretrained(model, template=conv_mode)
     [result] = engine.chat([request], on_token=lambda _, piece: click.echo(piece, nl=False))
     click.echo()
-    if request.generate_image:
-        click.echo(f"image prompt: {result.image_prompt}")
-    if result.finish_reason == "length":
-        click.echo(f"(stopped at --max-new-tokens {options['max_new_tokens']})", err=True)
+    return result
 
 
 def _draw_options(command):

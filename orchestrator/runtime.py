@@ -207,7 +207,8 @@ class VLMRequest:
 def vlm_json_many(requests: list[VLMRequest]) -> list[VLMSchema]:
     """Ask several structured questions as one stage (one join); validated answers in request order."""
     results = await_tasks([request.task() for request in requests])
-    return [parse_json(request.schema_model, result["text"], step=request.step) for request, result in zip(requests, results)]
+    return [parse_json(request.schema_model, answer_text(result, step=request.step), step=request.step)
+            for request, result in zip(requests, results)]
 
 
 def vlm_json(
@@ -222,6 +223,13 @@ def vlm_json(
     """Ask the VLM for JSON constrained by ``schema_model``'s schema; return the validated model instance."""
     request = VLMRequest(step, prompt, schema_model, tuple(images), list_sizes, seed)
     return vlm_json_many([request])[0]  # type: ignore[return-value]
+
+
+def answer_text(result: dict[str, Any], *, step: str = "") -> str:
+    """The text of a ``vlm.chat`` structured answer; typed error when it was cut at ``max_new_tokens``."""
+    if result.get("finish_reason") == "length":
+        raise InvalidModelOutputError(f"{step or 'vlm'}: the answer reached max_new_tokens before it was complete")
+    return result["text"]
 
 
 def parse_json(schema_model: type[SchemaT], text: str, *, step: str = "") -> SchemaT:

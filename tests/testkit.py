@@ -23,3 +23,28 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "a
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def script_mgm_answers(monkeypatch, text: str) -> None:
+    """Make the tiny Mini-Gemini presets write ``text``, then end their answer.
+
+    For tests of what is done with an answer of a certain shape (an ``<h>…</h>`` image prompt, say), which a
+    random model never writes. Only the logits are steered: prompts, decoding, grammars and parsing stay real.
+    Every row of a batch follows the script from the prefill on.
+    """
+    from transformers import LlamaForCausalLM
+
+    from models.mgm.tokenizer import load_tiny_tokenizer
+
+    tokenizer = load_tiny_tokenizer()
+    script = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    forward, steps = LlamaForCausalLM.forward, {}
+
+    def scripted(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        step = 0 if kwargs.get("inputs_embeds") is not None else steps[id(self)] + 1
+        steps[id(self)] = step
+        output.logits[:, -1, script[min(step, len(script) - 1)]] += 1e4
+        return output
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", scripted)

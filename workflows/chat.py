@@ -128,10 +128,11 @@ def stage_turn(state: ChatState) -> dict[str, Any]:
 
 
 def respond(state: ChatState) -> dict[str, Any]:
-    """Mini-Gemini answers; asked to draw, it also writes an image prompt (<GEN> → <h>…</h>)."""
+    """Mini-Gemini answers; asked to draw, it may also write an image prompt (<GEN> → <h>…</h>), as officially."""
     wants_image = state.get("generate") or bool(_DRAW.search(state["message"]))
     (result,) = await_tasks([TaskSpec("respond", "vlm.chat", {
-        "messages_artifact": state["request"], "generate_image": wants_image, "max_new_tokens": REPLY_TOKENS,
+        "messages_artifact": state["request"], "generate_image": "allow" if wants_image else None,
+        "max_new_tokens": REPLY_TOKENS,
         "seed": state["seed"]})])
     return {"reply": result["text"], "image_prompt": (result.get("image_prompt") or "").strip() or None}
 

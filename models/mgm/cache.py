@@ -81,7 +81,9 @@ def image_digest(image: Image.Image) -> str:
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes the tensors keep alive: each distinct storage, whole (a view pins all of its base)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 class VisualFeatureCache:
@@ -95,6 +97,8 @@ class VisualFeatureCache:
         return self._lru.get((self._model_key, digest))
 
     def put(self, digest: str, features: torch.Tensor) -> None:
+        """Keep a copy of ``features``: a row of an encoding batch would pin the whole batch."""
+        features = features.clone()
         self._lru.put((self._model_key, digest), features, tensor_bytes(features))
 
     def stats(self) -> CacheStats:

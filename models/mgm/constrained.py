@@ -13,26 +13,23 @@ from collections.abc import Sequence
 import llguidance
 import llguidance.hf
 import torch
+from llguidance.torch import fill_next_token_bitmask
 
 from models.errors import InvalidInputError
 
 # Compact JSON: with flexible whitespace a weak model can emit blanks until it runs out of tokens.
 _JSON_OPTIONS = {"whitespace_flexible": False}
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarConstraint:
     """One request's position in its grammar (the ``TokenConstraint`` of ``generation.py``)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self._matcher = matcher
-        self._bitmask = torch.empty((vocab_size + 31) // 32, dtype=torch.int32)
 
-    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
-        """Boolean mask [vocab_size] of the tokens the grammar accepts next."""
-        self._matcher.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
-        bits = (self._bitmask.unsqueeze(-1) >> _BITS) & 1  # [words, 32], bit k of word w is token 32w+k
-        return bits.reshape(-1)[:vocab_size].bool()
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write row ``row`` of ``bitmask`` (int32, host): bit k of word w allows token 32w + k next."""
+        fill_next_token_bitmask(self._matcher, bitmask, row)
 
     def consume(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):
@@ -41,6 +38,9 @@ class GrammarConstraint:
     def is_stopped(self) -> bool:
         return self._matcher.is_stopped()
 
+    def is_accepting(self) -> bool:
+        return self._matcher.is_accepting()
+
 
 class GrammarCompiler:
     """Builds constraints for one tokenizer. Building the llguidance tokenizer is costly: keep one per model."""
@@ -48,7 +48,6 @@ class GrammarCompiler:
     def __init__(self, tokenizer, *, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
         # The grammar ends the answer by allowing one of these tokens once the output is complete.
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(stop_token_ids))
-        self._vocab_size = vocab_size
 
     def json_schema(self, schema: dict) -> GrammarConstraint:
         if not isinstance(schema, dict):
@@ -72,4 +71,4 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise InvalidInputError(f"invalid {kind}: {matcher.get_error()}")
-        return GrammarConstraint(matcher, self._vocab_size)
+        return GrammarConstraint(matcher)

@@ -6,7 +6,7 @@ One ``chat`` call runs its requests as one batch through four steps:
 2. reuse: take the thread's KV prefix from the prefix cache (``cache_key``) and the images' visual tokens
    from the feature cache, encoding only images not seen before;
 3. decode: one left-padded batch, each row with its own sampling, stops and grammar (JSON schema, regex,
-   or the ``<GEN>`` protocol);
+   or the ``<GEN>`` protocol when an image prompt is required);
 4. results: split ``<h>…</h>`` image prompts, store each thread's KV for its next turn.
 """
 
@@ -36,9 +36,30 @@ from models.mgm.generation import OnToken, Prompt, SamplingParams, generate
 
 Role = Literal["system", "user", "assistant"]
 _ROLES = ("system", "user", "assistant")
+# "allow": the official behaviour, the model may end with an <h>…</h> prompt or not; "require": it must.
+ImageMode = Literal["allow", "require"]
+_IMAGE_MODES = ("allow", "require")
 
 DEFAULT_VISUAL_CACHE_BYTES = 512 * 2**20
 DEFAULT_PREFIX_CACHE_BYTES = 2 * 2**30
+DEFAULT_VISION_BATCH_BYTES = 2 * 2**30  # activations of one vision-encoding chunk (3 HD images, 14 at 768 px)
+
+
+def vision_bytes_per_image(config, dtype: torch.dtype) -> int:
+    """Estimated peak activation bytes of one image in the vision encoders, for sizing encoding chunks.
+
+    The largest working sets: ConvNeXt's first stage at a quarter of the aux resolution, whose blocks widen
+    4x (input, normalised, hidden, activated and residual tensors alive together: ~10x its width), and CLIP on
+    each low-resolution view (MLP hidden states, and the attention scores of every head). Plus the pixels.
+    """
+    side = config.image_size_aux // 4
+    convnext = 10 * config.aux_dims[0] * side * side
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    views = config.image_grid**2 + int(config.image_global)
+    clip = views * 2 * tokens * (vision.intermediate_size + vision.num_attention_heads * tokens)
+    pixels = 4 * 3 * (config.image_size_aux**2 + views * vision.image_size**2)  # float32 from the processor
+    return dtype.itemsize * max(convnext, clip) + pixels
 
 
 @dataclass
@@ -64,13 +85,15 @@ class ChatRequest:
     stop: Sequence[str] = ()
     json_schema: dict | None = None
     regex: str | None = None
-    generate_image: bool = False
+    generate_image: ImageMode | None = None  # ask for an image prompt: <GEN> in the user turn (see gen_protocol)
     cache_key: str | None = None  # the conversation thread: its next turn reuses this turn's KV prefix
 
     def __post_init__(self) -> None:
         if not self.messages:
             raise InvalidInputError("a chat request needs at least one message")
-        if sum(x is not None and x is not False for x in (self.json_schema, self.regex, self.generate_image)) > 1:
+        if self.generate_image is not None and self.generate_image not in _IMAGE_MODES:
+            raise InvalidInputError(f"generate_image must be 'allow', 'require' or None, got {self.generate_image!r}")
+        if sum(x is not None for x in (self.json_schema, self.regex, self.generate_image)) > 1:
             raise InvalidInputError("json_schema, regex and generate_image exclude each other")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidInputError("stop must be a list of non-empty strings")
@@ -92,6 +115,7 @@ class ChatRequest:
 class ChatResult:
     text: str
     image_prompt: str | None
+    # "length": cut at max_new_tokens; a structured answer (json_schema, regex) is then incomplete, never valid.
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int  # visual tokens included
     completion_tokens: int
@@ -132,6 +156,7 @@ class MGMEngine:
         template: str | None = None,
         visual_cache_bytes: int = DEFAULT_VISUAL_CACHE_BYTES,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        vision_batch_bytes: int = DEFAULT_VISION_BATCH_BYTES,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -146,18 +171,19 @@ class MGMEngine:
         geometry = (config.image_grid, config.image_global, config.image_size_aux)
         self.visual_cache = VisualFeatureCache(visual_cache_bytes, (model_id, geometry))
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.images_per_encoding = max(1, vision_batch_bytes // vision_bytes_per_image(config, model.dtype))
         self._grammars: GrammarCompiler | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, *, device=None, dtype=None, template: str | None = None, **cache_sizes
+        cls, name_or_path: str | Path, *, device=None, dtype=None, template: str | None = None, **budgets
     ) -> MGMEngine:
         """Load a preset name (``tiny``, ``mgm-7b``…) or a checkpoint folder."""
         from models.mgm import load_pretrained, presets
 
         model, processor = load_pretrained(presets.resolve(name_or_path), device=device, dtype=dtype)
-        return cls(model, processor, model_id=str(name_or_path), template=template, **cache_sizes)
+        return cls(model, processor, model_id=str(name_or_path), template=template, **budgets)
 
     def compatibility_key(self, request: ChatRequest) -> Hashable:
         """Requests with equal keys batch well together.
@@ -221,7 +247,7 @@ class MGMEngine:
                 entry.request.cache_key, [*entry.items(), *fed], [*lengths, *[1] * len(fed)], generation.past
             )
         text, image_prompt = generation.text, None
-        if entry.request.generate_image:
+        if entry.request.generate_image is not None:
             text, image_prompt = split_image_prompt(text)
         return ChatResult(text, image_prompt, generation.finish_reason, sum(lengths), len(generation.token_ids))
 
@@ -235,7 +261,7 @@ class MGMEngine:
         turns, images = [], []
         for index, message in enumerate(request.messages):
             text = message.text
-            if request.generate_image and index == len(request.messages) - 1:
+            if request.generate_image is not None and index == len(request.messages) - 1:
                 text += GEN_SUFFIX  # in the user turn, as the official CLI does
             turns.append(Turn(message.role, text, len(message.images)))
             images += [load_image(source) for source in message.images]
@@ -262,13 +288,14 @@ class MGMEngine:
         return Prompt(embeds[0], past)
 
     def _visual_features(self, images: dict[str, Image.Image]) -> dict[str, torch.Tensor]:
-        """Visual tokens [n_visual, H] per image digest, encoding in one batch only the images not cached."""
+        """Visual tokens [n_visual, H] per image digest, encoding only the images not cached, in chunks of
+        ``images_per_encoding`` (the vision activations of a chunk fit ``vision_batch_bytes``)."""
         features = {digest: self.visual_cache.get(digest) for digest in images}
         missing = [digest for digest, value in features.items() if value is None]
-        if missing:
-            pixels, pixels_aux = self.processor.preprocess([images[d] for d in missing])
-            encoded = self.model.encode_images(pixels, pixels_aux)
-            for digest, row in zip(missing, encoded):
+        for start in range(0, len(missing), self.images_per_encoding):
+            chunk = missing[start : start + self.images_per_encoding]
+            encoded = self.model.encode_images(*self.processor.preprocess([images[d] for d in chunk]))
+            for digest, row in zip(chunk, encoded):
                 features[digest] = row
                 self.visual_cache.put(digest, row)
         return features  # type: ignore[return-value]
@@ -278,9 +305,9 @@ class MGMEngine:
             return self._grammar_compiler().json_schema(request.json_schema)
         if request.regex is not None:
             return self._grammar_compiler().regex(request.regex)
-        if request.generate_image:
+        if request.generate_image == "require":
             return self._grammar_compiler().lark(gen_grammar(max_new_tokens))
-        return None
+        return None  # "allow" decodes freely, as the official code does
 
     def _grammar_compiler(self) -> GrammarCompiler:
         if self._grammars is None:  # built on first use: about a second for a large vocabulary

@@ -1,9 +1,10 @@
 """The ``<GEN>`` protocol of Mini-Gemini's reasoning generation (mgm-official §7).
 
 A request that wants an image appends ``" <GEN>"`` to the user's text (in the user turn, as the official CLI
-does). The model answers with free text, then the diffusion prompt as ``<h>…</h>``. Here the answer is
-decoded under a grammar that allows exactly that shape, so it always ends with one complete block; the
-split never invents a prompt the model did not write.
+does). The model answers with free text, then the diffusion prompt as ``<h>…</h>``, if it decides to draw.
+Two modes: ``"allow"`` decodes freely, as the official code does, and takes the last complete block if there
+is one; ``"require"`` decodes under a grammar that allows exactly that shape, so the answer always ends with
+one complete block (for workflows that must draw). The split never invents a prompt the model did not write.
 """
 
 from __future__ import annotations

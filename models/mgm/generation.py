@@ -8,6 +8,10 @@ merged), optionally after a KV prefix reused from an earlier turn. The batch is 
 with the attention mask zero on the pads and position ids counted over each row's real tokens only, so a row
 decodes the same tokens batched as alone (up to float noise). Finished rows leave the batch. The KV cache is
 allocated once for the whole generation (see ``_PreallocatedLayer``).
+
+Choosing the next tokens (``_Sampler``) runs over the whole batch on the device of the logits: grammar masks,
+temperature and top-p are tensor ops over ``[batch, vocab]``; only the chosen ids travel to the host, where
+the text is assembled and the grammars advance.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
+from llguidance.torch import allocate_token_bitmask
 from transformers.cache_utils import Cache, DynamicLayer
 
 from models.errors import InvalidInputError
@@ -50,11 +55,13 @@ class SamplingParams:
 class TokenConstraint(Protocol):
     """A grammar that decides, token by token, which tokens may come next (see ``constrained.py``)."""
 
-    def allowed_tokens(self, vocab_size: int) -> torch.Tensor: ...  # bool [vocab_size]
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None: ...  # int32 [B, ceil(V / 32)] on the host
 
     def consume(self, token_id: int) -> None: ...
 
-    def is_stopped(self) -> bool: ...
+    def is_stopped(self) -> bool: ...  # nothing but the end may come
+
+    def is_accepting(self) -> bool: ...  # the output so far is complete (more may still come)
 
 
 @dataclass
@@ -148,27 +155,16 @@ class _Row:
         self.stop_token_ids = set(params.stop_token_ids)
         self.token_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
-        self.generator = None
+        # One uniform per step, drawn up front from the row's own seed: the row samples the same tokens alone or
+        # batched, on any device. Greedy rows never read theirs.
+        self.uniforms = torch.zeros(params.max_new_tokens)
         if params.temperature > 0:
-            self.generator = torch.Generator()
+            generator = torch.Generator()
             if params.seed is None:
-                self.generator.seed()
+                generator.seed()
             else:
-                self.generator.manual_seed(params.seed)
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """Next token from this row's logits [V] (float32, CPU)."""
-        if self.constraint is not None:
-            allowed = self.constraint.allowed_tokens(logits.shape[-1])
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        if self.generator is None:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / self.params.temperature, dim=-1)
-        if self.params.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(0) - sorted_probs >= self.params.top_p  # the first token always stays
-            probs = probs.scatter(0, order[outside], 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+                generator.manual_seed(params.seed)
+            self.uniforms = torch.rand(params.max_new_tokens, generator=generator)
 
     def accept(self, token_id: int) -> str:
         """Record the token, decide whether the row is finished; return the text released for streaming."""
@@ -182,7 +178,9 @@ class _Row:
         if self.assembler.stopped or (self.constraint is not None and self.constraint.is_stopped()):
             self.finish_reason = "stop"
         elif len(self.token_ids) >= self.params.max_new_tokens:
-            self.finish_reason = "length"
+            # A structured answer is "stop" only if complete: "length" marks it as cut, never valid.
+            complete = self.constraint is not None and self.constraint.is_accepting()
+            self.finish_reason = "stop" if complete else "length"
         if self.finish_reason is not None:
             piece += self.assembler.finish()
         return piece
@@ -220,15 +218,13 @@ def generate(
     ).logits[:, -1]
     next_position = positions[:, -1] + 1
     active = list(rows)
+    sampler = _Sampler(active, logits.shape[-1], logits.device)
     while True:
-        step_logits = logits.float().cpu()
-        next_ids: list[int] = []
-        for slot, row in enumerate(active):
-            token_id = row.choose(step_logits[slot])
+        tokens = sampler.choose(logits, active)  # [B], on the logits' device
+        for row, token_id in zip(active, tokens.tolist()):
             piece = row.accept(token_id)
             if piece and on_token is not None:
                 on_token(row.index, piece)
-            next_ids.append(token_id)
 
         keep = [slot for slot, row in enumerate(active) if row.finish_reason is None]
         for slot, row in enumerate(active):
@@ -238,21 +234,109 @@ def generate(
         if not keep:
             return results  # type: ignore[return-value]
         if len(keep) < len(active):
-            index = torch.tensor(keep, device=mask.device)
+            index = torch.tensor(keep)  # each tensor takes it to its own device (layers may sit on several)
             cache.batch_select_indices(index)
-            mask, next_position = mask[index], next_position[index]
+            mask, next_position = mask[index.to(mask.device)], next_position[index.to(mask.device)]
+            tokens = tokens[index.to(tokens.device)]
+            sampler.keep(index)
             active = [active[slot] for slot in keep]
-            next_ids = [next_ids[slot] for slot in keep]
 
         if check:
             check()
-        input_ids = torch.tensor(next_ids, device=mask.device).unsqueeze(1)
+        input_ids = tokens.to(mask.device).unsqueeze(1)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         logits = language_model(
             input_ids=input_ids, attention_mask=mask, position_ids=next_position.unsqueeze(1), cache=cache,
             use_cache=True,
         ).logits[:, -1]
         next_position = next_position + 1
+
+
+# Top-p looks for the nucleus among this many most likely tokens first; only rows whose nucleus is larger (flat
+# distributions) sort their whole vocabulary, which costs ~10 ms a row on an idle CPU core at 128k tokens.
+TOP_P_CANDIDATES = 1024
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+class _Sampler:
+    """Chooses the next token of every active row at once, on the device of the logits.
+
+    Per row: the grammar's mask, then greedy (``temperature == 0``) or sampling at the row's temperature from its
+    top-p nucleus, by inverse CDF with the row's uniform of this step.
+    """
+
+    def __init__(self, rows: Sequence[_Row], vocab_size: int, device: torch.device) -> None:
+        self.device = device
+        temperatures = torch.tensor([row.params.temperature for row in rows])
+        self.divisors = torch.where(temperatures > 0, temperatures, 1.0).to(device)[:, None]  # [B, 1]
+        self.top_p = torch.tensor([row.params.top_p for row in rows]).to(device)  # [B]
+        self.uniforms = torch.nn.utils.rnn.pad_sequence([row.uniforms for row in rows], batch_first=True).to(device)
+        self.step = 0
+        # llguidance fills the grammars' masks on the host, one int32 bit per token; built only if a row has one.
+        has_grammar = any(row.constraint is not None for row in rows)
+        self.bitmask = allocate_token_bitmask(len(rows), vocab_size) if has_grammar else None
+
+    def choose(self, logits: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+        """Token ids [B] from the logits [B, V] of the rows ``rows``."""
+        logits = logits.float()
+        if self.bitmask is not None:
+            logits = logits.masked_fill(~self._allowed(rows, logits.shape[-1]), float("-inf"))
+        greedy = [slot for slot, row in enumerate(rows) if row.params.temperature == 0]
+        tokens = logits.argmax(-1) if greedy else torch.empty(len(rows), dtype=torch.long, device=self.device)
+        for nucleus in (False, True):  # the sampled rows without top-p, then those with it
+            slots = [slot for slot, row in enumerate(rows)
+                     if row.params.temperature > 0 and (row.params.top_p < 1) == nucleus]
+            if slots:
+                index = torch.tensor(slots, device=self.device)
+                chosen = logits if len(slots) == len(rows) else logits[index]
+                probs = torch.softmax(chosen / self.divisors[index], dim=-1)  # [b, V]
+                uniforms = self.uniforms[index, self.step]
+                tokens[index] = _top_p_draw(probs, uniforms, self.top_p[index]) if nucleus else _draw(probs, uniforms)
+        self.step += 1
+        return tokens
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` (in that order), as the batch does."""
+        index = index.to(self.device)
+        self.divisors, self.top_p, self.uniforms = self.divisors[index], self.top_p[index], self.uniforms[index]
+
+    def _allowed(self, rows: Sequence[_Row], vocab_size: int) -> torch.Tensor:
+        """Boolean mask [B, V] of the tokens each row's grammar accepts next (all for rows without one)."""
+        bitmask = self.bitmask[: len(rows)]
+        for slot, row in enumerate(rows):
+            if row.constraint is None:
+                bitmask[slot] = -1
+            else:
+                row.constraint.fill_bitmask(bitmask, slot)
+        # Bit k of word w is token 32w + k. (llguidance.torch's apply helper is torch.compile'd: a minute to
+        # compile on a CPU; these three ops cost about as much as one of its calls.)
+        bits = (bitmask.to(self.device, non_blocking=True).unsqueeze(-1) >> _BITS.to(self.device)) & 1
+        return bits.flatten(1)[:, :vocab_size].bool()
+
+
+def _top_p_draw(probs: torch.Tensor, uniforms: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Tokens [b] drawn from each row's nucleus: its most likely tokens whose mass first reaches ``top_p``."""
+    candidates = min(TOP_P_CANDIDATES, probs.shape[-1])
+    values, ids = probs.topk(candidates, dim=-1)  # sorted, [b, k]
+    tokens = _nucleus_draw(values, ids, top_p, uniforms)
+    flat = (values.sum(-1) < top_p).nonzero().squeeze(-1)  # rows whose nucleus is not among the candidates
+    if candidates < probs.shape[-1] and len(flat):
+        values, ids = probs[flat].sort(dim=-1, descending=True)
+        tokens[flat] = _nucleus_draw(values, ids, top_p[flat], uniforms[flat])
+    return tokens
+
+
+def _nucleus_draw(values: torch.Tensor, ids: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor):
+    """Sample among sorted candidates ``values`` [b, k] (token ids ``ids``), keeping the nucleus only."""
+    inside = values.cumsum(-1) - values < top_p[:, None]  # the first candidate always stays
+    return ids.gather(-1, _draw(values * inside, uniforms)[:, None]).squeeze(-1)
+
+
+def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index [b] drawn in proportion to ``weights`` [b, n] by inverse CDF with ``uniforms`` [b] in [0, 1)."""
+    cdf = weights.cumsum(-1)
+    index = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)
+    return index.squeeze(-1).clamp_max(weights.shape[-1] - 1)
 
 
 class _PreallocatedLayer(DynamicLayer):
@@ -294,6 +378,7 @@ class _PreallocatedLayer(DynamicLayer):
         """Keep the rows ``indices``, with their room to grow."""
         if self._key_buffer is not None:
             end = self.get_seq_length()
+            indices = indices.to(self._key_buffer.device)  # this layer's device: a model may span several
             self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
             self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
 
@@ -337,8 +422,9 @@ def _prefill_batch(language_model, prompts: Sequence[Prompt], max_new_tokens: in
 
 def _row_past(cache: Cache, mask: torch.Tensor, slot: int) -> PastKV:
     """One row's KV over its real (unmasked) positions, detached from the batch."""
-    real = mask[slot].bool()
+    real = mask[slot].nonzero().squeeze(-1)  # [length] positions, moved to each layer's device
     return tuple(
-        (layer.keys[slot : slot + 1, :, real].clone(), layer.values[slot : slot + 1, :, real].clone())
+        (layer.keys[slot : slot + 1].index_select(2, real.to(layer.keys.device)),  # a copy: owns its memory
+         layer.values[slot : slot + 1].index_select(2, real.to(layer.values.device)))
         for layer in cache.layers
     )

@@ -67,6 +67,12 @@ def test_structured_output_follows_the_json_schema(openai_client):
         messages=[{"role": "user", "content": "Name a color and a count."}])
     answer = json.loads(completion.choices[0].message.content)
     assert answer["color"] in ("red", "green", "blue") and 0 <= answer["count"] <= 9
+    with pytest.raises(BadRequestError) as cut:  # too few tokens to close the JSON: an error, never cut JSON
+        openai_client.chat.completions.create(
+            model=_model(openai_client), max_tokens=3, seed=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+            messages=[{"role": "user", "content": "Name a color and a count."}])
+    assert cut.value.code == "incomplete_output"
 
 
 def test_bad_requests_are_clear_4xx(openai_client, live_server):
@@ -86,9 +92,12 @@ def test_bad_requests_are_clear_4xx(openai_client, live_server):
         assert caught.value.code == code, (url, caught.value.body)
 
 
-def test_generated_image_comes_back_as_markdown_and_artifact_ids(openai_client, live_server):
+def test_generated_image_comes_back_as_markdown_and_artifact_ids(openai_client, live_server, monkeypatch):
     import httpx
+    from testkit import script_mgm_answers
 
+    # MGM draws when it writes an <h>…</h> prompt (generate_image "allow"); a random model would not.
+    script_mgm_answers(monkeypatch, "A fox. <h>a red fox curled up in fresh snow</h>")
     completion = openai_client.chat.completions.create(
         model=_model(openai_client), max_tokens=24, seed=11, extra_body={"modalities": ["text", "image"]},
         messages=[{"role": "user", "content": "Draw a red fox in the snow."}])
@@ -96,7 +105,7 @@ def test_generated_image_comes_back_as_markdown_and_artifact_ids(openai_client, 
     assert len(artifacts) == 1
     content = completion.choices[0].message.content
     link = f"{live_server.url}/artifacts/{artifacts[0]}/content"
-    assert f"]({link})" in content
+    assert content.startswith("A fox.") and f"![a red fox curled up in fresh snow]({link})" in content
     image = httpx.get(link, timeout=10)
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(image.content)).size[0] > 0

@@ -42,13 +42,18 @@ def test_missing_image_is_a_typed_error(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_chat_draws_then_edits_the_last_picture_by_reference(embedded, tmp_path):
+def test_chat_draws_then_edits_the_last_picture_by_reference(embedded, tmp_path, monkeypatch):
+    from testkit import script_mgm_answers
+
+    # MGM draws when it writes an <h>…</h> prompt (generate_image "allow"); a random model would not.
+    script_mgm_answers(monkeypatch, "Here it is. <h>a dog running in a green park</h>")
     thread = embedded.create_thread()["thread_id"]
     first = finish(embedded, embedded.create_run("chat", {"message": "Draw a dog in a park.", "seed": 4, **TINY},
                                                  thread_id=thread))
     drawn = embedded.output_values(first)
     (picture,) = drawn["reply_images"]
-    assert drawn["image_prompt"] and drawn["artifacts"][-1]["tool"] == "diffusion.text2img"
+    assert drawn["image_prompt"] == "a dog running in a green park"
+    assert drawn["artifacts"][-1]["tool"] == "diffusion.text2img"
 
     second = finish(embedded, embedded.create_run("chat", {"message": "Make the dog in the last picture red.",
                                                            "seed": 4, "steps": 2}, thread_id=thread))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.errors import InvalidInputError
+from models.errors import IncompleteOutputError, InvalidInputError
 from workers.batching import BatchItem
 from workers.steps import StepContext, get_runtime, step
 
@@ -43,7 +43,14 @@ class ChatInput(_ChatParams):
     thread_id: str | None = Field(default=None, max_length=200)
     json_schema: dict | None = None
     json_schema_artifact: str | None = None  # the schema as a JSON artifact, for schemas too big for a message
-    generate_image: bool = False
+    # "allow": MGM may answer with an <h>…</h> image prompt (the official behaviour); "require": it must.
+    generate_image: Literal["allow", "require"] | None = None
+
+    @field_validator("generate_image", mode="before")
+    @classmethod
+    def _former_boolean(cls, value):
+        """``true`` / ``false``, the field's former type, keep their meaning: a required prompt / none."""
+        return {True: "require", False: None}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_history(self):
@@ -125,6 +132,9 @@ def _chat(ctx: StepContext, params: _ChatParams, messages: list[MessageInput], *
     engine.validate(request)  # here, in the step's thread: one bad request must not fail the batch it would join
     result, batch_size = batcher(BatchItem(request, engine.compatibility_key(request), check=ctx.check,
                                            on_progress=ctx.on_token))
+    if result.finish_reason == "length" and (request.json_schema is not None or request.regex is not None):
+        raise IncompleteOutputError(f"the structured answer reached max_new_tokens ({params.max_new_tokens}) before "
+                                    "it was complete; raise max_new_tokens")
     return {"text": result.text, "image_prompt": result.image_prompt, "finish_reason": result.finish_reason,
             "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "model": params.model, "batch_size": batch_size}
@@ -201,16 +211,12 @@ def describe(ctx: StepContext, data: DescribeInput) -> dict:
 @step("vlm.write_prompt", WritePromptInput)
 def write_prompt(ctx: StepContext, data: WritePromptInput) -> dict:
     return _chat(ctx, data, [MessageInput(role="user", text=data.request, images=data.images)],
-                 generate_image=True)
+                 generate_image="require")
 
 
 @step("vlm.critique", CritiqueInput)
 def critique(ctx: StepContext, data: CritiqueInput) -> dict:
     message = MessageInput(role="user", text=CRITIQUE_PROMPT.format(intent=data.intent), images=[data.image])
-    answer = _chat(ctx, data, [message], json_schema=CRITIQUE_SCHEMA)
-    try:
-        verdict = Critique.model_validate_json(answer["text"])
-    except ValidationError as error:  # only when the answer hit max_new_tokens before closing the JSON
-        raise InvalidInputError(f"the critique was cut off ({answer['finish_reason']}); raise max_new_tokens: "
-                                f"{error.errors()[0]['msg']}") from error
+    answer = _chat(ctx, data, [message], json_schema=CRITIQUE_SCHEMA)  # complete, or IncompleteOutputError
+    verdict = Critique.model_validate_json(answer["text"])
     return {**verdict.model_dump(), "model": data.model, "batch_size": answer["batch_size"]}

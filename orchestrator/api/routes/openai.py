@@ -281,7 +281,9 @@ async def _chat_payload(context, body: ChatCompletionRequest, scope: str) -> dic
     payload: dict[str, Any] = {
         "model": body.model, "max_new_tokens": body.max_completion_tokens or body.max_tokens or 512,
         "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
-        "json_schema": _json_schema(body.response_format), "generate_image": "image" in (body.modalities or []),
+        "json_schema": _json_schema(body.response_format),
+        # As the official MGM: asked for an image, the model draws only if it writes an <h>…</h> prompt.
+        "generate_image": "allow" if "image" in (body.modalities or []) else None,
     }
     if body.tool_choice == "required" and not body.tools or isinstance(body.tool_choice, NamedToolChoice) and \
             body.tool_choice.function.name not in {tool.function.name for tool in body.tools or []}:
@@ -319,7 +321,7 @@ def _raise_for(record: Any) -> None:
         return
     error = record.error or {}
     code, message = error.get("code", record.status), error.get("message", f"the model step ended {record.status}")
-    status = 400 if code in ("invalid_input", "invalid_image", "artifact_not_found") else \
+    status = 400 if code in ("invalid_input", "invalid_image", "artifact_not_found", "incomplete_output") else \
         503 if error.get("retryable") else 502
     raise ApiError(status, message, code=code)
 

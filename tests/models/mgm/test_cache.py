@@ -90,3 +90,37 @@ def test_cached_kv_is_detached_from_the_batch(engine):
                  ChatRequest([Message("user", "bbbbbbbb bbbbbbb")], max_new_tokens=3)])
     entry = engine.prefix_cache._lru.get("x")
     assert entry.past[0][0].shape[0] == 1 and not torch.isnan(entry.past[0][0]).any()
+
+
+def _held_bytes(tensors):
+    """Bytes of memory the tensors keep alive: each distinct storage once, whole, whatever the views."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_visual_cache_holds_no_more_bytes_than_its_budget(mgmflow_home):
+    probe = MGMEngine.from_pretrained("tiny")
+    one_image = probe.model.num_visual_tokens * probe.model.config.hidden_size * probe.model.dtype.itemsize
+    engine = MGMEngine.from_pretrained("tiny", visual_cache_bytes=2 * one_image)
+    images = [_image(seed) for seed in range(10, 16)]  # six new images in one request: one encoding batch
+    engine.chat([ChatRequest([Message("user", "Compare them.", images)], max_new_tokens=2)])
+    from models.mgm.cache import image_digest
+
+    kept = [t for t in (engine.visual_cache.get(image_digest(i)) for i in images) if t is not None]
+    assert len(kept) == 2
+    assert _held_bytes(kept) <= 2 * one_image  # the entries own their rows; no batch tensor pinned behind them
+
+
+def test_vision_encoders_run_in_chunks_within_their_byte_budget(mgmflow_home, monkeypatch):
+    from models.mgm.engine import vision_bytes_per_image
+
+    whole = MGMEngine.from_pretrained("tiny")
+    per_image = vision_bytes_per_image(whole.model.config, whole.model.dtype)
+    chunked = MGMEngine.from_pretrained("tiny", vision_batch_bytes=2 * per_image + 1)
+    batches = []
+    encode = chunked.model.encode_images
+    monkeypatch.setattr(chunked.model, "encode_images", lambda *a: batches.append(a[0].shape[0]) or encode(*a))
+    request = ChatRequest([Message("user", "Compare them.", [_image(seed) for seed in range(20, 25)])],
+                          max_new_tokens=8)
+    assert [r.text for r in chunked.chat([request])] == [r.text for r in whole.chat([request])]
+    assert batches == [2, 2, 1]

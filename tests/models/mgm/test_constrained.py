@@ -99,3 +99,11 @@ def test_split_image_prompt_takes_the_last_complete_block():
     assert split_image_prompt("<h>first</h> then <h>second</h>") == ("<h>first</h> then", "second")
     assert split_image_prompt("no block <h>unfinished") == ("no block <h>unfinished", None)
     assert split_image_prompt("empty <h> </h>") == ("empty", None)
+
+
+def test_answer_complete_at_the_budget_is_a_stop_and_a_cut_one_a_length(tiny_llama, tiny_tokenizer, compiler):
+    # Complete after one token, though the grammar would take more: the answer is whole and valid.
+    [whole] = _run(tiny_llama, tiny_tokenizer, [compiler.regex("a+")], max_new_tokens=1)
+    assert (whole.text, whole.finish_reason) == ("a", "stop")
+    [cut] = _run(tiny_llama, tiny_tokenizer, [compiler.regex("abcdefgh")], max_new_tokens=2)
+    assert cut.finish_reason == "length" and cut.text != "abcdefgh"

@@ -64,14 +64,41 @@ def test_regex_answer_matches(engine):
     assert result.text.startswith(("yes, because ", "no, because ")) and result.text.endswith(".")
 
 
-def test_generate_image_puts_gen_in_the_user_turn_and_returns_one_prompt(engine):
-    request = _ask("Draw the weekend.", _image(4), generate_image=True, max_new_tokens=48)
+def test_generate_image_required_puts_gen_in_the_user_turn_and_returns_one_prompt(engine):
+    request = _ask("Draw the weekend.", _image(4), generate_image="require", max_new_tokens=48)
     prompt = engine.tokenizer.decode([i for i in engine._prepare(request).ids if i >= 0])
     assert prompt.endswith("Draw the weekend. <GEN> ASSISTANT:")
     [result] = engine.chat([request])
     assert result.finish_reason == "stop"
     assert result.image_prompt and "<h>" not in result.text and "</h>" not in result.text
     assert "watermark" in NEGATIVE_PROMPT and NEGATIVE_PROMPT.startswith("out of frame, lowres")
+
+
+def test_generate_image_allowed_is_optional_as_in_the_official_code(engine):
+    request = _ask("Draw the weekend.", _image(4), generate_image="allow", max_new_tokens=40)
+    prompt = engine.tokenizer.decode([i for i in engine._prepare(request).ids if i >= 0])
+    assert prompt.endswith("Draw the weekend. <GEN> ASSISTANT:")
+    [result] = engine.chat([request])
+    # The random model writes no block: no prompt is made up, and its answer is not cut to make room for one.
+    assert result.image_prompt is None and result.finish_reason == "length" and result.completion_tokens == 40
+
+
+def test_generate_image_allowed_takes_the_block_the_model_writes(engine, monkeypatch):
+    from testkit import script_mgm_answers
+
+    script_mgm_answers(monkeypatch, "A dog, because weekends are for walks. <h>a happy dog in a sunny park</h>")
+    [result] = engine.chat([_ask("Draw the weekend.", generate_image="allow", max_new_tokens=64)])
+    assert result.finish_reason == "stop"
+    assert result.text == "A dog, because weekends are for walks."
+    assert result.image_prompt == "a happy dog in a sunny park"
+
+
+def test_structured_answer_cut_by_max_new_tokens_says_so(engine):
+    [result] = engine.chat([_ask("JSON please", json_schema={"type": "object", "properties": {
+        "story": {"type": "string"}}, "required": ["story"]}, temperature=1.0, seed=1, max_new_tokens=4)])
+    assert result.finish_reason == "length"
+    with pytest.raises(ValueError):
+        json.loads(result.text)
 
 
 def test_template_stop_token_is_a_stop(engine):
@@ -87,7 +114,7 @@ def test_prompt_longer_than_the_context_is_refused(engine):
 @pytest.mark.parametrize(
     "request_",
     [_ask("word " * 5000), _ask("x", json_schema={"type": "objekt"}),
-     _ask("x", regex="(unclosed"), _ask("x", generate_image=True, max_new_tokens=8)],
+     _ask("x", regex="(unclosed"), _ask("x", generate_image="require", max_new_tokens=8)],
 )
 def test_validate_finds_bad_requests_without_running_the_model(engine, request_, monkeypatch):
     def no_model_work(*args, **kwargs):
@@ -111,7 +138,9 @@ def test_bad_image_is_a_typed_error(engine):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"json_schema": {"type": "object"}, "generate_image": True},
+        {"json_schema": {"type": "object"}, "generate_image": "allow"},
+        {"generate_image": True},
+        {"generate_image": "always"},
         {"json_schema": {"type": "object"}, "regex": "a"},
         {"max_new_tokens": 0},
         {"temperature": -0.5},

@@ -165,3 +165,138 @@ def test_incremental_detokenization_keeps_multibyte_characters_whole(tiny_tokeni
 def test_bad_sampling_parameters_are_refused(kwargs):
     with pytest.raises(InvalidInputError):
         SamplingParams(**kwargs)
+
+
+# -- sampling on the model's device, batched (issue 11 item 9) ---------------------------------------------------
+
+# Sampling work done per decoding step: calls of these must not grow with the batch.
+_SAMPLING_OPS = {torch.softmax, torch.Tensor.softmax, torch.sort, torch.Tensor.sort, torch.topk, torch.Tensor.topk,
+                 torch.multinomial, torch.Tensor.multinomial, torch.Tensor.masked_fill, torch.Tensor.masked_fill_,
+                 torch.cumsum, torch.Tensor.cumsum, torch.Tensor.argmax, torch.argmax}
+
+
+class _Watch(torch.overrides.TorchFunctionMode):
+    """Counts sampling ops, and records every tensor of a full vocabulary row copied to the host."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size, self.ops, self.to_host = vocab_size, 0, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += func in _SAMPLING_OPS
+        is_host_copy = func in (torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy) or (
+            func is torch.Tensor.to and "cpu" in map(str, [*args[1:], *kwargs.values()]))
+        if is_host_copy and args[0].shape[-1:] == (self.vocab_size,):
+            self.to_host.append(tuple(args[0].shape))
+        return func(*args, **kwargs)
+
+
+def _watched(model, tokenizer, prompts, params, constraints=None):
+    with _Watch(model.config.vocab_size) as watch:
+        generate(model, tokenizer, prompts, params, constraints=constraints)
+    return watch
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 1},
+                                      {"temperature": 0.8, "top_p": 0.9, "seed": 1}])
+def test_sampling_runs_over_the_whole_batch_at_once_and_keeps_logits_on_the_device(
+        tiny_llama, tiny_tokenizer, sampling):
+    prompt = _prompt(tiny_llama, tiny_tokenizer, TEXTS[1])
+    params = SamplingParams(max_new_tokens=6, **sampling)
+    alone = _watched(tiny_llama, tiny_tokenizer, [prompt], [params])
+    batched = _watched(tiny_llama, tiny_tokenizer, [prompt] * 6, [params] * 6)
+    assert batched.ops == alone.ops  # one batched op per step, not one per row
+    assert batched.to_host == alone.to_host == []  # only the chosen ids leave the device
+
+
+def test_grammar_masks_apply_to_the_whole_batch_at_once(tiny_llama, tiny_tokenizer):
+    from models.mgm.constrained import GrammarCompiler
+
+    compiler = GrammarCompiler(tiny_tokenizer, vocab_size=tiny_llama.config.vocab_size,
+                               stop_token_ids=[tiny_tokenizer.eos_token_id])
+    prompt = _prompt(tiny_llama, tiny_tokenizer, TEXTS[2])
+    params = SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3)
+    alone = _watched(tiny_llama, tiny_tokenizer, [prompt], [params], [compiler.regex("[a-z]{8}")])
+    batched = _watched(tiny_llama, tiny_tokenizer, [prompt] * 5, [params] * 5,
+                       [compiler.regex("[a-z]{8}") for _ in range(5)])
+    assert batched.ops == alone.ops and batched.to_host == alone.to_host == []
+
+
+class _FixedLogits(torch.nn.Module):
+    """A language model whose next-token logits are always ``logits``: sampling alone, at no model cost."""
+
+    def __init__(self, logits):
+        super().__init__()
+        from transformers import LlamaConfig
+
+        self.config = LlamaConfig(vocab_size=logits.numel(), num_hidden_layers=0)
+        self.register_buffer("logits", logits)
+
+    def forward(self, inputs_embeds=None, input_ids=None, **_):
+        batch, length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits.expand(batch, length, -1))
+
+
+def test_top_p_samples_the_nucleus_in_proportion(tiny_tokenizer):
+    probs = torch.tensor([0.05, 0.4, 0.02, 0.25, 0.2, 0.08])
+    model = _FixedLogits(probs.log())
+    prompt = Prompt(torch.zeros(1, 4))
+    rows = 3000
+    params = [SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.8, seed=seed) for seed in range(rows)]
+    chosen = [g.token_ids[0] for g in generate(model, tiny_tokenizer, [prompt] * rows, params)]
+    counts = torch.bincount(torch.tensor(chosen), minlength=6).float() / rows
+    # Nucleus of 0.8: 0.4 + 0.25 + 0.2 = 0.85 >= 0.8; the others never come.
+    expected = torch.tensor([0, 0.4, 0, 0.25, 0.2, 0]) / 0.85
+    torch.testing.assert_close(counts, expected, rtol=0, atol=0.03)  # ~4 standard deviations at 3000 draws
+
+
+def test_seeded_rows_sample_the_same_whatever_their_batch(tiny_llama, tiny_tokenizer):
+    prompts = [_prompt(tiny_llama, tiny_tokenizer, text) for text in TEXTS]
+    params = [SamplingParams(max_new_tokens=10, temperature=t, top_p=p, seed=s)
+              for t, p, s in ((1.0, 0.9, 5), (0.0, 1.0, None), (0.7, 1.0, 6), (1.3, 0.5, 7))]
+    batched = generate(tiny_llama, tiny_tokenizer, prompts, params)
+    for prompt, param, row in zip(prompts, params, batched):
+        assert generate(tiny_llama, tiny_tokenizer, [prompt], [param])[0].token_ids == row.token_ids
+
+
+# -- KV rows selected on each layer's own device (issue 11 item 7) -------------------------------------------------
+
+
+class _SameDeviceIndices(torch.overrides.TorchFunctionMode):
+    """Refuses an index tensor on another device than the tensor it indexes.
+
+    A bit stricter than CUDA, which also takes CPU indices but refuses ``cuda:0`` indices for a ``cuda:1``
+    tensor; CPU and meta tensors take any index silently (meta even from the CPU's memory), so without this a
+    CPU machine cannot see what fails on a model split across two GPUs.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.__getitem__, torch.Tensor.index_select, torch.index_select):
+            source, index = args[0], args[1] if func is torch.Tensor.__getitem__ else args[2]
+            for part in index if isinstance(index, tuple) else (index,):
+                if isinstance(part, torch.Tensor) and part.device != source.device:
+                    raise RuntimeError(f"indices on {part.device} for a tensor on {source.device}")
+        return func(*args, **kwargs)
+
+
+def test_kv_rows_are_selected_and_extracted_on_each_layers_device():
+    from transformers.cache_utils import Cache
+
+    from models.mgm.generation import _row_past
+
+    # Layer 0 with the embeddings (and the mask) on the CPU, layer 1 on another device.
+    cache = Cache(layers=[_PreallocatedLayer(8), _PreallocatedLayer(8)])
+    states = torch.arange(3 * 2 * 4 * 2, dtype=torch.float32).reshape(3, 2, 4, 2)
+    cache.layers[0].update(states, -states)
+    cache.layers[1].update(states.to("meta"), states.to("meta"))
+    with _SameDeviceIndices():
+        cache.batch_select_indices(torch.tensor([0, 2]))
+        past = _row_past(cache, torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]), 1)
+    torch.testing.assert_close(cache.layers[0].keys, states[[0, 2]], rtol=0, atol=0)
+    assert cache.layers[1].keys.shape == (2, 2, 4, 2) and cache.layers[1].keys.device.type == "meta"
+    torch.testing.assert_close(past[0][0], states[2:3, :, 1:], rtol=0, atol=0)
+    assert past[1][0].device.type == "meta" and past[1][0].shape == (1, 2, 3, 2)
