@@ -387,14 +387,15 @@ def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None
 
     from orchestrator.runs import RunService
 
-    workflow.validate_input(given)  # bad flags fail before any worker starts
     settings = _settings(broker)
+    requested, given = given, _upload_local_files(workflow, given, settings)
+    workflow.validate_input(given)  # bad flags fail before any worker starts
     if settings.embedded:
         _quiet_libraries()  # the in-process workers share this terminal with the progress bar
     service = RunService(settings)
     # The same command (workflow, flags, folder) names the same run: Ctrl-C and again continues it. (Previews
     # only show the drawing: they are not part of what names the run.)
-    identity = json.dumps([workflow.name, given, str(out.resolve()) if out else None, thread], sort_keys=True)
+    identity = json.dumps([workflow.name, requested, str(out.resolve()) if out else None, thread], sort_keys=True)
     key = "cli:" + hashlib.sha256(identity.encode()).hexdigest()[:32]
     run = service.runs.by_idempotency_key("default", key)
     if run is not None and run.status in ("error", "cancelled", "timeout"):
@@ -408,6 +409,16 @@ def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None
         click.echo(f"continuing run {run.run_id} from its checkpoint", err=True)
         service.restart(run.run_id)
     _follow(service, run.run_id, out, quiet=quiet)
+
+
+def _upload_local_files(workflow, given: dict, settings) -> dict:
+    """Image paths given as flags become artifacts of the store the run will read (the workers never read a path)."""
+    from orchestrator.references import store_file, upload_local_files
+    from workers.artifacts import open_store
+
+    store = open_store(settings)
+    return upload_local_files(given, workflow.input_model.model_json_schema(),
+                              lambda path: store_file(store, path, scope="default"))
 
 
 def _quiet_libraries() -> None:

@@ -3,6 +3,7 @@ within its quota; then one call to the run service (idempotent per ``Idempotency
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,6 +13,8 @@ from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.schemas import RunCreate
 from orchestrator.records import RunNotFound
+from orchestrator.references import artifact_values
+from workers.artifacts import ArtifactNotFound
 
 
 def check_limits(value: Any, settings, where: str = "input") -> None:
@@ -41,7 +44,24 @@ def check_webhook(url: str | None, settings) -> None:
                        code="webhook_not_allowed")
 
 
-def validate_run(context: ApiContext, body: RunCreate) -> dict[str, Any]:
+@cache
+def input_schema(input_model: type) -> dict[str, Any]:
+    return input_model.model_json_schema()
+
+
+def check_artifacts(context: ApiContext, workflow: Any, run_input: dict[str, Any], scope: str,
+                    where: str = "input") -> None:
+    """Every artifact id of ``run_input`` names an artifact of ``scope`` (the same answer for an id that does not
+    exist and one of another key)."""
+    for field, artifact_id in artifact_values(run_input, input_schema(workflow.input_model)):
+        try:
+            context.store.info(artifact_id, scope=scope)
+        except ArtifactNotFound:
+            raise ApiError(400, f"{where}.{field}: no artifact {artifact_id!r} for this key (upload it first: "
+                                "POST /artifacts)", code="artifact_not_found") from None
+
+
+def validate_run(context: ApiContext, body: RunCreate, scope: str) -> dict[str, Any]:
     """The workflow's validated input (as JSON), or a 4xx naming what is wrong."""
     workflow = context.workflows.get(body.assistant_id)
     if workflow is None:
@@ -49,7 +69,9 @@ def validate_run(context: ApiContext, body: RunCreate) -> dict[str, Any]:
         raise ApiError(404, f"unknown workflow {body.assistant_id!r}; known: {known}", code="unknown_workflow")
     check_limits(body.input or {}, context.settings)
     check_webhook(body.webhook, context.settings)
-    return workflow.validate_input(body.input or {}).model_dump(mode="json")
+    run_input = workflow.validate_input(body.input or {}).model_dump(mode="json")
+    check_artifacts(context, workflow, run_input, scope)
+    return run_input
 
 
 def check_quota(context: ApiContext, scope: str) -> None:
@@ -62,7 +84,7 @@ def check_quota(context: ApiContext, scope: str) -> None:
 def create_run(context: ApiContext, body: RunCreate, *, scope: str, thread_id: str | None,
                idempotency_key: str | None) -> Any:
     """Validate and create (or, for a repeated idempotency key, find) a run. Call from the thread pool."""
-    run_input = validate_run(context, body)
+    run_input = validate_run(context, body, scope)
     check_quota(context, scope)
     metadata = {**body.metadata, **({"webhook": body.webhook} if body.webhook else {})}
     return context.runs.create_run(
