@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 
 from orchestrator.api.errors import ApiError
+from orchestrator.api.images import ImageIntake
 from orchestrator.api.limits import RateLimiter, RedisRateLimiter
 from orchestrator.api.metrics import ApiMetrics
 from orchestrator.api.settings import ApiSettings
@@ -31,6 +32,7 @@ class ApiContext:
     workflows: dict[str, Workflow]
     limiter: RateLimiter | RedisRateLimiter
     metrics: ApiMetrics
+    images: ImageIntake  # budget checks and the decoding pool of uploaded images (api.images)
     background: set[asyncio.Task] = field(default_factory=set)  # webhook attempts in flight (api.webhooks)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))  # when workflows were loaded
 

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import install_error_handlers
+from orchestrator.api.images import ImageIntake
 from orchestrator.api.limits import BodySizeLimit, rate_limiter
 from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
 from orchestrator.api.routes import (
@@ -47,6 +48,7 @@ def build_context(settings: ApiSettings) -> ApiContext:
         workflows=load_workflows(),
         limiter=rate_limiter(settings.broker_url, settings.rate_limit_per_second, settings.rate_limit_burst),
         metrics=ApiMetrics(queue_depths=BrokerQueueDepths(settings.broker_url), broker_url=settings.broker_url),
+        images=ImageIntake(settings),
     )
 
 

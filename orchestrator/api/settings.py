@@ -30,6 +30,12 @@ class ApiSettings(Settings):
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # Memory decoding one image may take (its header's size × bytes per pixel, plus the RGB copy), and all the
+    # images of one request together; both checked from the headers, before any pixel is decoded.
+    max_image_bytes: int = Field(320 * 1024 * 1024, ge=1024)
+    max_request_image_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(16, ge=1)  # counted across all the messages of a chat request
+    image_decode_threads: int = Field(2, ge=1, le=64)  # images are decoded in a pool of this many threads
     max_prompt_chars: int = Field(32_768, ge=1)
     max_pages: int = Field(64, ge=1)
     max_batch_items: int = Field(10_000, ge=1)

@@ -29,7 +29,7 @@ from models.diffusion.defaults import NEGATIVE_PROMPT
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError
 from orchestrator.api.logs import current_run, current_task
-from orchestrator.api.routes.artifacts import store_image
+from orchestrator.api.images import store_decoded
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -139,20 +139,20 @@ async def _image_bytes(url: str, where: str, settings) -> bytes:
 
 
 async def _messages(context, body: ChatCompletionRequest, scope: str) -> list[dict[str, Any]]:
-    """OpenAI messages as ``vlm.chat`` messages: text, and images stored as artifacts of the caller's scope."""
-    settings, total, converted = context.settings, 0, []
+    """OpenAI messages as ``vlm.chat`` messages: text, and images stored as artifacts of the caller's scope.
+
+    Every limit is checked before any image is decoded (text length, images across all messages, their sizes from
+    the headers), and images are stored only once all of them have been decoded: a refused request stores nothing."""
+    settings, total, converted, pending = context.settings, 0, [], []
     for index, message in enumerate(body.messages):
         texts, images = [], []
         parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
         for number, part in enumerate(parts or []):
             if isinstance(part, TextPart):
                 texts.append(part.text)
-                continue
-            where = f"messages[{index}].content[{number}].image_url"
-            data = await _image_bytes(part.image_url.url, where, settings)
-            artifact = await run_in_threadpool(store_image, context.store, data, scope=scope,
-                                               max_pixels=settings.max_image_pixels, metadata={"source": "chat"})
-            images.append(artifact.id)
+            else:
+                images.append(len(pending))
+                pending.append((f"messages[{index}].content[{number}].image_url", part.image_url.url))
         text = "\n".join(texts)
         total += len(text)
         if total > settings.max_prompt_chars:
@@ -160,6 +160,13 @@ async def _messages(context, body: ChatCompletionRequest, scope: str) -> list[di
                            code="prompt_too_long")
         role = "system" if message.role == "developer" else message.role
         converted.append({"role": role, "text": text, "images": images})
+    context.images.check_count(len(pending))
+    fetched = [(where, await _image_bytes(url, where, settings)) for where, url in pending]
+    decoded = await context.images.decode(fetched)
+    ids = [(await run_in_threadpool(store_decoded, context.store, image, scope=scope, metadata={"source": "chat"})).id
+           for image in decoded]
+    for message in converted:
+        message["images"] = [ids[position] for position in message["images"]]
     return converted
 
 
