@@ -40,7 +40,9 @@ def main() -> None:
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="API processes (distributed only: they share the broker, the store and the database).")
-def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
+@click.option("--insecure-open-access", is_flag=True,
+              help="Serve a non-loopback address without API keys: anyone who reaches it can use the server.")
+def serve(host: str | None, port: int, log_level: str, workers: int, insecure_open_access: bool) -> None:
     """Serve the HTTP API and the playground. Without MGMFLOW_BROKER_URL: embedded (tiny models, in-process
     workers, SQLite), a working server with one command."""
     import logging
@@ -51,6 +53,7 @@ def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
 
     from orchestrator.api import create_app
     from orchestrator.api.logs import configure_logging
+    from orchestrator.api.origin import LOOPBACK_HOSTS
     from orchestrator.api.server import check_reachable, default_host
     from orchestrator.api.settings import ApiSettings
 
@@ -58,7 +61,10 @@ def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
     check_reachable(settings)
     host = host or default_host(settings)
     configure_logging(log_level)
-    if settings.open_access and host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.open_access and host not in LOOPBACK_HOSTS:
+        if not insecure_open_access:
+            raise click.UsageError(f"no API keys configured (MGMFLOW_API_KEYS): refusing to serve {host}, which "
+                                   "is not loopback; set keys, or pass --insecure-open-access to serve it open")
         logging.getLogger("mgmflow.serve").warning(
             "no API keys configured (MGMFLOW_API_KEYS): anyone who reaches %s:%d can use this server", host, port)
     options = {"host": host, "port": port, "log_level": log_level, "log_config": None, "timeout_graceful_shutdown": 5}

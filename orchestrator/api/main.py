@@ -16,6 +16,7 @@ from orchestrator.api.errors import install_error_handlers
 from orchestrator.api.images import ImageIntake
 from orchestrator.api.limits import BodySizeLimit, rate_limiter
 from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
+from orchestrator.api.origin import OpenModeGuard
 from orchestrator.api.routes import (
     artifacts, assistants, batches, health, openai, playground, runs, threads,
 )
@@ -84,5 +85,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")
     # Outermost last: the body limit applies before anything reads the body; metrics see every response.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.open_access:
+        app.add_middleware(OpenModeGuard, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
     return app

@@ -19,6 +19,9 @@ class ApiSettings(Settings):
 
     # Bearer keys, comma-separated. None configured: open, single-user, loopback by default.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Open mode answers only to loopback Host names; these are answered too (a LAN name, with serve's
+    # --insecure-open-access). Ignored once keys are set.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Hosts whose https image URLs chat requests may reference; nothing else is ever fetched.
     image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Hosts that run webhooks may be sent to. None: no webhooks (and no delivery loop).
@@ -45,7 +48,7 @@ class ApiSettings(Settings):
     # Runs a key may have waiting (admitted, not started) at once: a quota; 0 turns it off.
     max_active_runs_per_key: int = Field(5_000, ge=0)
 
-    @field_validator("api_keys", "image_url_hosts", "webhook_hosts", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "image_url_hosts", "webhook_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

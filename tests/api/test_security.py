@@ -125,3 +125,58 @@ def test_image_limits_apply_before_decoding_and_nothing_is_stored(keyed):
     response = _chat(keyed, CAROL, [[small], [], [small[:40]]])
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_image", response.text
     assert not _artifacts_of(keyed.store, CAROL)
+
+
+# 3. Open mode: loopback Host only, no state change from a foreign Origin; no open server on a public address ------
+
+
+@pytest.fixture(scope="module")
+def open_server(api_env):
+    with LiveServer(make_app(allowed_hosts=[])) as server:
+        server.runs = server.server.config.app.state.context.runs
+        yield server
+
+
+def test_open_mode_answers_only_loopback_hosts_and_same_origin_changes(open_server):
+    run = {"assistant_id": "echo", "input": {"text": "rebound"}}
+    before = len(open_server.runs.list_runs(scope="default", limit=10_000))
+    with _client(open_server) as client:
+        # DNS rebinding: the attacker's name resolves to 127.0.0.1, the browser sends its Host.
+        for host in ("attacker.example", "attacker.example:8000", "192.168.1.20", "localhost.attacker.example"):
+            for method, path, body in (("GET", "/runs", None), ("POST", "/runs", run), ("GET", "/metrics", None)):
+                response = client.request(method, path, json=body, headers={"Host": host})
+                assert response.status_code == 421 and response.json()["code"] == "host_not_allowed", (host, path)
+        # A cross-origin form post from a page (no preflight), and its upload twin.
+        for origin in ("https://attacker.example", "null", "http://127.0.0.1.attacker.example"):
+            assert client.post("/runs", json=run, headers={"Origin": origin}).status_code == 403
+            refused = client.post("/artifacts", headers={"Origin": origin}, files={"file": ("a.png", _png(), "image/png")})
+            assert refused.status_code == 403 and refused.json()["code"] == "cross_origin"
+        assert client.post("/runs", json=run, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        assert len(open_server.runs.list_runs(scope="default", limit=10_000)) == before  # nothing was created
+        # The user's own tools and the playground (same origin) still work.
+        assert client.get("/runs", headers={"Host": f"localhost:{open_server.port}"}).status_code == 200
+        assert client.get("/healthz", headers={"Origin": "https://attacker.example"}).status_code == 200
+        same = client.post("/runs", json=run, headers={"Origin": open_server.url, "Sec-Fetch-Site": "same-origin"})
+        assert same.status_code == 200, same.text
+
+
+def test_serve_refuses_an_open_server_on_a_public_address(monkeypatch):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    from testkit import free_port
+
+    monkeypatch.delenv("MGMFLOW_API_KEYS", raising=False)
+    monkeypatch.delenv("MGMFLOW_BROKER_URL", raising=False)
+    result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0", "--port", str(free_port())])
+    assert result.exit_code == 2 and "--insecure-open-access" in result.output, result.output
+
+
+def test_docker_compose_does_not_start_an_open_server():
+    from pathlib import Path
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
+    command = compose["services"]["api"]["command"]
+    assert "--insecure-open-access" not in command and "0.0.0.0" in command  # so serve refuses to start key-less
