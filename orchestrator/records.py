@@ -218,6 +218,18 @@ class RunStore:
         )
         return [_decode(row) for row in rows]
 
+    def delete(self, run_ids: list[str]) -> None:
+        """Forget runs' records (finished runs: a deletion asked for over the API)."""
+        for start in range(0, len(run_ids), 500):
+            chunk = run_ids[start:start + 500]
+            self.db.execute(f"DELETE FROM mgmflow_runs WHERE run_id IN ({', '.join('?' for _ in chunk)})", tuple(chunk))
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Forget a thread's record and its runs' records."""
+        with self.db.transaction():
+            self.db.execute("DELETE FROM mgmflow_runs WHERE thread_id = ?", (thread_id,))
+            self.db.execute("DELETE FROM mgmflow_threads WHERE thread_id = ?", (thread_id,))
+
     def update(self, run_id: str, *, unless_status: tuple[str, ...] = TERMINAL, owner: str | None = None,
                **changes: Any) -> bool:
         """Change fields of a run unless its status is one of ``unless_status`` (or, with ``owner``, unless another

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestrator.api.bounds import Metadata
 from orchestrator.runs import MAX_PREVIEWS
 
 RunStatus = Literal["pending", "running", "interrupted", "success", "error", "timeout", "cancelled"]
@@ -53,20 +54,20 @@ class ThreadCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     thread_id: str | None = Field(None, pattern=ID_PATTERN)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     if_exists: Literal["raise", "do_nothing"] = "raise"
 
 
 class ThreadUpdate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class ThreadSearch(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     status: ThreadStatus | None = None
     limit: int = Field(10, ge=1, le=1000)
     offset: int = Field(0, ge=0)
@@ -127,7 +128,7 @@ class RunCreate(BaseModel):
     assistant_id: str = Field(min_length=1, max_length=128)
     input: dict[str, Any] | None = None
     command: RunCommand | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     stream_mode: str | list[str] | None = None
     stream_resumable: bool = False
     webhook: str | None = Field(None, max_length=2048)
@@ -188,7 +189,7 @@ class BatchCreate(BaseModel):
     items: list[dict[str, Any]] = Field(min_length=1)
     concurrency: int = Field(4, ge=1, le=256)
     priority: int = Field(7, ge=0, le=9)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class BatchItemPublic(BaseModel):

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 
+from orchestrator.api.bounds import MAX_JSON_DEPTH, json_depth
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.schemas import RunCreate
@@ -67,6 +68,8 @@ def validate_run(context: ApiContext, body: RunCreate, scope: str) -> dict[str, 
     if workflow is None:
         known = ", ".join(sorted(context.workflows)) or "none"
         raise ApiError(404, f"unknown workflow {body.assistant_id!r}; known: {known}", code="unknown_workflow")
+    if json_depth(body.input) > MAX_JSON_DEPTH:  # before the walk below, which recurses
+        raise ApiError(422, f"input nests over {MAX_JSON_DEPTH} levels deep", code="invalid_request")
     check_limits(body.input or {}, context.settings)
     check_webhook(body.webhook, context.settings)
     run_input = workflow.validate_input(body.input or {}).model_dump(mode="json")

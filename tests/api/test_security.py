@@ -180,3 +180,62 @@ def test_docker_compose_does_not_start_an_open_server():
     compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
     command = compose["services"]["api"]["command"]
     assert "--insecure-open-access" not in command and "0.0.0.0" in command  # so serve refuses to start key-less
+
+
+# 5. Bounded metadata, checked before anything is created; run and thread deletion --------------------------------
+
+
+def _nested(depth: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(depth):
+        value = {"n": value}
+    return value
+
+
+def test_oversized_or_deep_metadata_creates_nothing(keyed):
+    dave = _client(keyed, DAVE)
+    run = {"assistant_id": "echo", "input": {"text": "x"}}
+    for metadata in ({"blob": "x" * 3_000_000}, _nested(300), {"blob": "x" * 20_000}):
+        for path, body in (("/runs", {**run, "metadata": metadata}),
+                           ("/threads/meta-thread/runs", {**run, "metadata": metadata, "if_not_exists": "create"}),
+                           ("/threads", {"thread_id": "meta-thread", "metadata": metadata}),
+                           ("/batches", {"assistant_id": "echo", "items": [{"text": "x"}], "metadata": metadata})):
+            response = dave.post(path, json=body)
+            assert response.status_code in (413, 422), (path, response.status_code, response.text[:200])
+    deep_input = dave.post("/runs", json={"assistant_id": "echo", "input": {"text": "x", "extra": _nested(300)}})
+    assert deep_input.status_code == 422, deep_input.text[:300]
+    assert dave.get("/runs").json() == [] and dave.get("/threads/meta-thread").status_code == 404
+    assert keyed.runs.list_runs(scope=_scope(DAVE)) == []
+
+
+def test_deleting_runs_and_threads_removes_records_checkpoints_and_artifacts(keyed):
+    from testkit import wait_for
+
+    alice, bob = _client(keyed, ALICE), _client(keyed, BOB)
+    thread = alice.post("/threads", json={}).json()["thread_id"]
+    runs = [alice.post(f"/threads/{thread}/runs/wait", json={"assistant_id": "echo", "input": {"text": f"t{i}"}})
+            for i in range(2)]
+    run_ids = [run.headers["Content-Location"].rsplit("/", 1)[-1] for run in runs]
+    # An artifact the first run made (as a worker step's output would be recorded).
+    made = keyed.store.put(b"made", scope=_scope(ALICE), media_type="text/plain", metadata={"run_id": run_ids[0]})
+    kept = alice.post("/artifacts", files={"file": ("a.png", _png(), "image/png")}).json()["id"]  # an upload
+    active = alice.post(f"/threads/{thread}/runs", json={"assistant_id": "echo", "input": {"text": "slow", "delay": 2}})
+    # Another key cannot delete, nor learn that the thread exists; an active run is not deleted.
+    assert bob.delete(f"/threads/{thread}").status_code == 404
+    assert bob.delete(f"/threads/{thread}/runs/{run_ids[0]}").status_code == 404
+    assert alice.delete(f"/threads/{thread}/runs/{active.json()['run_id']}").status_code == 409
+    assert alice.delete(f"/threads/{thread}").status_code == 409
+    wait_for(lambda: alice.get(f"/runs/{active.json()['run_id']}").json()["status"] == "success", 30)
+
+    assert alice.delete(f"/threads/{thread}/runs/{run_ids[0]}").status_code == 204
+    assert alice.get(f"/threads/{thread}/runs/{run_ids[0]}").status_code == 404
+    assert alice.get(f"/artifacts/{made.id}").status_code == 404
+    assert alice.get(f"/threads/{thread}/state").json()["values"]  # the thread keeps its state
+
+    assert alice.delete(f"/threads/{thread}").status_code == 204
+    assert alice.get(f"/threads/{thread}").status_code == 404
+    assert alice.get(f"/threads/{thread}/runs").status_code == 404
+    saver = keyed.runs.orchestrator.database.saver
+    assert list(saver.list({"configurable": {"thread_id": thread}})) == []  # no checkpoint left
+    assert not any(run.thread_id == thread for run in keyed.runs.list_runs(scope=_scope(ALICE), limit=1000))
+    assert alice.get(f"/artifacts/{kept}").status_code == 200  # the user's own upload stays

@@ -203,6 +203,14 @@ async def read_thread_run(thread_id: str, run_id: str, context: Context, scope: 
     return await _read(context, run_id, scope, thread_id)
 
 
+@thread_router.delete("/{run_id}", status_code=204)
+async def delete_thread_run(thread_id: str, run_id: str, context: Context, scope: CurrentScope) -> Response:
+    """Delete a run that has ended (409 otherwise): its record, events and the artifacts it made."""
+    await _get(context, run_id, scope, thread_id)
+    await run_in_threadpool(context.runs.delete_run, run_id, scope=scope)
+    return Response(status_code=204)
+
+
 @thread_router.post("/{run_id}/cancel", response_model=RunPublic)
 async def cancel_thread_run(thread_id: str, run_id: str, context: Context, scope: CurrentScope,
                             wait: bool = False, action: Literal["interrupt", "rollback"] = "interrupt"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import Response
 
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError
@@ -57,6 +58,13 @@ def create_thread(body: ThreadCreate, context: Context, scope: CurrentScope) -> 
 def read_thread(thread_id: str, context: Context, scope: CurrentScope) -> ThreadPublic:
     """A thread, its status (from its latest run) and its current values."""
     return _thread_public(context, context.runs.get_thread(thread_id, scope=scope))
+
+
+@router.delete("/{thread_id}", status_code=204)
+def delete_thread(thread_id: str, context: Context, scope: CurrentScope) -> Response:
+    """Delete a thread whose runs have ended (409 otherwise): its runs, checkpoints and the artifacts they made."""
+    context.runs.delete_thread(thread_id, scope=scope)
+    return Response(status_code=204)
 
 
 @router.post("/search", response_model=list[ThreadPublic])
