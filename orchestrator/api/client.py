@@ -61,16 +61,17 @@ class ApiClient:
 
     def _with_uploads(self, path: Path, workflow: str) -> bytes:
         """The batch file's content; as JSON Lines with artifact ids when items name local files."""
+        from orchestrator.api.errors import ApiError
         from orchestrator.api.routes.batches import parse_items
         from orchestrator.references import artifact_fields, upload_local_files
 
         content = path.read_bytes()
-        schema = self.request("GET", f"/assistants/{workflow}/schemas").json()["input_schema"]
-        if not artifact_fields(schema):
-            return content
         try:
-            items = parse_items(content, path.name)
-        except Exception:  # the server names what is wrong with the file
+            schema = self.request("GET", f"/assistants/{workflow}/schemas").json()["input_schema"]
+            items = parse_items(content, path.name) if artifact_fields(schema) else None
+        except (ServerError, ApiError):  # an unknown workflow, a bad file: the upload's answer names it
+            return content
+        if items is None:
             return content
         base = path.parent
         uploaded = [upload_local_files({**item, **{name: _relative_to(item.get(name), base)

@@ -61,3 +61,19 @@ def test_serve_workers_need_a_broker(monkeypatch):
     monkeypatch.delenv("MGMFLOW_BROKER_URL", raising=False)
     result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), "--workers", "2"])
     assert result.exit_code == 2 and "--workers above 1 needs MGMFLOW_BROKER_URL" in result.output
+
+
+def test_submit_uploads_local_images_and_sends_their_ids(live_server, tmp_path):
+    """The server reads no path: `mgmflow submit` uploads the images a batch file names (relative to the file)."""
+    from PIL import Image
+
+    Image.new("RGB", (24, 16), "red").save(tmp_path / "red.png")
+    batch = tmp_path / "questions.jsonl"
+    batch.write_text('{"question": "what colour?", "images": ["red.png"]}\n')
+    from orchestrator.api.client import ApiClient
+
+    client = ApiClient(live_server.url)
+    (item,) = [json.loads(line) for line in client._with_uploads(batch, "visual_reasoning").decode().splitlines()]
+    (artifact_id,) = item["images"]
+    uploaded = client.request("GET", f"/artifacts/{artifact_id}").json()
+    assert uploaded["metadata"]["width"] == 24 and uploaded["metadata"]["filename"] == "red.png"
