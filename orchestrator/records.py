@@ -244,11 +244,12 @@ class RunStore:
             (*params, time.time(), run_id, *unless_status, *fence),
         ) == 1
 
-    def pending_at_least(self, scope: str, count: int) -> bool:
-        """Whether ``scope`` has ``count`` or more runs waiting to start. Reads the scope index alone (a count of the
-        rows up to ``count``, no row fetched): a quota check on every submission."""
+    def active_at_least(self, scope: str, count: int) -> bool:
+        """Whether ``scope`` has ``count`` or more unfinished runs (pending, running, interrupted). Reads the scope
+        index alone (a count of the rows up to ``count``, no row fetched): a quota check on every submission."""
         rows = self.db.execute(
-            "SELECT 1 FROM mgmflow_runs WHERE scope = ? AND status = 'pending' LIMIT 1 OFFSET ?", (scope, count - 1)
+            f"SELECT 1 FROM mgmflow_runs WHERE scope = ? AND status IN ({', '.join('?' for _ in ACTIVE)})"
+            " LIMIT 1 OFFSET ?", (scope, *ACTIVE, count - 1)
         )
         return bool(rows)
 

@@ -126,9 +126,9 @@ class RunService:
         return self.runs.list(scope=scope, thread_id=thread_id, status=status, workflow=workflow, limit=limit,
                               offset=offset)
 
-    def pending_at_least(self, scope: str, count: int) -> bool:
-        """Whether ``scope`` has ``count`` or more runs waiting to start (a quota check on every submission)."""
-        return self.runs.pending_at_least(scope, count)
+    def active_at_least(self, scope: str, count: int) -> bool:
+        """Whether ``scope`` has ``count`` or more unfinished runs (a quota check on every submission)."""
+        return self.runs.active_at_least(scope, count)
 
     def position(self, run: RunInfo) -> int:
         """Runs admitted before ``run`` that have not started yet."""

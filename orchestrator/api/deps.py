@@ -13,6 +13,7 @@ from orchestrator.api.errors import ApiError
 from orchestrator.api.images import ImageIntake
 from orchestrator.api.limits import RateLimiter, RedisRateLimiter
 from orchestrator.api.metrics import ApiMetrics
+from orchestrator.api.quotas import Quotas
 from orchestrator.api.settings import ApiSettings
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class ApiContext:
     limiter: RateLimiter | RedisRateLimiter
     metrics: ApiMetrics
     images: ImageIntake  # budget checks and the decoding pool of uploaded images (api.images)
+    quotas: Quotas  # per-key limits on priority, compute and unfinished work (api.quotas)
     background: set[asyncio.Task] = field(default_factory=set)  # webhook attempts in flight (api.webhooks)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))  # when workflows were loaded
 

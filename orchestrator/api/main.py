@@ -17,6 +17,7 @@ from orchestrator.api.images import ImageIntake
 from orchestrator.api.limits import BodySizeLimit, rate_limiter
 from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
 from orchestrator.api.origin import OpenModeGuard
+from orchestrator.api.quotas import Quotas
 from orchestrator.api.routes import (
     artifacts, assistants, batches, health, openai, playground, runs, threads,
 )
@@ -50,6 +51,7 @@ def build_context(settings: ApiSettings) -> ApiContext:
         limiter=rate_limiter(settings.broker_url, settings.rate_limit_per_second, settings.rate_limit_burst),
         metrics=ApiMetrics(queue_depths=BrokerQueueDepths(settings.broker_url), broker_url=settings.broker_url),
         images=ImageIntake(settings),
+        quotas=Quotas(settings, runs),
     )
 
 

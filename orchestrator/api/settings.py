@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from orchestrator.api.quotas import KeyPolicy
 from workers.settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -45,8 +46,17 @@ class ApiSettings(Settings):
     # Token bucket per key: sustained requests per second and burst size; 0 turns it off.
     rate_limit_per_second: float = Field(200.0, ge=0)
     rate_limit_burst: int = Field(2_000, ge=1)
-    # Runs a key may have waiting (admitted, not started) at once: a quota; 0 turns it off.
+    # Unfinished runs (waiting, running, interrupted; a batch counts its concurrency too) and chat completions a
+    # key may have at once: a quota; 0 turns it off.
     max_active_runs_per_key: int = Field(5_000, ge=0)
+    # The most urgent priority a key may use (0 is the most urgent; an open server's user may use them all), and
+    # the compute one run may ask for, in megapixel-steps (pages × rounds × drafts × width × height / 10⁶ × steps;
+    # a 64-page story at the defaults is about 4,000). Per key: MGMFLOW_KEY_POLICIES.
+    key_top_priority: int = Field(3, ge=0, le=9)
+    max_run_compute: float = Field(25_000, ge=0)
+    # Per-key overrides, JSON keyed by scope ("key-" + the first 16 hex digits of the key's sha256):
+    # {"key-0123456789abcdef": {"max_active_runs": 50, "top_priority": 0, "max_run_compute": 100000}}
+    key_policies: dict[str, KeyPolicy] = Field(default_factory=dict)
 
     @field_validator("api_keys", "allowed_hosts", "image_url_hosts", "webhook_hosts", mode="before")
     @classmethod

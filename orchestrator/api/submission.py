@@ -1,5 +1,5 @@
 """Admitting a run: the workflow exists, its input is valid and within limits, the webhook is allowed, the key is
-within its quota; then one call to the run service (idempotent per ``Idempotency-Key``)."""
+within its quotas (``api.quotas``); then one call to the run service (idempotent per ``Idempotency-Key``)."""
 
 from __future__ import annotations
 
@@ -77,18 +77,21 @@ def validate_run(context: ApiContext, body: RunCreate, scope: str) -> dict[str, 
     return run_input
 
 
-def check_quota(context: ApiContext, scope: str) -> None:
-    limit = context.settings.max_active_runs_per_key
-    if limit and context.runs.pending_at_least(scope, limit):
-        raise ApiError(429, f"this key already has {limit:,} runs waiting", code="quota_exceeded",
-                       headers={"Retry-After": "10"})
+def check_quotas(context: ApiContext, body: RunCreate, run_input: dict[str, Any], scope: str, chats: int) -> None:
+    """The key's priority, compute and unfinished-work limits (``api.quotas``). A fan-out (a batch) takes a slot for
+    itself and one for each child it may run at once."""
+    context.quotas.check_priority(scope, body.priority)
+    context.quotas.check_compute(scope, run_input)
+    items = run_input.get("items")
+    children = min(int(run_input.get("concurrency") or 1), len(items)) if isinstance(items, list) else 0
+    context.quotas.check_active(scope, adding=1 + children, chats=chats)
 
 
 def create_run(context: ApiContext, body: RunCreate, *, scope: str, thread_id: str | None,
-               idempotency_key: str | None) -> Any:
+               idempotency_key: str | None, chats: int = 0) -> Any:
     """Validate and create (or, for a repeated idempotency key, find) a run. Call from the thread pool."""
     run_input = validate_run(context, body, scope)
-    check_quota(context, scope)
+    check_quotas(context, body, run_input, scope, chats)
     metadata = {**body.metadata, **({"webhook": body.webhook} if body.webhook else {})}
     return context.runs.create_run(
         body.assistant_id, run_input, thread_id=thread_id, scope=scope, approve=body.approve,
@@ -110,9 +113,12 @@ def thread_for_run(context: ApiContext, thread_id: str, scope: str, if_not_exist
 async def admit(context: ApiContext, body: RunCreate, *, scope: str, thread_id: str | None,
                 idempotency_key: str | None) -> Any:
     """Everything above, off the event loop."""
+    chats = await context.quotas.chats.count(scope)
+
     def work():
         if thread_id is not None:
             thread_for_run(context, thread_id, scope, body.if_not_exists)
-        return create_run(context, body, scope=scope, thread_id=thread_id, idempotency_key=idempotency_key)
+        return create_run(context, body, scope=scope, thread_id=thread_id, idempotency_key=idempotency_key,
+                          chats=chats)
 
     return await run_in_threadpool(work)

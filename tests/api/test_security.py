@@ -239,3 +239,61 @@ def test_deleting_runs_and_threads_removes_records_checkpoints_and_artifacts(key
     assert list(saver.list({"configurable": {"thread_id": thread}})) == []  # no checkpoint left
     assert not any(run.thread_id == thread for run in keyed.runs.list_runs(scope=_scope(ALICE), limit=1000))
     assert alice.get(f"/artifacts/{kept}").status_code == 200  # the user's own upload stays
+
+
+# 6. Quotas that limit work: unfinished runs, batches and chat completions; priority per key; compute per run -----
+
+
+EVE, FRANK = "sec-key-eve", "sec-key-frank"
+
+
+@pytest.fixture(scope="module")
+def policed(api_env):
+    policies = {_scope(EVE): {"max_active_runs": 2}, _scope(FRANK): {"top_priority": 0, "max_run_compute": 10**7}}
+    with LiveServer(make_app(api_keys=[EVE, FRANK], key_policies=policies)) as server:
+        server.runs = server.server.config.app.state.context.runs
+        yield server
+
+
+def test_quota_counts_every_unfinished_run_batch_and_chat(policed):
+    from testkit import wait_for
+
+    eve = _client(policed, EVE)
+    slow = {"assistant_id": "echo", "input": {"text": "slow", "steps": 20, "delay": 0.2}}
+    thread = eve.post("/threads", json={}).json()["thread_id"]
+    first = eve.post(f"/threads/{thread}/runs", json=slow).json()
+    wait_for(lambda: eve.get(f"/runs/{first['run_id']}").json()["status"] == "running")
+    second = eve.post(f"/threads/{thread}/runs", json=slow)
+    assert second.status_code == 200, second.text  # waits behind the first: 2 unfinished, the quota
+    refused = [eve.post("/runs", json=slow),
+               eve.post("/batches", json={"assistant_id": "echo", "items": [{"text": "a"}], "concurrency": 1}),
+               _chat(policed, EVE, [[]])]
+    for response in refused:
+        assert response.status_code == 429, response.text
+    assert len(policed.runs.list_runs(scope=_scope(EVE))) == 2  # nothing more was created
+    for run in (second.json(), first):
+        eve.post(f"/threads/{thread}/runs/{run['run_id']}/cancel")
+    # A batch takes a slot for itself and one per child it may run at once.
+    wait_for(lambda: not policed.runs.active_at_least(_scope(EVE), 1))
+    batch = eve.post("/batches", json={"assistant_id": "echo", "items": [{"text": "a"}] * 3, "concurrency": 2})
+    assert batch.status_code == 429, batch.text
+    assert eve.post("/batches", json={"assistant_id": "echo", "items": [{"text": "a"}] * 3,
+                                      "concurrency": 1}).status_code == 200
+
+
+def test_priority_is_capped_per_key_and_compute_per_run(policed, keyed):
+    bob, frank = _client(keyed, BOB), _client(policed, FRANK)
+    before = len(keyed.runs.list_runs(scope=_scope(BOB), limit=10_000))
+    urgent = {"assistant_id": "echo", "input": {"text": "me first"}, "priority": 0}
+    assert bob.post("/runs", json=urgent).status_code == 403
+    assert bob.post("/batches", json={"assistant_id": "echo", "items": [{"text": "x"}], "priority": 1}).status_code == 403
+    huge = {"assistant_id": "story", "input": {"premise": "a fox", "pages": 64, "rounds": 8, "drafts": 8,
+                                                "width": 2048, "height": 2048, "steps": 150}}
+    response = bob.post("/runs", json=huge)
+    assert response.status_code == 413 and response.json()["code"] == "compute_exceeded", response.text
+    many = bob.post("/batches", json={"assistant_id": "story", "items": [{"premise": "a fox", "pages": 64}] * 20})
+    assert many.status_code == 413, many.text  # a batch's compute is the sum of its items'
+    assert len(keyed.runs.list_runs(scope=_scope(BOB), limit=10_000)) == before
+    # What the operator allows a key, it may use.
+    allowed = frank.post("/runs", json=urgent)
+    assert allowed.status_code == 200, allowed.text

@@ -29,6 +29,7 @@ from models.diffusion.defaults import NEGATIVE_PROMPT
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError
 from orchestrator.api.logs import current_run, current_task
+from orchestrator.api.quotas import policy_for
 from orchestrator.api.images import store_decoded
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -221,8 +222,10 @@ def _raise_for(record: Any) -> None:
 
 
 async def _submit(context, kind: str, payload: dict, *, task_id: str, run_id: str, scope: str) -> None:
+    # Interactive, so as urgent as the key may be (the operator sets how urgent: api.quotas).
+    priority = max(CHAT_PRIORITY, policy_for(context.settings, scope).top_priority)
     await run_in_threadpool(context.tasks.submit, kind, payload, task_id=task_id, run_id=run_id, scope=scope,
-                            priority=CHAT_PRIORITY)
+                            priority=priority)
 
 
 async def _draw(context, prompt: str, seed: int | None, *, run_id: str, scope: str, base_url: str):
@@ -247,6 +250,8 @@ def _usage(result: dict) -> dict[str, int]:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, context: Context,
                                  scope: CurrentScope):
     """One Mini-Gemini chat turn; ``stream: true`` answers with ``chat.completion.chunk`` SSE events."""
+    chats = await context.quotas.chats.count(scope)  # a completion counts against the key's quota as a run does
+    await run_in_threadpool(context.quotas.check_active, scope, adding=1, chats=chats)
     payload = await _chat_payload(context, body, scope)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     task_id = f"{completion_id}:chat"
@@ -259,6 +264,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_stream(context, base, task_id, body.seed, scope, base_url, include_usage),
                                    ping=15, sep="\n")
+    async with context.quotas.chats.holding(scope):
+        return await _answer(context, base, task_id, body, scope, base_url)
+
+
+async def _answer(context, base: dict, task_id: str, body: ChatCompletionRequest, scope: str, base_url: str):
+    """The whole completion once the step (and the drawing it asks for) has finished."""
+    completion_id = base["id"]
     record = await _finished(context, task_id)
     _raise_for(record)
     result = record.result
@@ -281,6 +293,13 @@ def _chunk(base: dict, delta: dict, finish_reason: str | None = None, **extra: A
 async def _stream(context, base: dict, task_id: str, seed: int | None, scope: str, base_url: str,
                   include_usage: bool) -> AsyncIterator[ServerSentEvent]:
     """Token deltas as they are generated, then the image link (if any), the finish chunk, usage, ``[DONE]``."""
+    async with context.quotas.chats.holding(scope):
+        async for event in _stream_events(context, base, task_id, seed, scope, base_url, include_usage):
+            yield event
+
+
+async def _stream_events(context, base: dict, task_id: str, seed: int | None, scope: str, base_url: str,
+                         include_usage: bool) -> AsyncIterator[ServerSentEvent]:
     run_id = base["id"]
     yield _chunk(base, {"role": "assistant", "content": ""})
     after, record = None, None
