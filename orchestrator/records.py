@@ -230,6 +230,14 @@ class RunStore:
             self.db.execute("DELETE FROM mgmflow_runs WHERE thread_id = ?", (thread_id,))
             self.db.execute("DELETE FROM mgmflow_threads WHERE thread_id = ?", (thread_id,))
 
+    def ended_between(self, since: float, until: float, *, limit: int = 1000) -> list[tuple[str, str, str, float, float]]:
+        """``(run_id, workflow, status, created_at, updated_at)`` of runs that ended in (since, until], oldest end
+        first: what a metrics scrape counts, read from the status index without the runs' bodies."""
+        return [tuple(row) for row in self.db.execute(
+            "SELECT run_id, workflow, status, created_at, updated_at FROM mgmflow_runs"
+            f" WHERE status IN ({', '.join('?' for _ in TERMINAL)}) AND updated_at > ? AND updated_at <= ?"
+            " ORDER BY updated_at LIMIT ?", (*TERMINAL, since, until, limit))]
+
     def update(self, run_id: str, *, unless_status: tuple[str, ...] = TERMINAL, owner: str | None = None,
                **changes: Any) -> bool:
         """Change fields of a run unless its status is one of ``unless_status`` (or, with ``owner``, unless another

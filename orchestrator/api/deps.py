@@ -32,6 +32,7 @@ class ApiContext:
     store: Any  # workers.artifacts.ArtifactStore
     workflows: dict[str, Workflow]
     limiter: RateLimiter | RedisRateLimiter
+    address_limiter: RateLimiter | RedisRateLimiter  # requests without a valid key, per client address
     metrics: ApiMetrics
     images: ImageIntake  # budget checks and the decoding pool of uploaded images (api.images)
     quotas: Quotas  # per-key limits on priority, compute and unfinished work (api.quotas)
@@ -56,14 +57,25 @@ async def get_store(context: Context) -> Any:
     return context.store
 
 
-async def current_scope(request: Request, context: Context) -> str:
-    """The caller's scope from ``Authorization: Bearer <key>`` (or ``x-api-key``, as ``langgraph-sdk`` sends);
-    every request that passes is also counted against the scope's rate limit."""
+def bearer_key(request: Request) -> str | None:
+    """``Authorization: Bearer <key>``, or ``x-api-key`` (as ``langgraph-sdk`` sends it)."""
     header = request.headers.get("authorization", "")
-    key = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key")
-    scope = context.settings.scope_of(key)
+    return header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key")
+
+
+async def unauthorized(request: Request, context: ApiContext) -> ApiError:
+    """The 401 for a request without a valid key, once it has been counted against its client address's rate
+    limit (a 429 past it): failed keys are no free lever on the server."""
+    await context.address_limiter.check("address:" + (request.client.host if request.client else "unknown"))
+    return ApiError(401, "missing or invalid API key", code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def current_scope(request: Request, context: Context) -> str:
+    """The caller's scope from its key; every request that passes is also counted against the scope's rate
+    limit, every one that does not against its address's."""
+    scope = context.settings.scope_of(bearer_key(request))
     if scope is None:
-        raise ApiError(401, "missing or invalid API key", code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+        raise await unauthorized(request, context)
     await context.limiter.check(scope)
     return scope
 

@@ -49,6 +49,8 @@ def build_context(settings: ApiSettings) -> ApiContext:
         store=open_store(settings),
         workflows=load_workflows(),
         limiter=rate_limiter(settings.broker_url, settings.rate_limit_per_second, settings.rate_limit_burst),
+        address_limiter=rate_limiter(settings.broker_url, settings.unauthenticated_per_second,
+                                     settings.unauthenticated_burst),
         metrics=ApiMetrics(queue_depths=BrokerQueueDepths(settings.broker_url), broker_url=settings.broker_url),
         images=ImageIntake(settings),
         quotas=Quotas(settings, runs),

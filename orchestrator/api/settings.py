@@ -46,6 +46,11 @@ class ApiSettings(Settings):
     # Token bucket per key: sustained requests per second and burst size; 0 turns it off.
     rate_limit_per_second: float = Field(200.0, ge=0)
     rate_limit_burst: int = Field(2_000, ge=1)
+    # Requests without a valid key (none, an unknown one), per client address; 0 turns it off.
+    unauthenticated_per_second: float = Field(2.0, ge=0)
+    unauthenticated_burst: int = Field(20, ge=1)
+    # A bearer key /metrics asks for (a scraper's, distinct from the API keys); unset: /metrics is open.
+    metrics_key: str | None = None
     # Unfinished runs (waiting, running, interrupted; a batch counts its concurrency too) and chat completions a
     # key may have at once: a quota; 0 turns it off.
     max_active_runs_per_key: int = Field(5_000, ge=0)

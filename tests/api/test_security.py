@@ -244,7 +244,7 @@ def test_deleting_runs_and_threads_removes_records_checkpoints_and_artifacts(key
 # 6. Quotas that limit work: unfinished runs, batches and chat completions; priority per key; compute per run -----
 
 
-EVE, FRANK = "sec-key-eve", "sec-key-frank"
+EVE, FRANK, GRACE = "sec-key-eve", "sec-key-frank", "sec-key-grace"
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +297,37 @@ def test_priority_is_capped_per_key_and_compute_per_run(policed, keyed):
     # What the operator allows a key, it may use.
     allowed = frank.post("/runs", json=urgent)
     assert allowed.status_code == 200, allowed.text
+
+
+# 4. /metrics costs what changed since the last scrape, may ask for a key; failed keys are rate-limited ------------
+
+
+def test_metrics_scrape_reads_only_runs_ended_since_the_last_and_may_need_a_key(api_env, monkeypatch):
+    from orchestrator.records import RunStore
+
+    scraper = "sec-metrics-key"
+    app = make_app(api_keys=[GRACE], metrics_key=scraper, unauthenticated_per_second=0.01, unauthenticated_burst=4)
+    with LiveServer(app) as server, _client(server, GRACE) as grace:
+        metrics = _client(server, scraper)
+        assert metrics.get("/metrics").status_code == 200
+        for text in ("a", "b", "c"):
+            grace.post("/runs/wait", json={"assistant_id": "echo", "input": {"text": text}})
+
+        def no_full_rows(*args, **kwargs):
+            raise AssertionError("a scrape read run records")
+
+        monkeypatch.setattr(RunStore, "list", no_full_rows)  # a scrape reads no run body, whatever is stored
+        text = metrics.get("/metrics").text
+        counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("mgmflow_run_seconds_count{") and 'workflow="echo"' in line)
+        assert counted >= 3
+        again = metrics.get("/metrics").text  # nothing ended since: nothing more counted
+        assert [line for line in again.splitlines() if line.startswith("mgmflow_run_seconds_count")] == \
+            [line for line in text.splitlines() if line.startswith("mgmflow_run_seconds_count")]
+        monkeypatch.undo()
+        # Without the scraper's key: 401, counted against the address like any failed key; past its burst, 429.
+        statuses = [_client(server, key).get(path).status_code
+                    for key, path in ((None, "/metrics"), (GRACE, "/metrics"), ("guess-1", "/runs"), (None, "/runs"),
+                                      ("guess-2", "/runs"), (None, "/metrics"))]
+        assert statuses[:4] == [401] * 4 and statuses[4:] == [429, 429], statuses
+        assert grace.get("/runs").status_code == 200  # a valid key is not held back by its address's failures

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context
+from orchestrator.api.deps import Context, bearer_key, unauthorized
 from workers.artifacts import ArtifactNotFound
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,11 @@ def _ping_store(store) -> None:
 
 
 @router.get("/metrics")
-async def read_metrics(context: Context) -> Response:
-    """Prometheus metrics: queue depth, run and task latency, HTTP traffic, errors."""
+async def read_metrics(request: Request, context: Context) -> Response:
+    """Prometheus metrics: queue depth, run and task latency, HTTP traffic, errors (``MGMFLOW_METRICS_KEY``: only
+    for a scraper that sends it as its bearer key)."""
+    expected = context.settings.metrics_key
+    if expected is not None and not hmac.compare_digest((bearer_key(request) or "").encode(), expected.encode()):
+        raise await unauthorized(request, context)
     body = await run_in_threadpool(context.metrics.scrape, context.runs)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
