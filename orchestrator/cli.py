@@ -566,6 +566,20 @@ def cancel(run_id: str, broker: str | None) -> None:
 
 
 @main.command()
+@click.option("--grace-s", type=click.FloatRange(0), default=None,
+              help="Keep unreferenced blobs younger than this (default: MGMFLOW_GC_GRACE_S, 1 hour).")
+def gc(grace_s: float | None) -> None:
+    """Remove expired artifacts and the stored bytes no artifact references any more (the store of the settings:
+    folder or S3). Every API process also does it every MGMFLOW_GC_INTERVAL_S."""
+    from orchestrator.api.settings import ApiSettings
+    from workers.artifacts import open_store
+
+    settings = ApiSettings()
+    expired, blobs = open_store(settings).cleanup(grace_s=settings.gc_grace_s if grace_s is None else grace_s)
+    click.echo(f"removed {expired} expired artifacts and {blobs} unreferenced blobs")
+
+
+@main.command()
 @click.argument("batch_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--workflow", "-w", required=True, help="The workflow every line runs (e.g. story).")
 @click.option("--server", envvar="MGMFLOW_SERVER", default="http://127.0.0.1:8000", show_default=True,

@@ -18,6 +18,7 @@ from orchestrator.api.limits import BodySizeLimit, rate_limiter
 from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
 from orchestrator.api.origin import OpenModeGuard
 from orchestrator.api.quotas import Quotas
+from orchestrator.api.retention import sweep_forever
 from orchestrator.api.routes import (
     artifacts, assistants, batches, health, openai, playground, runs, threads,
 )
@@ -70,7 +71,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         # Webhooks pending in the runs store, from this process or an earlier one, are delivered from here on.
         sender = WebhookSender(context) if settings.webhook_hosts else None
         loop_task = asyncio.create_task(sender.run()) if sender else None
+        sweeper = asyncio.create_task(sweep_forever(context.store, interval_s=settings.gc_interval_s,
+                                                    grace_s=settings.gc_grace_s)) if settings.gc_interval_s else None
         yield
+        if sweeper:
+            sweeper.cancel()
         if sender:
             await sender.stop(loop_task)
 

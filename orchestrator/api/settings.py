@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from orchestrator.api.quotas import KeyPolicy
+from workers.artifacts import GC_GRACE_S
 from workers.settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -49,6 +50,10 @@ class ApiSettings(Settings):
     # Requests without a valid key (none, an unknown one), per client address; 0 turns it off.
     unauthenticated_per_second: float = Field(2.0, ge=0)
     unauthenticated_burst: int = Field(20, ge=1)
+    # The artifact sweeper: how often each API process removes expired artifacts and unreferenced blobs (0: never;
+    # `mgmflow gc` does it once), and how old an unreferenced blob must be (a put may be about to reference it).
+    gc_interval_s: float = Field(3600.0, ge=0)
+    gc_grace_s: float = Field(GC_GRACE_S, ge=0)
     # A bearer key /metrics asks for (a scraper's, distinct from the API keys); unset: /metrics is open.
     metrics_key: str | None = None
     # Unfinished runs (waiting, running, interrupted; a batch counts its concurrency too) and chat completions a

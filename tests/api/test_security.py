@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 
 import httpx
@@ -109,8 +110,6 @@ def _chat(server, key: str, images_per_message: list[list[bytes]]) -> httpx.Resp
 
 
 def test_image_limits_apply_before_decoding_and_nothing_is_stored(keyed):
-    import time
-
     small, bomb = _png((8, 8)), _sixteen_bit_bomb()
     assert len(bomb) < 200_000
     # 17 images over several messages: refused by count, none decoded or stored.
@@ -331,3 +330,72 @@ def test_metrics_scrape_reads_only_runs_ended_since_the_last_and_may_need_a_key(
                                       ("guess-2", "/runs"), (None, "/metrics"))]
         assert statuses[:4] == [401] * 4 and statuses[4:] == [429, 429], statuses
         assert grace.get("/runs").status_code == 200  # a valid key is not held back by its address's failures
+
+
+# 8. Retention: deleted and expired artifacts leave the store, shared blobs once nothing references them ----------
+
+
+@pytest.fixture(params=["file", "s3"])
+def store_url(request, tmp_path, monkeypatch):
+    if request.param == "file":
+        yield (tmp_path / "store").as_uri()
+        return
+    from moto import mock_aws
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="sec-artifacts")
+        yield "s3://sec-artifacts/store"
+
+
+def _blobs(store) -> set[str]:
+    return {sha256 for sha256, _ in store.backend.blobs()}
+
+
+def test_the_sweeper_removes_deleted_and_expired_artifacts_and_unreferenced_blobs(api_env, store_url):
+    from testkit import wait_for
+
+    app = make_app(api_keys=[ALICE, BOB], store_url=store_url, gc_interval_s=0.2, gc_grace_s=0)
+    with LiveServer(app) as server, _client(server, ALICE) as alice, _client(server, BOB) as bob:
+        store = app.state.context.store
+        image = _png((12, 12))
+        mine = alice.post("/artifacts", files={"file": ("a.png", image, "image/png")}).json()
+        theirs = bob.post("/artifacts", files={"file": ("b.png", image, "image/png")}).json()
+        assert mine["sha256"] == theirs["sha256"] and _blobs(store) == {mine["sha256"]}  # one blob, two keys
+        assert alice.delete(f"/artifacts/{mine['id']}").status_code == 204
+        time.sleep(0.6)  # a few sweeps: Bob's artifact still references the blob
+        assert bob.get(f"/artifacts/{theirs['id']}/content").content == store.get(theirs["id"], scope=_scope(BOB))
+        assert bob.delete(f"/artifacts/{theirs['id']}").status_code == 204
+        wait_for(lambda: not _blobs(store), 10, "the sweeper to remove the unreferenced blob")
+        assert not list(store.backend.metas())
+
+    # Expired artifacts go too (not only hidden), blobs with them.
+    app = make_app(api_keys=[ALICE], store_url=store_url, gc_interval_s=0.2, gc_grace_s=0, artifact_retention_s=1)
+    with LiveServer(app) as server, _client(server, ALICE) as alice:
+        store = app.state.context.store
+        alice.post("/artifacts", files={"file": ("c.png", _png((9, 9)), "image/png")})
+        assert len(_blobs(store)) == 1
+        wait_for(lambda: not _blobs(store) and not list(store.backend.metas()), 10, "expired artifacts removed")
+
+
+def test_mgmflow_gc_removes_what_nothing_references(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    from workers.artifacts import open_store
+    from workers.settings import Settings
+
+    monkeypatch.setenv("MGMFLOW_STORE_URL", (tmp_path / "store").as_uri())
+    store = open_store(Settings())
+    kept = store.put(b"shared", scope="a", media_type="text/plain")
+    gone = store.put(b"shared", scope="b", media_type="text/plain")
+    lonely = store.put(b"lonely", scope="b", media_type="text/plain")
+    store.delete(gone.id, scope="b")
+    store.delete(lonely.id, scope="b")
+    result = CliRunner().invoke(main, ["gc", "--grace-s", "0"])
+    assert result.exit_code == 0 and "1 unreferenced blobs" in result.output, result.output
+    assert store.get(kept.id, scope="a") == b"shared" and _blobs(store) == {kept.sha256}
