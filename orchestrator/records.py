@@ -21,9 +21,22 @@ from typing import Any
 from models.errors import InvalidInputError
 from orchestrator.checkpoint import Database
 
+DEFAULT_SCOPE = "default"  # the open server's and the CLI's
 ACTIVE = ("pending", "running", "interrupted")
 TERMINAL = ("success", "error", "timeout", "cancelled")
 STATUSES = ACTIVE + TERMINAL
+
+
+def scoped_thread_id(scope: str, thread_id: str) -> str:
+    """The stored id of a scope's thread ``thread_id``: thread ids are per scope, so that two keys may both have a
+    thread "t1" and neither learns of the other's nor takes an id the other will choose. The default scope's ids
+    are stored as they are."""
+    return thread_id if scope == DEFAULT_SCOPE else f"{scope}/{thread_id}"
+
+
+def public_thread_id(scope: str, stored: str) -> str:
+    """The id a scope knows its thread by (the inverse of :func:`scoped_thread_id`)."""
+    return stored.removeprefix(f"{scope}/")
 
 
 class RunNotFound(InvalidInputError):
@@ -150,7 +163,7 @@ class RunStore:
     # Threads.
     def create_thread(self, *, scope: str, thread_id: str | None = None, workflow: str | None = None,
                       metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        thread = {"thread_id": thread_id or str(uuid.uuid4()), "scope": scope, "workflow": workflow,
+        thread = {"thread_id": thread_id or scoped_thread_id(scope, str(uuid.uuid4())), "scope": scope, "workflow": workflow,
                   "metadata": metadata or {}, "created_at": time.time()}
         inserted = self.db.execute(
             "INSERT INTO mgmflow_threads (thread_id, scope, workflow, metadata, created_at) VALUES (?, ?, ?, ?, ?)"

@@ -14,10 +14,9 @@ from typing import Any
 
 from models.errors import InvalidInputError, MGMFlowError
 from orchestrator.driver import get_orchestrator
-from orchestrator.records import ACTIVE, TERMINAL, RunInfo, RunNotFound
+from orchestrator.records import ACTIVE, DEFAULT_SCOPE, TERMINAL, RunInfo, RunNotFound
 from orchestrator.workflow import get_workflow
 
-DEFAULT_SCOPE = "default"
 MAX_PREVIEWS = 1000  # the most denoising steps between two previews
 
 

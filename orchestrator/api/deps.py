@@ -15,6 +15,7 @@ from orchestrator.api.limits import RateLimiter, RedisRateLimiter
 from orchestrator.api.metrics import ApiMetrics
 from orchestrator.api.quotas import Quotas
 from orchestrator.api.settings import ApiSettings
+from orchestrator.records import scoped_thread_id
 
 if TYPE_CHECKING:
     from orchestrator.runs import RunService
@@ -80,6 +81,12 @@ async def current_scope(request: Request, context: Context) -> str:
     return scope
 
 
+async def scoped_thread(thread_id: str, scope: Annotated[str, Depends(current_scope)]) -> str:
+    """The stored id of the caller's thread ``thread_id`` (a path parameter): thread ids are per key."""
+    return scoped_thread_id(scope, thread_id)
+
+
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 Store = Annotated[Any, Depends(get_store)]
 CurrentScope = Annotated[str, Depends(current_scope)]
+ThreadId = Annotated[str, Depends(scoped_thread)]

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import ApiError
 from orchestrator.api.schemas import RunPublic
+from orchestrator.records import public_thread_id
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,14 @@ def timestamp(seconds: float) -> datetime:
 
 def run_public(run: Any, *, position: int | None = None, progress: dict | None = None) -> RunPublic:
     return RunPublic(
-        run_id=run.run_id, thread_id=run.thread_id, assistant_id=run.workflow, status=run.status,
+        run_id=run.run_id, thread_id=public_thread_id(run.scope, run.thread_id), assistant_id=run.workflow, status=run.status,
         created_at=timestamp(run.created_at), updated_at=timestamp(run.updated_at), metadata=run.metadata or {},
         position=position, progress=progress, error=run.error,
     )
 
 
 def run_location(run: Any) -> str:
-    return f"/threads/{run.thread_id}/runs/{run.run_id}"
+    return f"/threads/{public_thread_id(run.scope, run.thread_id)}/runs/{run.run_id}"
 
 
 def check_event_id(last_event_id: str | None) -> str | None:
@@ -74,7 +75,8 @@ async def wait_for_end(context: ApiContext, run_id: str, scope: str, timeout: fl
 async def _events(context: ApiContext, run: Any, scope: str, after: str | None,
                   cancel_on_disconnect: bool) -> AsyncIterator[ServerSentEvent]:
     if after is None:
-        yield ServerSentEvent(event="metadata", data=json.dumps({"run_id": run.run_id, "thread_id": run.thread_id}))
+        yield ServerSentEvent(event="metadata", data=json.dumps({"run_id": run.run_id,
+                                                                          "thread_id": public_thread_id(run.scope, run.thread_id)}))
     finished, position = False, None
     try:
         while True:

@@ -399,3 +399,27 @@ def test_mgmflow_gc_removes_what_nothing_references(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["gc", "--grace-s", "0"])
     assert result.exit_code == 0 and "1 unreferenced blobs" in result.output, result.output
     assert store.get(kept.id, scope="a") == b"shared" and _blobs(store) == {kept.sha256}
+
+
+# 7. Thread ids are per key: no existence oracle, no squatting ---------------------------------------------------------
+
+
+def test_thread_ids_are_per_key(keyed):
+    alice, bob = _client(keyed, ALICE), _client(keyed, BOB)
+    created = alice.post("/threads", json={"thread_id": "project-x", "metadata": {"owner": "alice"}})
+    assert created.status_code == 200 and created.json()["thread_id"] == "project-x", created.text
+    # Bob cannot tell that Alice has "project-x": his own "project-x" is created, not a 409...
+    mine = bob.post("/threads", json={"thread_id": "project-x"})
+    assert mine.status_code == 200 and mine.json()["metadata"] == {}, mine.text
+    # ...and an id Bob chose first does not keep Alice from choosing it.
+    bob.post("/threads/later-id/runs/wait", json={"assistant_id": "echo", "input": {"text": "b"}, "if_not_exists": "create"})
+    run = alice.post("/threads/later-id/runs/wait", json={"assistant_id": "echo", "input": {"text": "mine"},
+                                                          "if_not_exists": "create"})
+    assert run.status_code == 200 and run.json()["answer"] == "MINE", run.text
+    assert alice.get("/threads/project-x").json()["metadata"] == {"owner": "alice"}
+    listed = alice.get("/threads/later-id/runs").json()
+    assert [r["thread_id"] for r in listed] == ["later-id"]  # the id as its key knows it
+    state = alice.get("/threads/later-id/state").json()
+    assert state["values"]["answer"] == "MINE" and state["checkpoint"]["thread_id"] == "later-id"
+    assert alice.post("/threads", json={"thread_id": "project-x"}).status_code == 409  # her own: a 409
+    assert bob.get("/threads/later-id/state").json()["values"]["answer"] == "B"
