@@ -429,3 +429,27 @@ def test_thread_ids_are_per_key(keyed):
     assert state["values"]["answer"] == "MINE" and state["checkpoint"]["thread_id"] == "later-id"
     assert alice.post("/threads", json={"thread_id": "project-x"}).status_code == 409  # her own: a 409
     assert bob.get("/threads/later-id/state").json()["values"]["answer"] == "B"
+
+
+def test_chat_completions_in_flight_are_counted_across_api_processes(tmp_path):
+    """Distributed: every API process sees the chat completions another one is answering (the count is in Redis)."""
+    import asyncio
+
+    from orchestrator.api.quotas import ChatsInFlight
+    from worker_support import RedisServer
+
+    redis = RedisServer(tmp_path)
+    try:
+        first, second = ChatsInFlight(redis.url), ChatsInFlight(redis.url)  # as in two API processes
+
+        async def scenario() -> list[int]:
+            seen = []
+            async with first.holding("key-a"):
+                async with second.holding("key-a"):
+                    seen += [await first.count("key-a"), await second.count("key-b")]
+                seen.append(await second.count("key-a"))
+            return [*seen, await first.count("key-a")]
+
+        assert asyncio.run(scenario()) == [2, 0, 1, 0]
+    finally:
+        redis.stop()
