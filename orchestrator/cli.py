@@ -569,14 +569,22 @@ def cancel(run_id: str, broker: str | None) -> None:
 @click.option("--grace-s", type=click.FloatRange(0), default=None,
               help="Keep unreferenced blobs younger than this (default: MGMFLOW_GC_GRACE_S, 1 hour).")
 def gc(grace_s: float | None) -> None:
-    """Remove expired artifacts and the stored bytes no artifact references any more (the store of the settings:
-    folder or S3). Every API process also does it every MGMFLOW_GC_INTERVAL_S."""
+    """Delete threads past MGMFLOW_RUN_RETENTION_S, expired artifacts and the stored bytes no artifact references
+    any more (the stores of the settings: SQLite or PostgreSQL, folder or S3). Every API process also does it every
+    MGMFLOW_GC_INTERVAL_S."""
+    from orchestrator.api.retention import sweep
     from orchestrator.api.settings import ApiSettings
     from workers.artifacts import open_store
 
     settings = ApiSettings()
-    expired, blobs = open_store(settings).cleanup(grace_s=settings.gc_grace_s if grace_s is None else grace_s)
-    click.echo(f"removed {expired} expired artifacts and {blobs} unreferenced blobs")
+    runs = None
+    if settings.run_retention_s is not None:  # the run service only when runs are to be deleted
+        from orchestrator.runs import RunService
+
+        runs = RunService(settings)
+    threads, expired, blobs = sweep(runs, open_store(settings), run_retention_s=settings.run_retention_s,
+                                    grace_s=settings.gc_grace_s if grace_s is None else grace_s)
+    click.echo(f"removed {threads} threads, {expired} expired artifacts and {blobs} unreferenced blobs")
 
 
 @main.command()

@@ -237,6 +237,15 @@ class RunStore:
             chunk = run_ids[start:start + 500]
             self.db.execute(f"DELETE FROM mgmflow_runs WHERE run_id IN ({', '.join('?' for _ in chunk)})", tuple(chunk))
 
+    def threads_ended_before(self, cutoff: float, *, limit: int = 100) -> list[tuple[str, str]]:
+        """``(thread_id, scope)`` of threads whose runs have all ended, the last before ``cutoff``: what retention
+        removes."""
+        rows = self.db.execute(
+            "SELECT thread_id, scope FROM mgmflow_runs GROUP BY thread_id, scope HAVING MAX(updated_at) < ?"
+            f" AND SUM(CASE WHEN status IN ({', '.join('?' for _ in ACTIVE)}) THEN 1 ELSE 0 END) = 0 LIMIT ?",
+            (cutoff, *ACTIVE, limit))
+        return [(thread_id, scope) for thread_id, scope in rows]
+
     def delete_thread(self, thread_id: str) -> None:
         """Forget a thread's record and its runs' records."""
         with self.db.transaction():

@@ -186,6 +186,18 @@ class RunService:
         self.orchestrator.database.saver.delete_thread(thread_id)
         self.runs.delete_thread(thread_id)
 
+    def delete_ended_before(self, cutoff: float, *, limit: int = 100) -> int:
+        """Retention: delete (as :meth:`delete_thread`) up to ``limit`` threads whose runs all ended before
+        ``cutoff``; returns how many."""
+        deleted = 0
+        for thread_id, scope in self.runs.threads_ended_before(cutoff, limit=limit):
+            try:
+                self.delete_thread(thread_id, scope=scope)
+                deleted += 1
+            except (RunStillActive, RunNotFound):  # a run started on it meanwhile, or another sweeper was first
+                continue
+        return deleted
+
     def _forget(self, runs: list[RunInfo]) -> None:
         for run in runs:
             self.orchestrator.client.delete_run(run.run_id)

@@ -71,8 +71,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         # Webhooks pending in the runs store, from this process or an earlier one, are delivered from here on.
         sender = WebhookSender(context) if settings.webhook_hosts else None
         loop_task = asyncio.create_task(sender.run()) if sender else None
-        sweeper = asyncio.create_task(sweep_forever(context.store, interval_s=settings.gc_interval_s,
-                                                    grace_s=settings.gc_grace_s)) if settings.gc_interval_s else None
+        sweeper = asyncio.create_task(sweep_forever(
+            context.runs, context.store, interval_s=settings.gc_interval_s, run_retention_s=settings.run_retention_s,
+            grace_s=settings.gc_grace_s)) if settings.gc_interval_s else None
         yield
         if sweeper:
             sweeper.cancel()

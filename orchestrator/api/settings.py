@@ -54,6 +54,9 @@ class ApiSettings(Settings):
     # `mgmflow gc` does it once), and how old an unreferenced blob must be (a put may be about to reference it).
     gc_interval_s: float = Field(3600.0, ge=0)
     gc_grace_s: float = Field(GC_GRACE_S, ge=0)
+    # Threads whose runs all ended longer ago than this are deleted by the sweeper (unset: kept). Keep it above the
+    # longest batch: a batch's finished items are read from their runs.
+    run_retention_s: float | None = Field(None, gt=0)
     # A bearer key /metrics asks for (a scraper's, distinct from the API keys); unset: /metrics is open.
     metrics_key: str | None = None
     # Unfinished runs (waiting, running, interrupted; a batch counts its concurrency too) and chat completions a

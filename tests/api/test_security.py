@@ -403,7 +403,7 @@ def test_mgmflow_gc_removes_what_nothing_references(tmp_path, monkeypatch):
     store.delete(gone.id, scope="b")
     store.delete(lonely.id, scope="b")
     result = CliRunner().invoke(main, ["gc", "--grace-s", "0"])
-    assert result.exit_code == 0 and "1 unreferenced blobs" in result.output, result.output
+    assert result.exit_code == 0 and "0 threads, 0 expired artifacts and 1 unreferenced blobs" in result.output, result.output
     assert store.get(kept.id, scope="a") == b"shared" and _blobs(store) == {kept.sha256}
 
 
@@ -453,3 +453,21 @@ def test_chat_completions_in_flight_are_counted_across_api_processes(tmp_path):
         assert asyncio.run(scenario()) == [2, 0, 1, 0]
     finally:
         redis.stop()
+
+
+def test_the_sweeper_deletes_threads_past_the_run_retention(api_env, tmp_path):
+    from testkit import wait_for
+
+    # A home (database, store) of its own: the retention applies to every thread of the database.
+    app = make_app(api_keys=[GRACE], gc_interval_s=0.2, run_retention_s=1, home=tmp_path)
+    with LiveServer(app) as server, _client(server, GRACE) as grace:
+        old = grace.post("/threads", json={"thread_id": "old"}).json()["thread_id"]
+        assert grace.post(f"/threads/{old}/runs/wait", json={"assistant_id": "echo", "input": {"text": "x"}}).status_code == 200
+        run_id = grace.get(f"/threads/{old}/runs").json()[0]["run_id"]
+        made = app.state.context.store.put(b"made", scope=_scope(GRACE), media_type="text/plain",
+                                           metadata={"run_id": run_id})
+        wait_for(lambda: grace.get(f"/threads/{old}").status_code == 404, 15, "the old thread deleted")
+        assert grace.get(f"/runs/{run_id}").status_code == 404
+        assert grace.get(f"/artifacts/{made.id}").status_code == 404
+        saver = app.state.context.runs.orchestrator.database.saver
+        assert list(saver.list({"configurable": {"thread_id": f"{_scope(GRACE)}/old"}})) == []
