@@ -29,8 +29,8 @@ from models.diffusion.defaults import NEGATIVE_PROMPT
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError
 from orchestrator.api.logs import current_run, current_task
-from orchestrator.api.quotas import policy_for
 from orchestrator.api.images import store_decoded
+from orchestrator.api.quotas import policy_for
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
