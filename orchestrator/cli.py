@@ -40,7 +40,9 @@ def main() -> None:
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="API processes (distributed only: they share the broker, the store and the database).")
-def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
+@click.option("--insecure-open-access", is_flag=True,
+              help="Serve a non-loopback address without API keys: anyone who reaches it can use the server.")
+def serve(host: str | None, port: int, log_level: str, workers: int, insecure_open_access: bool) -> None:
     """Serve the HTTP API and the playground. Without MGMFLOW_BROKER_URL: embedded (tiny models, in-process
     workers, SQLite), a working server with one command."""
     import logging
@@ -51,6 +53,7 @@ def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
 
     from orchestrator.api import create_app
     from orchestrator.api.logs import configure_logging
+    from orchestrator.api.origin import LOOPBACK_HOSTS
     from orchestrator.api.server import check_reachable, default_host, uvicorn_options
     from orchestrator.api.settings import ApiSettings
 
@@ -58,7 +61,10 @@ def serve(host: str | None, port: int, log_level: str, workers: int) -> None:
     check_reachable(settings)
     host = host or default_host(settings)
     configure_logging(log_level)
-    if settings.open_access and host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.open_access and host not in LOOPBACK_HOSTS:
+        if not insecure_open_access:
+            raise click.UsageError(f"no API keys configured (MGMFLOW_API_KEYS): refusing to serve {host}, which "
+                                   "is not loopback; set keys, or pass --insecure-open-access to serve it open")
         logging.getLogger("mgmflow.serve").warning(
             "no API keys configured (MGMFLOW_API_KEYS): anyone who reaches %s:%d can use this server", host, port)
     options = {"host": host, "port": port, "log_level": log_level, "log_config": None, "timeout_graceful_shutdown": 5,
@@ -489,14 +495,15 @@ def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None
 
     from orchestrator.runs import RunService
 
-    workflow.validate_input(given)  # bad flags fail before any worker starts
     settings = _settings(broker)
+    requested, given = given, _upload_local_files(workflow, given, settings)
+    workflow.validate_input(given)  # bad flags fail before any worker starts
     if settings.embedded:
         _quiet_libraries()  # the in-process workers share this terminal with the progress bar
     service = RunService(settings)
     # The same command (workflow, flags, folder) names the same run: Ctrl-C and again continues it. (Previews
     # only show the drawing: they are not part of what names the run.)
-    identity = json.dumps([workflow.name, given, str(out.resolve()) if out else None, thread], sort_keys=True)
+    identity = json.dumps([workflow.name, requested, str(out.resolve()) if out else None, thread], sort_keys=True)
     key = "cli:" + hashlib.sha256(identity.encode()).hexdigest()[:32]
     run = service.runs.by_idempotency_key("default", key)
     if run is not None and run.status in ("error", "cancelled", "timeout"):
@@ -510,6 +517,16 @@ def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None
         click.echo(f"continuing run {run.run_id} from its checkpoint", err=True)
         service.restart(run.run_id)
     _follow(service, run.run_id, out, quiet=quiet)
+
+
+def _upload_local_files(workflow, given: dict, settings) -> dict:
+    """Image paths given as flags become artifacts of the store the run will read (the workers never read a path)."""
+    from orchestrator.references import store_file, upload_local_files
+    from workers.artifacts import open_store
+
+    store = open_store(settings)
+    return upload_local_files(given, workflow.input_model.model_json_schema(),
+                              lambda path: store_file(store, path, scope="default"))
 
 
 def _quiet_libraries() -> None:
@@ -682,6 +699,28 @@ def cancel(run_id: str, broker: str | None) -> None:
     _known_run(settings, run_id)
     run = RunService(settings).cancel(run_id)
     click.echo(f"run {run_id}: {run.status}")
+
+
+@main.command()
+@click.option("--grace-s", type=click.FloatRange(0), default=None,
+              help="Keep unreferenced blobs younger than this (default: MGMFLOW_GC_GRACE_S, 1 hour).")
+def gc(grace_s: float | None) -> None:
+    """Delete threads past MGMFLOW_RUN_RETENTION_S, expired artifacts and the stored bytes no artifact references
+    any more (the stores of the settings: SQLite or PostgreSQL, folder or S3). Every API process also does it every
+    MGMFLOW_GC_INTERVAL_S."""
+    from orchestrator.api.retention import sweep
+    from orchestrator.api.settings import ApiSettings
+    from workers.artifacts import open_store
+
+    settings = ApiSettings()
+    runs = None
+    if settings.run_retention_s is not None:  # the run service only when runs are to be deleted
+        from orchestrator.runs import RunService
+
+        runs = RunService(settings)
+    threads, expired, blobs = sweep(runs, open_store(settings), run_retention_s=settings.run_retention_s,
+                                    grace_s=settings.gc_grace_s if grace_s is None else grace_s)
+    click.echo(f"removed {threads} threads, {expired} expired artifacts and {blobs} unreferenced blobs")
 
 
 @main.command()

@@ -21,9 +21,22 @@ from typing import Any
 from models.errors import InvalidInputError
 from orchestrator.checkpoint import Database
 
+DEFAULT_SCOPE = "default"  # the open server's and the CLI's
 ACTIVE = ("pending", "running", "interrupted")
 TERMINAL = ("success", "error", "timeout", "cancelled")
 STATUSES = ACTIVE + TERMINAL
+
+
+def scoped_thread_id(scope: str, thread_id: str) -> str:
+    """The stored id of a scope's thread ``thread_id``: thread ids are per scope, so that two keys may both have a
+    thread "t1" and neither learns of the other's nor takes an id the other will choose. The default scope's ids
+    are stored as they are."""
+    return thread_id if scope == DEFAULT_SCOPE else f"{scope}/{thread_id}"
+
+
+def public_thread_id(scope: str, stored: str) -> str:
+    """The id a scope knows its thread by (the inverse of :func:`scoped_thread_id`)."""
+    return stored.removeprefix(f"{scope}/")
 
 
 class RunNotFound(InvalidInputError):
@@ -150,7 +163,7 @@ class RunStore:
     # Threads.
     def create_thread(self, *, scope: str, thread_id: str | None = None, workflow: str | None = None,
                       metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        thread = {"thread_id": thread_id or str(uuid.uuid4()), "scope": scope, "workflow": workflow,
+        thread = {"thread_id": thread_id or scoped_thread_id(scope, str(uuid.uuid4())), "scope": scope, "workflow": workflow,
                   "metadata": metadata or {}, "created_at": time.time()}
         inserted = self.db.execute(
             "INSERT INTO mgmflow_threads (thread_id, scope, workflow, metadata, created_at) VALUES (?, ?, ?, ?, ?)"
@@ -218,6 +231,35 @@ class RunStore:
         )
         return [_decode(row) for row in rows]
 
+    def delete(self, run_ids: list[str]) -> None:
+        """Forget runs' records (finished runs: a deletion asked for over the API)."""
+        for start in range(0, len(run_ids), 500):
+            chunk = run_ids[start:start + 500]
+            self.db.execute(f"DELETE FROM mgmflow_runs WHERE run_id IN ({', '.join('?' for _ in chunk)})", tuple(chunk))
+
+    def threads_ended_before(self, cutoff: float, *, limit: int = 100) -> list[tuple[str, str]]:
+        """``(thread_id, scope)`` of threads whose runs have all ended, the last before ``cutoff``: what retention
+        removes."""
+        rows = self.db.execute(
+            "SELECT thread_id, scope FROM mgmflow_runs GROUP BY thread_id, scope HAVING MAX(updated_at) < ?"
+            f" AND SUM(CASE WHEN status IN ({', '.join('?' for _ in ACTIVE)}) THEN 1 ELSE 0 END) = 0 LIMIT ?",
+            (cutoff, *ACTIVE, limit))
+        return [(thread_id, scope) for thread_id, scope in rows]
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Forget a thread's record and its runs' records."""
+        with self.db.transaction():
+            self.db.execute("DELETE FROM mgmflow_runs WHERE thread_id = ?", (thread_id,))
+            self.db.execute("DELETE FROM mgmflow_threads WHERE thread_id = ?", (thread_id,))
+
+    def ended_between(self, since: float, until: float, *, limit: int = 1000) -> list[tuple[str, str, str, float, float]]:
+        """``(run_id, workflow, status, created_at, updated_at)`` of runs that ended in (since, until], oldest end
+        first: what a metrics scrape counts, read from the status index without the runs' bodies."""
+        return [tuple(row) for row in self.db.execute(
+            "SELECT run_id, workflow, status, created_at, updated_at FROM mgmflow_runs"
+            f" WHERE status IN ({', '.join('?' for _ in TERMINAL)}) AND updated_at > ? AND updated_at <= ?"
+            " ORDER BY updated_at LIMIT ?", (*TERMINAL, since, until, limit))]
+
     def update(self, run_id: str, *, unless_status: tuple[str, ...] = TERMINAL, owner: str | None = None,
                **changes: Any) -> bool:
         """Change fields of a run unless its status is one of ``unless_status`` (or, with ``owner``, unless another
@@ -232,11 +274,12 @@ class RunStore:
             (*params, time.time(), run_id, *unless_status, *fence),
         ) == 1
 
-    def pending_at_least(self, scope: str, count: int) -> bool:
-        """Whether ``scope`` has ``count`` or more runs waiting to start. Reads the scope index alone (a count of the
-        rows up to ``count``, no row fetched): a quota check on every submission."""
+    def active_at_least(self, scope: str, count: int) -> bool:
+        """Whether ``scope`` has ``count`` or more unfinished runs (pending, running, interrupted). Reads the scope
+        index alone (a count of the rows up to ``count``, no row fetched): a quota check on every submission."""
         rows = self.db.execute(
-            "SELECT 1 FROM mgmflow_runs WHERE scope = ? AND status = 'pending' LIMIT 1 OFFSET ?", (scope, count - 1)
+            f"SELECT 1 FROM mgmflow_runs WHERE scope = ? AND status IN ({', '.join('?' for _ in ACTIVE)})"
+            " LIMIT 1 OFFSET ?", (scope, *ACTIVE, count - 1)
         )
         return bool(rows)
 

@@ -12,13 +12,18 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from models.errors import InvalidInputError
+from models.errors import InvalidInputError, MGMFlowError
 from orchestrator.driver import get_orchestrator
-from orchestrator.records import ACTIVE, TERMINAL, RunInfo, RunNotFound
+from orchestrator.records import ACTIVE, DEFAULT_SCOPE, TERMINAL, RunInfo, RunNotFound
 from orchestrator.workflow import get_workflow
 
-DEFAULT_SCOPE = "default"
 MAX_PREVIEWS = 1000  # the most denoising steps between two previews
+
+
+class RunStillActive(MGMFlowError):
+    """A run (or a thread's run) that has not ended cannot be deleted: cancel it first."""
+
+    code = "run_active"
 
 
 class RunService:
@@ -120,9 +125,9 @@ class RunService:
         return self.runs.list(scope=scope, thread_id=thread_id, status=status, workflow=workflow, limit=limit,
                               offset=offset)
 
-    def pending_at_least(self, scope: str, count: int) -> bool:
-        """Whether ``scope`` has ``count`` or more runs waiting to start (a quota check on every submission)."""
-        return self.runs.pending_at_least(scope, count)
+    def active_at_least(self, scope: str, count: int) -> bool:
+        """Whether ``scope`` has ``count`` or more unfinished runs (a quota check on every submission)."""
+        return self.runs.active_at_least(scope, count)
 
     def position(self, run: RunInfo) -> int:
         """Runs admitted before ``run`` that have not started yet."""
@@ -156,6 +161,48 @@ class RunService:
             self.orchestrator.client.publish(run_id, "run", {"status": "cancelled"})
             self.orchestrator.start_next(run.thread_id)
         return self.runs.get(run_id)
+
+    def delete_run(self, run_id: str, *, scope: str) -> None:
+        """Forget a finished run: its record, its tasks' records and events, the artifacts it made. A run alone on
+        its thread (a stateless run) takes the thread and its checkpoints with it."""
+        run = self.runs.get(run_id, scope=scope)
+        if not run.done:
+            raise RunStillActive(f"run {run_id} is {run.status}: cancel it first")
+        if all(other.run_id == run_id for other in self.runs.list(thread_id=run.thread_id, limit=2)):
+            return self.delete_thread(run.thread_id, scope=scope)
+        self._forget([run])
+        self.runs.delete([run_id])
+
+    def delete_thread(self, thread_id: str, *, scope: str) -> None:
+        """Forget a thread whose runs have all ended: its record, its runs (as :meth:`delete_run`), its
+        checkpoints."""
+        self.runs.get_thread(thread_id, scope=scope)
+        runs = self.runs.list(thread_id=thread_id, limit=1_000_000)
+        active = [run.run_id for run in runs if not run.done]
+        if active:
+            raise RunStillActive(f"thread {thread_id} has runs that have not ended ({', '.join(active[:3])}): "
+                                 "cancel them first")
+        self._forget(runs)
+        self.orchestrator.database.saver.delete_thread(thread_id)
+        self.runs.delete_thread(thread_id)
+
+    def delete_ended_before(self, cutoff: float, *, limit: int = 100) -> int:
+        """Retention: delete (as :meth:`delete_thread`) up to ``limit`` threads whose runs all ended before
+        ``cutoff``; returns how many."""
+        deleted = 0
+        for thread_id, scope in self.runs.threads_ended_before(cutoff, limit=limit):
+            try:
+                self.delete_thread(thread_id, scope=scope)
+                deleted += 1
+            except (RunStillActive, RunNotFound):  # a run started on it meanwhile, or another sweeper was first
+                continue
+        return deleted
+
+    def _forget(self, runs: list[RunInfo]) -> None:
+        for run in runs:
+            self.orchestrator.client.delete_run(run.run_id)
+        if runs:
+            self.orchestrator.store.delete_made_by(runs[0].scope, {run.run_id for run in runs})
 
     def events(self, run_id: str, after: str | None = None, *, block_ms: int = 0, scope: str | None = None) -> list:
         """The run's events after event id ``after`` (``Event(id, type, data)``)."""

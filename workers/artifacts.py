@@ -244,6 +244,15 @@ class ArtifactStore:
         self.info(artifact_id, scope=scope)
         self.backend.delete_meta(artifact_id)
 
+    def delete_made_by(self, scope: str, run_ids: set[str]) -> int:
+        """Forget every artifact of ``scope`` that one of ``run_ids`` made (``metadata.run_id``); returns how many."""
+        deleted = 0
+        for record in self.backend.metas():
+            if record.get("scope") == scope and (record.get("metadata") or {}).get("run_id") in run_ids:
+                self.backend.delete_meta(record["id"])
+                deleted += 1
+        return deleted
+
     def cleanup(self, *, grace_s: float = GC_GRACE_S) -> tuple[int, int]:
         """Delete expired artifacts, then blobs no artifact references. Returns (artifacts, blobs) removed."""
         now = self.clock()

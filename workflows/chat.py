@@ -21,10 +21,11 @@ from typing import Any, Literal
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
 
+from orchestrator.references import ArtifactId
 from orchestrator.runtime import RunContext, TaskSpec, await_tasks, emit, get_run_context
 from orchestrator.state import RunState
 from orchestrator.workflow import Workflow
-from workflows.inputs import ImageReference, clip, resolve_images, stage_messages
+from workflows.inputs import clip, resolve_images, stage_messages
 
 HISTORY_TURNS = 8  # messages of the thread the VLM sees
 HISTORY_IMAGES = 4  # the most recent images among them
@@ -46,8 +47,8 @@ class ChatInput(BaseModel):
     """The flags of ``mgmflow run chat`` and the input of an HTTP chat turn (use the same thread for a dialogue)."""
 
     message: str = Field(min_length=1, max_length=8000, description="the user's turn")
-    images: list[ImageReference] = Field(default_factory=list, max_length=4,
-                                         description="images sent with the turn: artifact ids or file paths")
+    images: list[ArtifactId] = Field(default_factory=list, max_length=4,
+                                         description="images sent with the turn: artifact ids (the CLI uploads files given by path)")
     generate: bool = Field(False, description="ask for an image even if the text does not say so")
     seed: int = Field(0, ge=0, lt=2**32, description="seed of the drawing and of the VLM's sampling")
     width: int | None = Field(None, ge=64, le=2048, multiple_of=8)

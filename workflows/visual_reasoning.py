@@ -18,6 +18,7 @@ from typing import Any
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
 
+from orchestrator.references import ArtifactId
 from orchestrator.runtime import (
     RunContext, TaskSpec, VLMRequest, await_tasks, emit, get_run_context, vlm_json_many,
 )
@@ -25,7 +26,7 @@ from orchestrator.schemas import Plan, Regions
 from orchestrator.state import RunState
 from orchestrator.workflow import Workflow
 from tools.tasks import crop_region
-from workflows.inputs import ImageReference, clip, resolve_images, stage_messages
+from workflows.inputs import clip, resolve_images, stage_messages
 
 MAX_REGIONS = 8  # crops inspected per question, over all images
 # Room for the longest answer each schema allows (a random model fills every field to its bound).
@@ -42,8 +43,8 @@ class VisualReasoningInput(BaseModel):
     """The flags of ``mgmflow run visual_reasoning`` and the input of an HTTP run."""
 
     question: str = Field(min_length=1, max_length=1000, description="what to find out about the images")
-    images: list[ImageReference] = Field(min_length=1, max_length=4,
-                                         description="artifact ids, or paths of image files")
+    images: list[ArtifactId] = Field(min_length=1, max_length=4,
+                                         description="artifact ids of the images (the CLI uploads files given by path)")
     seed: int = Field(0, ge=0, lt=2**32, description="seed of the VLM's sampling (greedy by default)")
 
 

@@ -53,11 +53,37 @@ class ApiClient:
 
     def upload_batch(self, path: Path, workflow: str, concurrency: int, priority: int,
                      idempotency_key: str | None) -> dict[str, Any]:
+        """Send the batch file; image paths in its items are uploaded first and replaced by their artifact ids (the
+        server reads no path)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        content = self._with_uploads(path, workflow)
+        return self.request("POST", "/batches/upload", headers=headers, files={"file": (path.name, content)},
+                            data={"assistant_id": workflow, "concurrency": str(concurrency),
+                                  "priority": str(priority)}).json()
+
+    def upload_image(self, path: Path) -> str:
         with path.open("rb") as file:
-            return self.request("POST", "/batches/upload", headers=headers, files={"file": (path.name, file)},
-                                data={"assistant_id": workflow, "concurrency": str(concurrency),
-                                      "priority": str(priority)}).json()
+            return self.request("POST", "/artifacts", files={"file": (path.name, file)}).json()["id"]
+
+    def _with_uploads(self, path: Path, workflow: str) -> bytes:
+        """The batch file's content; as JSON Lines with artifact ids when items name local files."""
+        from orchestrator.api.errors import ApiError
+        from orchestrator.api.routes.batches import parse_items
+        from orchestrator.references import artifact_fields, upload_local_files
+
+        content = path.read_bytes()
+        try:
+            schema = self.request("GET", f"/assistants/{workflow}/schemas").json()["input_schema"]
+            items = parse_items(content, path.name) if artifact_fields(schema) else None
+        except (ServerError, ApiError):  # an unknown workflow, a bad file: the upload's answer names it
+            return content
+        if items is None:
+            return content
+        base = path.parent
+        uploaded = [upload_local_files({**item, **{name: _relative_to(item.get(name), base)
+                                                   for name in artifact_fields(schema) if name in item}},
+                                       schema, self.upload_image) for item in items]
+        return "".join(json.dumps(item) + "\n" for item in uploaded).encode()
 
     def follow(self, batch_id: str, on_progress: Callable[[dict[str, Any]], None], poll_s: float = 1.0):
         """Poll the batch until it ends; ``on_progress`` gets each status."""
@@ -123,6 +149,15 @@ def _extract(archive: bytes, folder: Path) -> int:
             return sum(not entry.is_dir() for entry in files.infolist())
     except zipfile.BadZipFile as error:
         raise ServerError(f"the server's output is not a zip: {error}") from None
+
+
+def _relative_to(value: Any, base: Path) -> Any:
+    """Relative paths in a batch file are relative to the file's folder."""
+    if isinstance(value, list):
+        return [_relative_to(item, base) for item in value]
+    if isinstance(value, str) and not Path(value).expanduser().is_absolute() and (base / value).is_file():
+        return str(base / value)
+    return value
 
 
 def _image_ids(values: dict[str, Any]) -> list[str]:

@@ -11,10 +11,13 @@ from fastapi import Depends, Path, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from orchestrator.api.errors import ApiError
+from orchestrator.api.images import ImageIntake
 from orchestrator.api.limits import RateLimiter, RedisRateLimiter
 from orchestrator.api.metrics import ApiMetrics
+from orchestrator.api.quotas import Quotas
 from orchestrator.api.schemas import ID_PATTERN
 from orchestrator.api.settings import ApiSettings
+from orchestrator.records import scoped_thread_id
 
 if TYPE_CHECKING:
     from orchestrator.runs import RunService
@@ -32,7 +35,10 @@ class ApiContext:
     store: Any  # workers.artifacts.ArtifactStore
     workflows: dict[str, Workflow]
     limiter: RateLimiter | RedisRateLimiter
+    address_limiter: RateLimiter | RedisRateLimiter  # requests without a valid key, per client address
     metrics: ApiMetrics
+    images: ImageIntake  # budget checks and the decoding pool of uploaded images (api.images)
+    quotas: Quotas  # per-key limits on priority, compute and unfinished work (api.quotas)
     background: set[asyncio.Task] = field(default_factory=set)  # webhook attempts in flight (api.webhooks)
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))  # when workflows were loaded
 
@@ -55,22 +61,41 @@ async def get_store(context: Context) -> Any:
 
 
 # The two ways to send a key, declared as the OpenAPI document's security schemes (either one will do).
-bearer_key = HTTPBearer(auto_error=False, scheme_name="bearer", description="A key of MGMFLOW_API_KEYS.")
-header_key = APIKeyHeader(name="x-api-key", auto_error=False, scheme_name="apiKey",
-                          description="The same key in x-api-key, as langgraph-sdk sends it.")
+bearer_scheme = HTTPBearer(auto_error=False, scheme_name="bearer", description="A key of MGMFLOW_API_KEYS.")
+header_scheme = APIKeyHeader(name="x-api-key", auto_error=False, scheme_name="apiKey",
+                             description="The same key in x-api-key, as langgraph-sdk sends it.")
 
 
-async def current_scope(context: Context,
-                        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_key)],
-                        api_key: Annotated[str | None, Depends(header_key)]) -> str:
-    """The caller's scope from ``Authorization: Bearer <key>`` (or ``x-api-key``, as ``langgraph-sdk`` sends);
-    every request that passes is also counted against the scope's rate limit."""
-    key = bearer.credentials.strip() if bearer is not None else api_key
+async def presented_key(bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+                        api_key: Annotated[str | None, Depends(header_scheme)]) -> str | None:
+    """The key a request carries: ``Authorization: Bearer <key>``, or ``x-api-key`` (as ``langgraph-sdk`` sends)."""
+    return bearer.credentials.strip() if bearer is not None else api_key
+
+
+PresentedKey = Annotated[str | None, Depends(presented_key)]
+
+
+async def unauthorized(request: Request, context: ApiContext) -> ApiError:
+    """The 401 for a request without a valid key, once it has been counted against its client address's rate
+    limit (a 429 past it): failed keys are no free lever on the server."""
+    await context.address_limiter.check("address:" + (request.client.host if request.client else "unknown"))
+    return ApiError(401, "missing or invalid API key", code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def current_scope(request: Request, context: Context, key: PresentedKey) -> str:
+    """The caller's scope from its key; every request that passes is also counted against the scope's rate
+    limit, every one that does not against its address's."""
     scope = context.settings.scope_of(key)
     if scope is None:
-        raise ApiError(401, "missing or invalid API key", code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+        raise await unauthorized(request, context)
     await context.limiter.check(scope)
     return scope
+
+
+async def scoped_thread(thread_id: Annotated[str, Path(pattern=ID_PATTERN)],
+                        scope: Annotated[str, Depends(current_scope)]) -> str:
+    """The stored id of the caller's thread ``thread_id`` (a path parameter): thread ids are per key."""
+    return scoped_thread_id(scope, thread_id)
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
@@ -79,3 +104,4 @@ SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 PathId = Annotated[str, Path(pattern=ID_PATTERN)]
 Store = Annotated[Any, Depends(get_store)]
 CurrentScope = Annotated[str, Depends(current_scope)]
+ThreadId = Annotated[str, Depends(scoped_thread)]

@@ -13,10 +13,14 @@ from fastapi.staticfiles import StaticFiles
 
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import install_error_handlers
-from orchestrator.api.limits import BodyReadTimeout, BodySizeLimit, rate_limiter
-from orchestrator.api.openapi import install_openapi
-from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
 from orchestrator.api.headers import SecurityHeaders
+from orchestrator.api.images import ImageIntake
+from orchestrator.api.limits import BodyReadTimeout, BodySizeLimit, rate_limiter
+from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
+from orchestrator.api.openapi import install_openapi
+from orchestrator.api.origin import OpenModeGuard
+from orchestrator.api.quotas import Quotas
+from orchestrator.api.retention import sweep_forever
 from orchestrator.api.routes import (
     artifacts, assistants, batches, docs, health, openai, outputs, playground, runs, threads,
 )
@@ -48,7 +52,11 @@ def build_context(settings: ApiSettings) -> ApiContext:
         store=open_store(settings),
         workflows=load_workflows(),
         limiter=rate_limiter(settings.broker_url, settings.rate_limit_per_second, settings.rate_limit_burst),
+        address_limiter=rate_limiter(settings.broker_url, settings.unauthenticated_per_second,
+                                     settings.unauthenticated_burst),
         metrics=ApiMetrics(queue_depths=BrokerQueueDepths(settings.broker_url), broker_url=settings.broker_url),
+        images=ImageIntake(settings),
+        quotas=Quotas(settings, runs),
     )
 
 
@@ -65,7 +73,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         # Webhooks pending in the runs store, from this process or an earlier one, are delivered from here on.
         sender = WebhookSender(context) if settings.webhook_hosts else None
         loop_task = asyncio.create_task(sender.run()) if sender else None
+        sweeper = asyncio.create_task(sweep_forever(
+            context.runs, context.store, interval_s=settings.gc_interval_s, run_retention_s=settings.run_retention_s,
+            grace_s=settings.gc_grace_s)) if settings.gc_interval_s else None
         yield
+        if sweeper:
+            sweeper.cancel()
         if sender:
             await sender.stop(loop_task)
 
@@ -89,6 +102,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     # Outermost last: the body limit applies before anything reads the body; metrics see every response.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyReadTimeout, timeout_s=settings.body_timeout_s)
+    if settings.open_access:
+        app.add_middleware(OpenModeGuard, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
     app.add_middleware(SecurityHeaders)
     return app

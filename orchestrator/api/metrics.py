@@ -2,8 +2,9 @@
 
 With several API processes (``mgmflow serve --workers N``) prometheus_client's multiprocess mode is on
 (``PROMETHEUS_MULTIPROC_DIR``): each process writes its samples to files there and a scrape, whichever process
-answers it, adds them up. Run latencies are observed at scrape time from the runs' records; the window of run ends
-a scrape counts is then claimed in Redis, so that each run is counted by one process only.
+answers it, adds them up. Run latencies are observed at scrape time from the records of the runs that ended since the
+previous scrape (a watermark); the window of run ends a scrape counts is then claimed in Redis, so that each run is
+counted by one process only.
 """
 
 from __future__ import annotations
@@ -63,21 +64,18 @@ class ApiMetrics:
     def observe_task(self, kind: str, status: str, seconds: float) -> None:
         self.task_seconds.labels(kind.partition(".")[0], kind, status).observe(max(seconds, 0.0))
 
-    def observe_finished_runs(self, runs, statuses=("success", "error", "timeout", "cancelled"),
-                              limit: int = 500) -> None:
+    def observe_finished_runs(self, runs, limit: int = 1000) -> None:
         """Count runs that ended since the last scrape (from their records, wherever they ran) and their model
-        tasks (from the task.started / task.finished events; an event id starts with its time in ms)."""
+        tasks (from the task.started / task.finished events; an event id starts with its time in ms). The cost
+        follows the runs that ended meanwhile, not the runs stored: one index range read past a watermark."""
         since, until = self._claim_window()
         newest = since
-        for status in statuses:
-            for run in runs.list_runs(status=status, limit=limit):
-                if not since < run.updated_at <= until:
-                    continue
-                newest = max(newest, run.updated_at)
-                self.run_seconds.labels(run.workflow, status).observe(max(run.updated_at - run.created_at, 0.0))
-                if status == "error":
-                    self.errors.labels("run_error").inc()
-                self._observe_tasks(runs, run.run_id)
+        for run_id, workflow, status, created_at, updated_at in runs.runs.ended_between(since, until, limit=limit):
+            newest = max(newest, updated_at)
+            self.run_seconds.labels(workflow, status).observe(max(updated_at - created_at, 0.0))
+            if status == "error":
+                self.errors.labels("run_error").inc()
+            self._observe_tasks(runs, run_id)
         if self._shared is None:
             self._watermark = newest
 

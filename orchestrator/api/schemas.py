@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from orchestrator.api.bounds import Metadata
 from orchestrator.runs import MAX_PREVIEWS
 
 RunStatus = Literal["pending", "running", "interrupted", "success", "error", "timeout", "cancelled"]
@@ -63,20 +64,20 @@ class ThreadCreate(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     thread_id: str | None = Field(None, pattern=ID_PATTERN)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     if_exists: Literal["raise", "do_nothing"] = "raise"
 
 
 class ThreadUpdate(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class ThreadSearch(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     status: ThreadStatus | None = None
     limit: Integer = Field(10, ge=1, le=1000)
     offset: Integer = Field(0, ge=0, le=MAX_OFFSET)
@@ -146,7 +147,7 @@ class RunCreate(BaseModel):
     assistant_id: str = Field(min_length=1, max_length=128)
     input: dict[str, Any] | None = None
     command: RunCommand | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     stream_mode: StreamMode | list[StreamMode] | None = None
     stream_subgraphs: bool = False
     stream_resumable: bool = False
@@ -215,7 +216,7 @@ class BatchCreate(BaseModel):
     items: list[dict[str, Any]] = Field(min_length=1)
     concurrency: Integer = Field(4, ge=1, le=256)
     priority: Integer = Field(7, ge=0, le=9)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class BatchItemPublic(BaseModel):

@@ -11,6 +11,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from orchestrator.api.allowlist import entry_origin
+from orchestrator.api.quotas import KeyPolicy
+from workers.artifacts import GC_GRACE_S
 from workers.settings import Settings
 
 LOOPBACK = "127.0.0.1"
@@ -21,6 +23,9 @@ class ApiSettings(Settings):
 
     # Bearer keys, comma-separated. None configured: open, single-user, loopback by default.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Open mode answers only to loopback Host names; these are answered too (a LAN name, with serve's
+    # --insecure-open-access). Ignored once keys are set.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Origins (scheme://host[:port]; a bare host is https on 443, see api.allowlist) whose image URLs chat
     # requests may reference; nothing else is ever fetched.
     image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -42,16 +47,43 @@ class ApiSettings(Settings):
     # Open connections per API process; a request beyond answers 503 at once.
     max_connections: int = Field(1000, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # Memory decoding one image may take (its header's size × bytes per pixel, plus the RGB copy), and all the
+    # images of one request together; both checked from the headers, before any pixel is decoded.
+    max_image_bytes: int = Field(320 * 1024 * 1024, ge=1024)
+    max_request_image_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(16, ge=1)  # counted across all the messages of a chat request
+    image_decode_threads: int = Field(2, ge=1, le=64)  # images are decoded in a pool of this many threads
     max_prompt_chars: int = Field(32_768, ge=1)
     max_pages: int = Field(64, ge=1)
     max_batch_items: int = Field(10_000, ge=1)
     # Token bucket per key: sustained requests per second and burst size; 0 turns it off.
     rate_limit_per_second: float = Field(200.0, ge=0)
     rate_limit_burst: int = Field(2_000, ge=1)
-    # Runs a key may have waiting (admitted, not started) at once: a quota; 0 turns it off.
+    # Requests without a valid key (none, an unknown one), per client address; 0 turns it off.
+    unauthenticated_per_second: float = Field(2.0, ge=0)
+    unauthenticated_burst: int = Field(20, ge=1)
+    # The artifact sweeper: how often each API process removes expired artifacts and unreferenced blobs (0: never;
+    # `mgmflow gc` does it once), and how old an unreferenced blob must be (a put may be about to reference it).
+    gc_interval_s: float = Field(3600.0, ge=0)
+    gc_grace_s: float = Field(GC_GRACE_S, ge=0)
+    # Threads whose runs all ended longer ago than this are deleted by the sweeper (unset: kept). Keep it above the
+    # longest batch: a batch's finished items are read from their runs.
+    run_retention_s: float | None = Field(None, gt=0)
+    # A bearer key /metrics asks for (a scraper's, distinct from the API keys); unset: /metrics is open.
+    metrics_key: str | None = None
+    # Unfinished runs (waiting, running, interrupted; a batch counts its concurrency too) and chat completions a
+    # key may have at once: a quota; 0 turns it off.
     max_active_runs_per_key: int = Field(5_000, ge=0)
+    # The most urgent priority a key may use (0 is the most urgent; an open server's user may use them all), and
+    # the compute one run may ask for, in megapixel-steps (pages × rounds × drafts × width × height / 10⁶ × steps;
+    # a 64-page story at the defaults is about 4,000). Per key: MGMFLOW_KEY_POLICIES.
+    key_top_priority: int = Field(3, ge=0, le=9)
+    max_run_compute: float = Field(25_000, ge=0)
+    # Per-key overrides, JSON keyed by scope ("key-" + the first 16 hex digits of the key's sha256):
+    # {"key-0123456789abcdef": {"max_active_runs": 50, "top_priority": 0, "max_run_compute": 100000}}
+    key_policies: dict[str, KeyPolicy] = Field(default_factory=dict)
 
-    @field_validator("api_keys", "image_url_hosts", "webhook_hosts", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "image_url_hosts", "webhook_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -19,6 +19,7 @@ from orchestrator.api.errors import ApiError
 from orchestrator.api.schemas import RunPublic
 from orchestrator.api.stream_modes import ModeStream, parse_modes
 from orchestrator.outputs import has_files
+from orchestrator.records import public_thread_id
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ def timestamp(seconds: float) -> datetime:
 def run_public(run: Any, *, position: int | None = None, progress: dict | None = None) -> RunPublic:
     output = run.status == "success" and has_files(run.workflow)
     return RunPublic(
-        run_id=run.run_id, thread_id=run.thread_id, assistant_id=run.workflow, status=run.status,
+        run_id=run.run_id, thread_id=public_thread_id(run.scope, run.thread_id), assistant_id=run.workflow,
+        status=run.status,
         created_at=timestamp(run.created_at), updated_at=timestamp(run.updated_at), metadata=run.metadata or {},
         position=position, progress=progress, error=run.error,
         output_url=f"{run_location(run)}/output" if output else None,
@@ -42,7 +44,7 @@ def run_public(run: Any, *, position: int | None = None, progress: dict | None =
 
 
 def run_location(run: Any) -> str:
-    return f"/threads/{run.thread_id}/runs/{run.run_id}"
+    return f"/threads/{public_thread_id(run.scope, run.thread_id)}/runs/{run.run_id}"
 
 
 def check_event_id(last_event_id: str | None) -> str | None:
@@ -80,7 +82,8 @@ async def _events(context: ApiContext, run: Any, scope: str, after: str | None, 
     """The run's events as stored (``modes`` None; ``checkpoint`` events are left out: ``values`` is their mode),
     or in the Agent Server's ``modes``."""
     if after is None:
-        yield ServerSentEvent(event="metadata", data=json.dumps({"run_id": run.run_id, "thread_id": run.thread_id}))
+        yield ServerSentEvent(event="metadata", data=json.dumps({"run_id": run.run_id,
+                                                                  "thread_id": public_thread_id(run.scope, run.thread_id)}))
     translator = None if modes is None else ModeStream(run, modes, subgraphs)
     if translator is not None and after is not None:  # resumed: what the client has seen shapes what follows
         await run_in_threadpool(_replay, context, translator, run.run_id, after)

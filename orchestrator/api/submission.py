@@ -1,17 +1,21 @@
 """Admitting a run: the workflow exists, its input is valid and within limits, the webhook is allowed, the key is
-within its quota; then one call to the run service (idempotent per ``Idempotency-Key``)."""
+within its quotas (``api.quotas``); then one call to the run service (idempotent per ``Idempotency-Key``)."""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
 from orchestrator.api.allowlist import allowed, url_origin
+from orchestrator.api.bounds import MAX_JSON_DEPTH, json_depth
 from orchestrator.api.deps import ApiContext
 from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.schemas import RunCreate
 from orchestrator.records import RunNotFound
+from orchestrator.references import artifact_values
+from workers.artifacts import ArtifactNotFound
 
 
 def check_limits(value: Any, settings, where: str = "input") -> None:
@@ -43,29 +47,53 @@ def check_webhook(url: str | None, settings) -> None:
                        code="webhook_not_allowed")
 
 
-def validate_run(context: ApiContext, body: RunCreate) -> dict[str, Any]:
+@cache
+def input_schema(input_model: type) -> dict[str, Any]:
+    return input_model.model_json_schema()
+
+
+def check_artifacts(context: ApiContext, workflow: Any, run_input: dict[str, Any], scope: str,
+                    where: str = "input") -> None:
+    """Every artifact id of ``run_input`` names an artifact of ``scope`` (the same answer for an id that does not
+    exist and one of another key)."""
+    for field, artifact_id in artifact_values(run_input, input_schema(workflow.input_model)):
+        try:
+            context.store.info(artifact_id, scope=scope)
+        except ArtifactNotFound:
+            raise ApiError(400, f"{where}.{field}: no artifact {artifact_id!r} for this key (upload it first: "
+                                "POST /artifacts)", code="artifact_not_found") from None
+
+
+def validate_run(context: ApiContext, body: RunCreate, scope: str) -> dict[str, Any]:
     """The workflow's validated input (as JSON), or a 4xx naming what is wrong."""
     workflow = context.workflows.get(body.assistant_id)
     if workflow is None:
         known = ", ".join(sorted(context.workflows)) or "none"
         raise ApiError(404, f"unknown workflow {body.assistant_id!r}; known: {known}", code="unknown_workflow")
+    if json_depth(body.input) > MAX_JSON_DEPTH:  # before the walk below, which recurses
+        raise ApiError(422, f"input nests over {MAX_JSON_DEPTH} levels deep", code="invalid_request")
     check_limits(body.input or {}, context.settings)
     check_webhook(body.webhook, context.settings)
-    return workflow.validate_input(body.input or {}).model_dump(mode="json")
+    run_input = workflow.validate_input(body.input or {}).model_dump(mode="json")
+    check_artifacts(context, workflow, run_input, scope)
+    return run_input
 
 
-def check_quota(context: ApiContext, scope: str) -> None:
-    limit = context.settings.max_active_runs_per_key
-    if limit and context.runs.pending_at_least(scope, limit):
-        raise ApiError(429, f"this key already has {limit:,} runs waiting", code="quota_exceeded",
-                       headers={"Retry-After": "10"})
+def check_quotas(context: ApiContext, body: RunCreate, run_input: dict[str, Any], scope: str, chats: int) -> None:
+    """The key's priority, compute and unfinished-work limits (``api.quotas``). A fan-out (a batch) takes a slot for
+    itself and one for each child it may run at once."""
+    context.quotas.check_priority(scope, body.priority)
+    context.quotas.check_compute(scope, run_input)
+    items = run_input.get("items")
+    children = min(int(run_input.get("concurrency") or 1), len(items)) if isinstance(items, list) else 0
+    context.quotas.check_active(scope, adding=1 + children, chats=chats)
 
 
 def create_run(context: ApiContext, body: RunCreate, *, scope: str, thread_id: str | None,
-               idempotency_key: str | None) -> Any:
+               idempotency_key: str | None, chats: int = 0) -> Any:
     """Validate and create (or, for a repeated idempotency key, find) a run. Call from the thread pool."""
-    run_input = validate_run(context, body)
-    check_quota(context, scope)
+    run_input = validate_run(context, body, scope)
+    check_quotas(context, body, run_input, scope, chats)
     metadata = {**body.metadata, **({"webhook": body.webhook} if body.webhook else {})}
     return context.runs.create_run(
         body.assistant_id, run_input, thread_id=thread_id, scope=scope, approve=body.approve,
@@ -87,9 +115,12 @@ def thread_for_run(context: ApiContext, thread_id: str, scope: str, if_not_exist
 async def admit(context: ApiContext, body: RunCreate, *, scope: str, thread_id: str | None,
                 idempotency_key: str | None) -> Any:
     """Everything above, off the event loop."""
+    chats = await context.quotas.chats.count(scope)
+
     def work():
         if thread_id is not None:
             thread_for_run(context, thread_id, scope, body.if_not_exists)
-        return create_run(context, body, scope=scope, thread_id=thread_id, idempotency_key=idempotency_key)
+        return create_run(context, body, scope=scope, thread_id=thread_id, idempotency_key=idempotency_key,
+                          chats=chats)
 
     return await run_in_threadpool(work)

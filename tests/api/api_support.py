@@ -12,7 +12,8 @@ def make_app(**overrides):
     from orchestrator.api import create_app
     from orchestrator.api.settings import ApiSettings
 
-    return create_app(ApiSettings(**overrides))
+    # TestClient sends "Host: testserver": an open app answers it as it answers a loopback name.
+    return create_app(ApiSettings(**{"allowed_hosts": ["testserver"], **overrides}))
 
 
 KEYS = ("key-alice", "key-bob")

@@ -107,7 +107,7 @@ def test_bad_last_event_id(client):
 def strict_client(api_env):
     # Its own key, so that its quota counts only its own runs.
     with TestClient(make_app(max_body_bytes=4096, rate_limit_per_second=1, rate_limit_burst=40,
-                             max_active_runs_per_key=1, api_keys=["strict-key"])) as test_client:
+                             max_active_runs_per_key=2, api_keys=["strict-key"])) as test_client:
         test_client.headers["Authorization"] = "Bearer strict-key"
         yield test_client
 
@@ -125,7 +125,8 @@ def test_oversized_bodies_are_413(strict_client):
     _error(response, 413, "body_too_large")
 
 
-def test_quota_of_waiting_runs(strict_client):
+def test_quota_of_unfinished_runs(strict_client):
+    """The quota counts running runs as well as waiting ones: a running and a waiting run fill a quota of 2."""
     slow = {"assistant_id": "echo", "input": {"text": "slow", "steps": 20, "delay": 0.1}}
     thread = strict_client.post("/threads", json={}).json()["thread_id"]
     first = strict_client.post(f"/threads/{thread}/runs", json=slow)

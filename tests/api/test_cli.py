@@ -237,3 +237,37 @@ def test_a_hostile_output_zip_writes_nothing_outside_its_folder(tmp_path):
         assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "item" / "escaped.txt").exists()
     with pytest.raises(ServerError, match="not a zip"):
         _extract(b"<html>", tmp_path / "other")
+
+
+def test_submit_uploads_local_images_and_sends_their_ids(live_server, tmp_path):
+    """The server reads no path: `mgmflow submit` uploads the images a batch file names (relative to the file)."""
+    from PIL import Image
+
+    Image.new("RGB", (24, 16), "red").save(tmp_path / "red.png")
+    batch = tmp_path / "questions.jsonl"
+    batch.write_text('{"question": "what colour?", "images": ["red.png"]}\n')
+    from orchestrator.api.client import ApiClient
+
+    client = ApiClient(live_server.url)
+    (item,) = [json.loads(line) for line in client._with_uploads(batch, "visual_reasoning").decode().splitlines()]
+    (artifact_id,) = item["images"]
+    uploaded = client.request("GET", f"/artifacts/{artifact_id}").json()
+    assert uploaded["metadata"]["width"] == 24 and uploaded["metadata"]["filename"] == "red.png"
+
+
+def test_run_uploads_image_paths_before_it_submits(api_env, tmp_path):
+    """`mgmflow run chat --images PATH`: the file becomes an artifact of the CLI's scope; the input holds its id."""
+    from PIL import Image
+
+    from orchestrator.cli import _upload_local_files
+    from orchestrator.workflow import get_workflow
+    from workers.artifacts import open_store
+    from workers.settings import Settings
+
+    Image.new("RGB", (20, 10), "blue").save(tmp_path / "blue.png")
+    settings = Settings()
+    given = _upload_local_files(get_workflow("chat"), {"message": "hi", "images": [str(tmp_path / "blue.png")]},
+                                settings)
+    (artifact_id,) = given["images"]
+    assert open_store(settings).get(artifact_id, scope="default") == (tmp_path / "blue.png").read_bytes()
+    get_workflow("chat").validate_input(given)

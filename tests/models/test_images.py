@@ -74,3 +74,27 @@ def test_odd_modes_become_rgb(mode):
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     image = load_image(_png(Image.new(mode, (5, 4)), fmt))
     assert image.mode == "RGB" and image.size == (5, 4)
+
+
+def test_sixteen_bit_conversion_makes_no_float64_copy_of_the_image():
+    """A 16-bit image is scaled to 8 bits a strip at a time: the float copy never holds the whole image."""
+    import tracemalloc
+
+    image = Image.fromarray(np.full((2000, 2000), 40_000, dtype=np.uint16))  # I;16, 4 megapixels
+    tracemalloc.start()
+    try:
+        rgb = load_image(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rgb.getpixel((0, 0)) == (156, 156, 156)
+    assert peak < 5 * 2000 * 2000, peak  # the uint16 and uint8 copies and a strip; float64 alone would be 32 MB
+
+
+def test_decoding_cost_is_checked_from_the_header():
+    from models.images import check_header
+
+    data = _png(Image.fromarray(np.zeros((300, 400), dtype=np.uint16)))
+    assert check_header(data) == 300 * 400 * (2 + 4)  # 16-bit pixels plus the RGB copy
+    with pytest.raises(InvalidImageError, match="decoding takes"):
+        check_header(data, max_bytes=300 * 400 * 6 - 1)

@@ -106,17 +106,19 @@ def test_records_roundtrip_idempotency_and_serial_threads(store):
         store.get("r1", scope="other")
 
 
-def test_pending_at_least_counts_one_scopes_waiting_runs(store):
+def test_active_at_least_counts_one_scopes_unfinished_runs(store):
     thread = store.create_thread(scope="s")["thread_id"]
     for number in range(3):
         store.insert(_run(f"w{number}", thread))
     store.insert(_run("started", thread))
     store.update("started", status="running")
+    store.insert(_run("done", thread))
+    store.update("done", status="success")
     other = store.create_thread(scope="other")["thread_id"]
     store.insert(RunInfo(run_id="elsewhere", thread_id=other, workflow="wf", status="pending", scope="other",
                          input={}))
-    assert store.pending_at_least("s", 3) and not store.pending_at_least("s", 4)
-    assert store.pending_at_least("other", 1) and not store.pending_at_least("other", 2)
+    assert store.active_at_least("s", 4) and not store.active_at_least("s", 5)  # waiting and running, not done
+    assert store.active_at_least("other", 1) and not store.active_at_least("other", 2)
 
 
 def test_lease_is_exclusive_until_released_or_expired(store):

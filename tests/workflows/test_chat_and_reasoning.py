@@ -11,6 +11,7 @@ from PIL import Image
 
 from models.errors import InvalidInputError
 from models.images import load_image
+from orchestrator.references import store_file
 from orchestrator.workflow import get_workflow
 from workflows.chat import referenced_image
 
@@ -33,10 +34,13 @@ def test_referenced_image(text, expected):
     assert referenced_image(text, []) is None
 
 
-def test_missing_image_is_a_typed_error(tmp_path):
+def test_an_image_path_is_a_typed_error(tmp_path):
+    """Inputs hold artifact ids: a path, existing or not, is refused the same way (the CLI uploads files first)."""
+    (tmp_path / "there.png").write_bytes(b"x")
     for name, field in (("visual_reasoning", {"question": "what?"}), ("chat", {"message": "hi"})):
-        with pytest.raises(InvalidInputError, match="image not found"):
-            get_workflow(name).validate_input({**field, "images": [str(tmp_path / "missing.png")]})
+        for path in (tmp_path / "missing.png", tmp_path / "there.png"):
+            with pytest.raises(InvalidInputError, match="not an artifact id"):
+                get_workflow(name).validate_input({**field, "images": [str(path)]})
     with pytest.raises(InvalidInputError, match="images"):
         get_workflow("visual_reasoning").validate_input({"question": "what?", "images": []})
 
@@ -74,8 +78,9 @@ def test_visual_reasoning_zooms_into_the_original_image(embedded, tmp_path):
     photo = Image.new("RGB", (640, 480), "white")
     photo.paste(Image.new("RGB", (320, 240), "blue"), (320, 0))
     photo.save(path)
+    uploaded = store_file(embedded.orchestrator.store, path, scope="default")  # what the CLI does with a path
     run = finish(embedded, embedded.create_run("visual_reasoning", {"question": "What colour is the top right?",
-                                                                     "images": [str(path)]}))
+                                                                     "images": [uploaded]}))
     values = embedded.output_values(run)
     context = embedded.context(run)
     report = get_workflow("visual_reasoning").write_output(values, tmp_path / "out", context)

@@ -2,38 +2,27 @@
 
 from __future__ import annotations
 
-import io
-
 from fastapi import APIRouter, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from models.images import load_image
-from orchestrator.api.deps import CurrentScope, PathId, SettingsDep, Store
+from orchestrator.api.deps import Context, CurrentScope, PathId, Store
+from orchestrator.api.images import store_decoded
 from orchestrator.api.schemas import ArtifactPublic
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
 
 
-def store_image(store, data: bytes, *, scope: str, max_pixels: int, metadata: dict) -> ArtifactPublic:
-    """Validate ``data`` as an image (the one decoder, with its pixel limit) and store it as PNG.
-
-    Re-encoding strips EXIF (location, camera) after applying its rotation, and gives workers one format."""
-    image = load_image(data, max_pixels=max_pixels)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    metadata = {**metadata, "width": image.width, "height": image.height}
-    artifact = store.put(buffer.getvalue(), scope=scope, media_type="image/png", metadata=metadata)
-    return ArtifactPublic.model_validate(artifact.to_dict())
-
-
 @router.post("", response_model=ArtifactPublic, status_code=201)
-async def create_artifact(file: UploadFile, store: Store, settings: SettingsDep, scope: CurrentScope) -> ArtifactPublic:
-    """Upload an input image (multipart field ``file``); truncated, corrupt or oversized images get a 400."""
+async def create_artifact(file: UploadFile, context: Context, scope: CurrentScope) -> ArtifactPublic:
+    """Upload an input image (multipart field ``file``); truncated, corrupt or oversized images get a 400.
+
+    It is stored re-encoded as PNG: EXIF (location, camera) is stripped after applying its rotation."""
     data = await file.read()
+    (image,) = await context.images.decode([("file", data)])
     metadata = {"source": "upload", "filename": (file.filename or "")[:200]}
-    return await run_in_threadpool(store_image, store, data, scope=scope, max_pixels=settings.max_image_pixels,
-                                   metadata=metadata)
+    artifact = await run_in_threadpool(store_decoded, context.store, image, scope=scope, metadata=metadata)
+    return ArtifactPublic.model_validate(artifact.to_dict())
 
 
 @router.get("/{artifact_id}", response_model=ArtifactPublic)

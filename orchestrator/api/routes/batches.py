@@ -15,7 +15,7 @@ from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.openapi import errors
 from orchestrator.api.schemas import BatchCreate, BatchItemPublic, BatchPublic, RunCreate
 from orchestrator.api.streaming import TERMINAL, run_public
-from orchestrator.api.submission import admit
+from orchestrator.api.submission import admit, check_artifacts
 
 router = APIRouter(prefix="/batches", tags=["batches"])
 
@@ -56,6 +56,9 @@ async def _submit(context, body: BatchCreate, scope: str, idempotency_key: str |
     if len(body.items) > context.settings.max_batch_items:
         raise ApiError(413, f"{len(body.items):,} items; the limit is {context.settings.max_batch_items:,}",
                        code="too_many_items")
+    workflow = context.workflows[body.assistant_id]
+    for index, item in enumerate(body.items):  # ids of this key only, before anything is created
+        await run_in_threadpool(check_artifacts, context, workflow, item, scope, f"items[{index}]")
     run_body = RunCreate(assistant_id=BATCH_WORKFLOW, priority=body.priority, metadata=body.metadata,
                          input={"workflow": body.assistant_id, "items": body.items, "concurrency": body.concurrency})
     run = await admit(context, run_body, scope=scope, thread_id=None, idempotency_key=idempotency_key)

@@ -39,8 +39,9 @@ from orchestrator.api.allowlist import allowed
 from orchestrator.api.deps import Context, CurrentScope
 from orchestrator.api.errors import ApiError, public_message
 from orchestrator.api.logs import current_run, current_task
+from orchestrator.api.images import store_decoded
 from orchestrator.api.openapi import errors
-from orchestrator.api.routes.artifacts import store_image
+from orchestrator.api.quotas import policy_for
 from tools.chat_model import (
     parse_tool_reply, tool_call_id, tool_call_text, tool_result_header, tools_prompt, tools_schema,
 )
@@ -227,8 +228,11 @@ async def _image_bytes(url: str, where: str, settings) -> bytes:
 
 
 async def _messages(context, body: ChatCompletionRequest, scope: str) -> list[dict[str, Any]]:
-    """OpenAI messages as ``vlm.chat`` messages: text, and images stored as artifacts of the caller's scope."""
-    settings, total, converted, calls = context.settings, 0, [], {}
+    """OpenAI messages as ``vlm.chat`` messages: text, and images stored as artifacts of the caller's scope.
+
+    Every limit is checked before any image is decoded (text length, images across all messages, their sizes from
+    the headers), and images are stored only once all of them have been decoded: a refused request stores nothing."""
+    settings, total, converted, pending, calls = context.settings, 0, [], [], {}
     for index, message in enumerate(body.messages):
         texts, images = [], []
         if message.role == "tool":
@@ -240,12 +244,9 @@ async def _messages(context, body: ChatCompletionRequest, scope: str) -> list[di
         for number, part in enumerate(parts or []):
             if isinstance(part, TextPart):
                 texts.append(part.text)
-                continue
-            where = f"messages[{index}].content[{number}].image_url"
-            data = await _image_bytes(part.image_url.url, where, settings)
-            artifact = await run_in_threadpool(store_image, context.store, data, scope=scope,
-                                               max_pixels=settings.max_image_pixels, metadata={"source": "chat"})
-            images.append(artifact.id)
+            else:
+                images.append(len(pending))
+                pending.append((f"messages[{index}].content[{number}].image_url", part.image_url.url))
         for call in message.tool_calls or []:  # the assistant's earlier calls, as the model writes them
             try:
                 arguments = json.loads(call.function.arguments)
@@ -261,6 +262,13 @@ async def _messages(context, body: ChatCompletionRequest, scope: str) -> list[di
                            code="prompt_too_long")
         role = {"developer": "system", "tool": "user"}.get(message.role, message.role)  # results: user turns
         converted.append({"role": role, "text": text, "images": images})
+    context.images.check_count(len(pending))
+    fetched = [(where, await _image_bytes(url, where, settings)) for where, url in pending]
+    decoded = await context.images.decode(fetched)
+    ids = [(await run_in_threadpool(store_decoded, context.store, image, scope=scope, metadata={"source": "chat"})).id
+           for image in decoded]
+    for message in converted:
+        message["images"] = [ids[position] for position in message["images"]]
     return converted
 
 
@@ -327,8 +335,10 @@ def _raise_for(record: Any) -> None:
 
 
 async def _submit(context, kind: str, payload: dict, *, task_id: str, run_id: str, scope: str) -> None:
+    # Interactive, so as urgent as the key may be (the operator sets how urgent: api.quotas).
+    priority = max(CHAT_PRIORITY, policy_for(context.settings, scope).top_priority)
     await run_in_threadpool(context.tasks.submit, kind, payload, task_id=task_id, run_id=run_id, scope=scope,
-                            priority=CHAT_PRIORITY)
+                            priority=priority)
 
 
 async def _draw(context, prompt: str, seed: int | None, *, run_id: str, scope: str, base_url: str):
@@ -353,6 +363,8 @@ def _usage(result: dict) -> dict[str, int]:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, context: Context,
                                  scope: CurrentScope):
     """One Mini-Gemini chat turn; ``stream: true`` answers with ``chat.completion.chunk`` SSE events."""
+    chats = await context.quotas.chats.count(scope)  # a completion counts against the key's quota as a run does
+    await run_in_threadpool(context.quotas.check_active, scope, adding=1, chats=chats)
     payload = await _chat_payload(context, body, scope)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     task_id = f"{completion_id}:chat"
@@ -366,19 +378,25 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         events = _stream(context, base, task_id, body.seed, scope, base_url, include_usage,
                          tools=body.tool_mode() is not None)
         return EventSourceResponse(_cancelled_when_closed(context, completion_id, events), ping=15, sep="\n")
-    async with _cancelled_if_abandoned(context, request, completion_id):
-        record = await _finished(context, task_id)
-        _raise_for(record)
-        result = record.result
-        if body.tool_mode() is not None:
-            message, finish_reason = _tool_reply(result)
-            return {**base, "object": "chat.completion", "usage": _usage(result), "artifacts": [],
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}]}
-        content, artifacts = result["text"], []
-        if result.get("image_prompt"):
-            links, artifacts = await _draw(context, result["image_prompt"], body.seed, run_id=completion_id,
-                                           scope=scope, base_url=base_url)
-            content = f"{content}\n\n{links}".strip()
+    async with context.quotas.chats.holding(scope), _cancelled_if_abandoned(context, request, completion_id):
+        return await _answer(context, base, task_id, body, scope, base_url)
+
+
+async def _answer(context, base: dict, task_id: str, body: ChatCompletionRequest, scope: str, base_url: str):
+    """The whole completion once the step (and the drawing it asks for) has finished."""
+    completion_id = base["id"]
+    record = await _finished(context, task_id)
+    _raise_for(record)
+    result = record.result
+    if body.tool_mode() is not None:
+        message, finish_reason = _tool_reply(result)
+        return {**base, "object": "chat.completion", "usage": _usage(result), "artifacts": [],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}]}
+    content, artifacts = result["text"], []
+    if result.get("image_prompt"):
+        links, artifacts = await _draw(context, result["image_prompt"], body.seed, run_id=completion_id,
+                                       scope=scope, base_url=base_url)
+        content = f"{content}\n\n{links}".strip()
     return {**base, "object": "chat.completion", "usage": _usage(result), "artifacts": artifacts,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": result["finish_reason"], "logprobs": None}]}
@@ -445,6 +463,13 @@ async def _stream(context, base: dict, task_id: str, seed: int | None, scope: st
     """Token deltas as they are generated, then the image link (if any), the finish chunk, usage, ``[DONE]``.
     A tools-bound reply is JSON under the tools' grammar: it is sent whole once decoded, as one tool-call (or
     content) delta."""
+    async with context.quotas.chats.holding(scope):
+        async for event in _stream_events(context, base, task_id, seed, scope, base_url, include_usage, tools):
+            yield event
+
+
+async def _stream_events(context, base: dict, task_id: str, seed: int | None, scope: str, base_url: str,
+                         include_usage: bool, tools: bool) -> AsyncIterator[ServerSentEvent]:
     run_id = base["id"]
     yield _chunk(base, {"role": "assistant", "content": ""})
     after, record = None, None

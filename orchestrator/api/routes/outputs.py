@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, CurrentScope, PathId
+from orchestrator.api.deps import Context, CurrentScope, PathId, ThreadId
 from orchestrator.api.errors import ApiError
 from orchestrator.api.openapi import errors
 from orchestrator.outputs import NoOutput, output_archive
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/threads", tags=["runs"])
 
 @router.get("/{thread_id}/runs/{run_id}/output", response_class=Response,
             responses={200: {"content": {"application/zip": {}}}, **errors(404, 409)})
-async def read_run_output(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope) -> Response:
+async def read_run_output(thread_id: ThreadId, run_id: PathId, context: Context, scope: CurrentScope) -> Response:
     """The run's output folder as a zip, exactly what ``mgmflow run <workflow> --out DIR`` writes into ``DIR``
     (404 for a workflow without files, 409 before the run has succeeded)."""
     run = await run_in_threadpool(context.runs.get_run, run_id, scope=scope)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, CurrentScope, PathId
+from orchestrator.api.deps import Context, CurrentScope, PathId, ThreadId
 from orchestrator.api.errors import ApiError, not_found
 from orchestrator.api.logs import current_run
 from orchestrator.api.openapi import errors
@@ -20,6 +20,7 @@ from orchestrator.api.streaming import (
     TERMINAL, check_event_id, final_values, run_location, run_public, stream_response, wait_for_end,
 )
 from orchestrator.api.submission import admit, check_limits
+from orchestrator.records import scoped_thread_id
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,8 @@ async def cancel_runs(body: RunsCancel, context: Context, scope: CurrentScope,
         statuses = ("pending", "running", "interrupted") if body.status in (None, "all") else (body.status,)
         ids = []
         for status in statuses:
-            runs = await run_in_threadpool(context.runs.list_runs, scope=scope, thread_id=body.thread_id,
+            thread_id = scoped_thread_id(scope, body.thread_id) if body.thread_id is not None else None
+            runs = await run_in_threadpool(context.runs.list_runs, scope=scope, thread_id=thread_id,
                                            status=status, limit=100_000)
             ids += [run.run_id for run in runs]
     for run_id in ids:
@@ -220,14 +222,14 @@ async def join_run_stream(run_id: PathId, context: Context, scope: CurrentScope,
 
 
 @thread_router.post("", response_model=RunPublic, responses=errors(409))
-async def create_thread_run(thread_id: PathId, body: RunCreate, context: Context, scope: CurrentScope,
+async def create_thread_run(thread_id: ThreadId, body: RunCreate, context: Context, scope: CurrentScope,
                             idempotency_key: IdempotencyKey = None):
     """Start a background run on the thread (after its earlier runs: runs on a thread are serial)."""
     return _created(await _start(context, body, scope, thread_id, idempotency_key))
 
 
 @thread_router.post("/wait", responses=errors(409))
-async def wait_thread_run(thread_id: PathId, body: RunCreate, context: Context, scope: CurrentScope,
+async def wait_thread_run(thread_id: ThreadId, body: RunCreate, context: Context, scope: CurrentScope,
                           idempotency_key: IdempotencyKey = None):
     """Start a run on the thread and answer with the thread's state after it."""
     return await _waited(context, await _start(context, body, scope, thread_id, idempotency_key), scope)
@@ -235,7 +237,7 @@ async def wait_thread_run(thread_id: PathId, body: RunCreate, context: Context, 
 
 @thread_router.post("/stream", response_class=JSONResponse,
                     responses={200: {"content": {"text/event-stream": {}}}, **errors(409)})
-async def stream_thread_run(thread_id: PathId, body: RunCreate, context: Context, scope: CurrentScope,
+async def stream_thread_run(thread_id: ThreadId, body: RunCreate, context: Context, scope: CurrentScope,
                             idempotency_key: IdempotencyKey = None):
     """Start a run on the thread and stream its events (SSE)."""
     run = await _start(context, body, scope, thread_id, idempotency_key)
@@ -243,7 +245,7 @@ async def stream_thread_run(thread_id: PathId, body: RunCreate, context: Context
 
 
 @thread_router.get("", response_model=list[RunPublic])
-async def list_thread_runs(thread_id: PathId, context: Context, scope: CurrentScope, limit: Limit = 10,
+async def list_thread_runs(thread_id: ThreadId, context: Context, scope: CurrentScope, limit: Limit = 10,
                            offset: Offset = 0, status: RunStatus | None = None):
     """The thread's runs, newest first."""
     await run_in_threadpool(context.runs.get_thread, thread_id, scope=scope)
@@ -251,13 +253,21 @@ async def list_thread_runs(thread_id: PathId, context: Context, scope: CurrentSc
 
 
 @thread_router.get("/{run_id}", response_model=RunPublic)
-async def read_thread_run(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope):
+async def read_thread_run(thread_id: ThreadId, run_id: PathId, context: Context, scope: CurrentScope):
     """A run's status, queue position and latest progress."""
     return await _read(context, run_id, scope, thread_id)
 
 
+@thread_router.delete("/{run_id}", status_code=204, responses=errors(404, 409))
+async def delete_thread_run(thread_id: ThreadId, run_id: PathId, context: Context, scope: CurrentScope) -> Response:
+    """Delete a run that has ended (409 otherwise): its record, events and the artifacts it made."""
+    await _get(context, run_id, scope, thread_id)
+    await run_in_threadpool(context.runs.delete_run, run_id, scope=scope)
+    return Response(status_code=204)
+
+
 @thread_router.post("/{run_id}/cancel", response_model=RunPublic)
-async def cancel_thread_run(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope,
+async def cancel_thread_run(thread_id: ThreadId, run_id: PathId, context: Context, scope: CurrentScope,
                             wait: bool = False, action: Literal["interrupt", "rollback"] = "interrupt"):
     """Cancel a run (idempotent: a finished run stays as it was); ``wait=1`` answers once it has stopped."""
     await _get(context, run_id, scope, thread_id)
@@ -265,14 +275,14 @@ async def cancel_thread_run(thread_id: PathId, run_id: PathId, context: Context,
 
 
 @thread_router.get("/{run_id}/join")
-async def join_thread_run(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope):
+async def join_thread_run(thread_id: ThreadId, run_id: PathId, context: Context, scope: CurrentScope):
     """Wait for the run to end; answer with the thread's state after it."""
     return await _joined(context, run_id, scope, thread_id)
 
 
 @thread_router.get("/{run_id}/stream", response_class=JSONResponse,
                    responses={200: {"content": {"text/event-stream": {}}}, **errors(400)})
-async def join_thread_run_stream(thread_id: PathId, run_id: PathId, context: Context, scope: CurrentScope,
+async def join_thread_run_stream(thread_id: ThreadId, run_id: PathId, context: Context, scope: CurrentScope,
                                  last_event_id: LastEventId = None, cancel_on_disconnect: bool = False,
                                  stream_mode: StreamModes = None, stream_subgraphs: bool = False):
     """Stream a run's events (SSE) from the start, or after ``Last-Event-ID`` to resume."""
