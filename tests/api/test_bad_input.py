@@ -47,7 +47,7 @@ def _error(response, status: int, code: str | None = None) -> dict:
     (b'{"assistant_id": "no-such-workflow"}', 404, "unknown_workflow"),
     (b'{"assistant_id": "echo", "input": {"text": "x", "steps": 0}}', 400, "invalid_input"),
     (b'{"assistant_id": "echo", "input": {"text": "x", "pages": 65}}', 422, "too_many_pages"),
-    (b'{"assistant_id": "echo", "input": {"text": "x"}, "webhook": "http://169.254.169.254/latest"}', 422,
+    (b'{"assistant_id": "echo", "input": {"text": "x"}, "webhook": "http://169.254.169.254/latest"}', 400,
      "webhook_not_allowed"),
     (b'{"assistant_id": "echo", "input": {"text": "x"}, "priority": 12}', 422, "invalid_request"),
 ])
