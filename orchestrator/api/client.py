@@ -51,19 +51,26 @@ class ApiClient:
             raise ServerError(f"{method} {path}: {response.status_code} {detail}")
         return response
 
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A request whose answer is JSON; anything else is a :class:`ServerError`, never a crash."""
+        response = self.request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:  # not JSON, or not even text
+            raise ServerError(f"the server answered {method} {path[:80]} with something that is not JSON") from None
+
     def upload_batch(self, path: Path, workflow: str, concurrency: int, priority: int,
                      idempotency_key: str | None) -> dict[str, Any]:
         """Send the batch file; image paths in its items are uploaded first and replaced by their artifact ids (the
         server reads no path)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         content = self._with_uploads(path, workflow)
-        return self.request("POST", "/batches/upload", headers=headers, files={"file": (path.name, content)},
-                            data={"assistant_id": workflow, "concurrency": str(concurrency),
-                                  "priority": str(priority)}).json()
+        return self.call("POST", "/batches/upload", headers=headers, files={"file": (path.name, content)},
+                         data={"assistant_id": workflow, "concurrency": str(concurrency), "priority": str(priority)})
 
     def upload_image(self, path: Path) -> str:
         with path.open("rb") as file:
-            return self.request("POST", "/artifacts", files={"file": (path.name, file)}).json()["id"]
+            return self.call("POST", "/artifacts", files={"file": (path.name, file)})["id"]
 
     def _with_uploads(self, path: Path, workflow: str) -> bytes:
         """The batch file's content; as JSON Lines with artifact ids when items name local files."""
@@ -73,7 +80,7 @@ class ApiClient:
 
         content = path.read_bytes()
         try:
-            schema = self.request("GET", f"/assistants/{workflow}/schemas").json()["input_schema"]
+            schema = self.call("GET", f"/assistants/{workflow}/schemas")["input_schema"]
             items = parse_items(content, path.name) if artifact_fields(schema) else None
         except (ServerError, ApiError):  # an unknown workflow, a bad file: the upload's answer names it
             return content
@@ -88,7 +95,7 @@ class ApiClient:
     def follow(self, batch_id: str, on_progress: Callable[[dict[str, Any]], None], poll_s: float = 1.0):
         """Poll the batch until it ends; ``on_progress`` gets each status."""
         while True:
-            batch = self.request("GET", f"/batches/{batch_id}").json()
+            batch = self.call("GET", f"/batches/{batch_id}")
             on_progress(batch)
             if batch["run"]["status"] in FINISHED:
                 return batch
@@ -101,7 +108,7 @@ class ApiClient:
         Everything goes into a temporary folder first, renamed into place at the end: no partial output. File
         names come from the server's ids: each is checked to be a plain id first (a hostile server names no path)."""
         check_out_dir(out_dir)
-        rows = self.request("GET", f"/batches/{server_id(batch_id, 'batch id')}/results").json()
+        rows = self.call("GET", f"/batches/{server_id(batch_id, 'batch id')}/results")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
         try:

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, PresentedKey, unauthorized
+from orchestrator.api.deps import Context, bearer_scheme, header_scheme, presented_key, unauthorized
 from orchestrator.api.errors import redact
 from workers.artifacts import ArtifactNotFound
 
@@ -73,11 +73,13 @@ def _ping_store(store) -> None:
 
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
-async def read_metrics(request: Request, context: Context, key: PresentedKey) -> Response:
+async def read_metrics(request: Request, context: Context) -> Response:
     """Prometheus metrics: queue depth, run and task latency, HTTP traffic, errors (``MGMFLOW_METRICS_KEY``: only
     for a scraper that sends it as its bearer key)."""
     expected = context.settings.metrics_key
-    if expected is not None and not hmac.compare_digest((key or "").encode(), expected.encode()):
-        raise await unauthorized(request, context)
+    if expected is not None:  # read here, not as a dependency: the document declares no key when none is needed
+        key = await presented_key(await bearer_scheme(request), await header_scheme(request))
+        if not hmac.compare_digest((key or "").encode(), expected.encode()):
+            raise await unauthorized(request, context)
     body = await run_in_threadpool(context.metrics.scrape, context.runs)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
