@@ -70,6 +70,17 @@ def _norm_linear(in_features: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(in_features), nn.Linear(in_features, out_features))
 
 
+def region_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Single-head attention of each query over the keys of its own region: [V, n, C], [V, n, r, C] x2 -> [V, n, C].
+
+    The key is scaled by 1/sqrt(C) before the product, as the official code does: scaled after it, the product
+    of fp16 activations overflows (65504) at a 32x smaller size for C = 1024.
+    """
+    logits = query[:, :, None] @ (key / math.sqrt(query.shape[-1])).transpose(-1, -2)  # [V, n, 1, r]
+    attention = torch.nan_to_num(logits).softmax(dim=-1)  # nan_to_num: the official fp16 overflow guard
+    return (attention @ value).squeeze(2)
+
+
 class MGMForCausalLM(nn.Module):
     """Mini-Gemini around a transformers causal LM (``language_model``), in eval mode."""
 
@@ -127,7 +138,7 @@ class MGMForCausalLM(nn.Module):
 
     def mine_patch_info(self, clip: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """Each CLIP token attends to the M x M aux pixels under its patch: [V, n, C], [V, C_aux, W, W] -> [V, n, C]."""
-        views, n, c = clip.shape
+        views, n, _ = clip.shape
         side = math.isqrt(n)
         width = aux.shape[-1]
         if side * side != n or width % side:
@@ -136,12 +147,10 @@ class MGMForCausalLM(nn.Module):
         # Channels-last, then one row per region: [V, side, m, side, m, C_aux] -> [V, n, m*m, C_aux].
         regions = aux.permute(0, 2, 3, 1).reshape(views, side, m, side, m, -1)
         regions = regions.permute(0, 1, 3, 2, 4, 5).reshape(views, n, m * m, -1)
-        query = self.vlm_uni_query_projector(clip)[:, :, None]  # [V, n, 1, C]
+        query = self.vlm_uni_query_projector(clip)  # [V, n, C]
         key = self.vlm_uni_aux_projector(regions)  # [V, n, m*m, C]
         value = self.vlm_uni_val_projector(regions)
-        logits = query @ key.transpose(-1, -2) / math.sqrt(c)  # [V, n, 1, m*m]
-        attention = torch.nan_to_num(logits).softmax(dim=-1)  # nan_to_num: the official fp16 overflow guard
-        return (attention @ value).squeeze(2)
+        return region_attention(query, key, value)
 
     def patch_info_mining(self, images: torch.Tensor, images_aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP tokens and mined aux tokens, both [N, n_visual, C] in the order the LLM sees them.
