@@ -60,3 +60,25 @@ def test_a_quantized_worker_without_cuda_exits_with_a_clear_message(services):
 def test_bad_placement_flags_are_usage_errors(args, message):
     result = CliRunner().invoke(main, ["worker", "--queues=vlm", "--broker=redis://127.0.0.1:1/0", *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_gpus_with_a_device_map_is_one_process_over_all_of_them(monkeypatch):
+    import workers.worker
+
+    started, spawned = [], []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after the test: the worker command sets it
+    monkeypatch.setattr(workers.worker, "run_worker", lambda settings, **options: started.append(
+        (settings, os.environ["CUDA_VISIBLE_DEVICES"], options["name"])))
+    monkeypatch.setattr(workers.worker, "run_per_gpu", lambda argv, gpus, name: spawned.append((argv, gpus)) or 0)
+    base = ["worker", "--queues=vlm", "--broker=redis://127.0.0.1:1/0", "--gpus=0,1"]
+
+    result = CliRunner().invoke(main, [*base, "--device-map=balanced", "--load-4bit"])
+    assert result.exit_code == 0, result.output
+    [(settings, visible, name)] = started
+    assert visible == "0,1" and name == "gpu0-1" and not spawned
+    assert settings.vlm_device_map == "balanced" and settings.vlm_quantization == "4bit"
+
+    result = CliRunner().invoke(main, [*base, "--load-8bit"])  # no map: one process per GPU, each quantized
+    assert result.exit_code == 0, result.output
+    [(argv, gpus)] = spawned
+    assert gpus == ["0", "1"] and "--load-8bit" in argv
