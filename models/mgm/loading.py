@@ -356,8 +356,9 @@ def load_pretrained(
     """Load a Mini-Gemini checkpoint folder (or a preset name) into ``(model, processor)``, in eval mode.
 
     ``device``/``dtype`` default to CUDA in bf16 (fp16 where bf16 is unsupported) or CPU in fp32.
-    ``device_map`` (e.g. ``"auto"``) spreads the LLM over several GPUs; the towers sit with its embeddings.
-    ``quantization`` ``"4bit"`` / ``"8bit"`` quantizes the LLM with bitsandbytes (CUDA only).
+    ``device_map`` (e.g. ``"auto"``, see :func:`check_device_map`) spreads the LLM over several GPUs (or parts of
+    it to ``"cpu"`` / ``"disk"``); the towers sit with its embeddings. ``quantization`` ``"4bit"`` / ``"8bit"``
+    quantizes the LLM with bitsandbytes (CUDA only). Both are checked before any weight is read.
     """
     folder = resolve(path)  # a folder, or a preset name (tiny presets are built on first use)
     config_file = folder / "config.json"
