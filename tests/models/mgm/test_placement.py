@@ -34,10 +34,11 @@ def test_a_device_map_splits_the_llm_and_answers_as_the_whole_model(tiny_mgm):
     assert [r.text for r in answered] == [r.text for r in expected]
 
 
-def test_the_engine_passes_placement_and_quantization_to_the_loader():
+def test_the_engine_passes_placement_and_quantization_to_the_loader(monkeypatch):
     engine = MGMEngine.from_pretrained("tiny", device_map=SPLIT)
     assert engine.model.language_model.hf_device_map == SPLIT
-    with pytest.raises(InvalidInputError, match="4bit"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidInputError, match="4bit loading quantizes the LLM"):
         MGMEngine.from_pretrained("tiny", quantization="4bit")
 
 
