@@ -94,6 +94,51 @@ def models() -> None:
         click.echo(f"{family:<{widths[0]}}  {name:<{widths[1]}}  {kind:<{widths[2]}}  {mark}  {location}")
 
 
+def _vlm_placement_options(command):
+    """``--device-map``, ``--load-4bit``, ``--load-8bit``: how a Mini-Gemini LLM is placed (official CLI flags)."""
+    options = [
+        click.option("--device-map", default=None, metavar="STRATEGY|JSON", callback=_parse_device_map,
+                     help="Spread Mini-Gemini's LLM over the visible GPUs: auto, balanced, balanced_low_0, "
+                          'sequential, or a JSON object {"LLM module": CUDA index | "cpu" | "disk"}.'),
+        click.option("--load-4bit", is_flag=True, help="Quantize Mini-Gemini's LLM to 4 bits (bitsandbytes, CUDA)."),
+        click.option("--load-8bit", is_flag=True, help="Quantize Mini-Gemini's LLM to 8 bits (bitsandbytes, CUDA)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _parse_device_map(ctx: click.Context, param: click.Parameter, value: str | None):
+    """A JSON object (``{"model.layers.0": 0, …}``) or a strategy name, checked by the settings' own types."""
+    import json
+
+    from pydantic import ValidationError
+
+    from workers.settings import Settings
+
+    if value is None:
+        return None
+    device_map = value
+    if value.lstrip().startswith(("{", "[")):
+        try:
+            device_map = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise click.BadParameter(f"not a JSON object: {error}") from None
+    try:
+        return Settings(vlm_device_map=device_map).vlm_device_map
+    except ValidationError:
+        raise click.BadParameter(
+            f"{value!r} is not one of auto, balanced, balanced_low_0, sequential, nor a JSON object from the LLM's "
+            'modules to devices (a CUDA index, "cpu" or "disk")'
+        ) from None
+
+
+def _quantization(load_4bit: bool, load_8bit: bool) -> str | None:
+    if load_4bit and load_8bit:
+        raise click.UsageError("--load-4bit and --load-8bit exclude each other")
+    return "4bit" if load_4bit else "8bit" if load_8bit else None
+
+
 @main.command()
 @click.argument("question")
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -111,9 +156,10 @@ def models() -> None:
 @click.option("--draw-model", default="tiny", show_default=True,
               help="Diffusion preset or folder that draws, with --gen (the official CLI uses sdxl-base).")
 @click.option("--conv-mode", default=None, help="Conversation template, e.g. llama_3 (default: from the checkpoint).")
+@_vlm_placement_options
 def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: int, temperature: float,
          seed: int | None, json_schema: Path | None, gen: bool, out: Path, draw_model: str,
-         conv_mode: str | None) -> None:
+         conv_mode: str | None, device_map, load_4bit: bool, load_8bit: bool) -> None:
     """Ask Mini-Gemini a QUESTION about images; the answer streams as it is written."""
     import json
 
@@ -129,7 +175,8 @@ def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: in
             schema = json.loads(json_schema.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise InvalidInputError(f"--json-schema: cannot read {json_schema} as JSON: {error}") from None
-    result = _stream_chat(model, question, list(images), conv_mode, max_new_tokens=max_new_tokens,
+    placement = {"device_map": device_map, "quantization": _quantization(load_4bit, load_8bit), "template": conv_mode}
+    result = _stream_chat(model, question, list(images), placement, max_new_tokens=max_new_tokens,
                           temperature=temperature, seed=seed, json_schema=schema,
                           generate_image="allow" if gen else None)
     if result.finish_reason == "length":
@@ -161,7 +208,7 @@ def demo(out: Path, pages: int, broker: str | None) -> None:
                   broker=broker)
 
 
-def _stream_chat(model: str, question: str, images: list, conv_mode: str | None = None, **options):
+def _stream_chat(model: str, question: str, images: list, placement: dict, **options):
     """One chat turn printed as it streams; returns its ``ChatResult``."""
     from transformers.utils import logging as transformers_logging
 
@@ -171,7 +218,7 @@ def _stream_chat(model: str, question: str, images: list, conv_mode: str | None 
     transformers_logging.set_verbosity_error()
     # Bad images and options fail before the model loads.
     request = ChatRequest([Message("user", question, [load_image(i) for i in images])], **options)
-    engine = MGMEngine.from_pretrained(model, template=conv_mode)
+    engine = MGMEngine.from_pretrained(model, **placement)
     [result] = engine.chat([request], on_token=lambda _, piece: click.echo(piece, nl=False))
     click.echo()
     return result
@@ -327,37 +374,43 @@ def _write_atomically(path: Path, data: bytes) -> None:
 @click.option("--broker", default=None, help="Broker URL (default: MGMFLOW_BROKER_URL).")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 256), default=None,
               help="Threads. Default: the batch size on batching queues, else 1.")
-@click.option("--gpus", default=None, help="Comma-separated GPU indices: one worker process per GPU.")
+@click.option("--gpus", default=None, help="Comma-separated GPU indices: one worker process per GPU; with "
+              "--device-map, one process over all of them.")
 @click.option("--name", "-n", default=None, help="Worker name (default: worker-<pid>).")
 @click.option("--include", "-I", multiple=True, help="Extra task module to import (repeatable).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--conv-mode", default=None, help="Mini-Gemini's conversation template, e.g. llama_3 "
               "(default: MGMFLOW_VLM_CONV_MODE, else from the checkpoint).")
+@_vlm_placement_options
 def worker(queues: str, models: tuple[str, ...], broker: str | None, concurrency: int | None, gpus: str | None,
-           name: str | None, include: tuple[str, ...], loglevel: str, conv_mode: str | None) -> None:
-    """Run a worker: loads its models first (exits non-zero if one fails), then serves its queues."""
+           name: str | None, include: tuple[str, ...], loglevel: str, conv_mode: str | None, device_map,
+           load_4bit: bool, load_8bit: bool) -> None:
+    """Run a worker: loads its models first (exits non-zero if one fails), then serves its queues.
+
+    Placement and template flags override MGMFLOW_VLM_DEVICE_MAP / MGMFLOW_VLM_QUANTIZATION / MGMFLOW_VLM_CONV_MODE.
+    """
     import logging
 
     from workers.settings import Settings, get_settings
     from workers.worker import parse_models, run_per_gpu, run_worker, use_gpu
 
-    if conv_mode:  # the setting the model cache reads; per-GPU worker processes inherit it
-        os.environ["MGMFLOW_VLM_CONV_MODE"] = conv_mode
-        get_settings.cache_clear()
-
+    quantization = _quantization(load_4bit, load_8bit)
     gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
-    if len(gpu_list) > 1:
+    if len(gpu_list) > 1 and device_map is None:
         argv = [sys.executable, "-c", "from orchestrator.cli import main; main()", "worker", f"--queues={queues}",
                 *(f"--model={m}" for m in models), *(f"--include={i}" for i in include), f"--loglevel={loglevel}",
-                *([f"--broker={broker}"] if broker else []), *([f"--concurrency={concurrency}"] if concurrency else [])]
+                *([f"--broker={broker}"] if broker else []), *([f"--concurrency={concurrency}"] if concurrency else []),
+                *([f"--load-{quantization}"] if quantization else []), *([f"--conv-mode={conv_mode}"] if conv_mode else [])]
         sys.exit(run_per_gpu(argv, gpu_list, name or "gpu"))
     if gpu_list:
-        use_gpu(gpu_list[0])
-        name = name or f"gpu{gpu_list[0]}"
+        use_gpu(",".join(gpu_list))  # one GPU, or all of them for a model spread by its device map
+        name = name or f"gpu{'-'.join(gpu_list)}"
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     queue_list = [q.strip() for q in queues.split(",") if q.strip()]
-    settings = Settings(**({"broker_url": broker} if broker else {}))
+    placement = {"vlm_device_map": device_map, "vlm_quantization": quantization, "vlm_conv_mode": conv_mode}
+    settings = Settings(**({"broker_url": broker} if broker else {}),
+                        **{key: value for key, value in placement.items() if value is not None})
     if not settings.embedded and (not queue_list or "orchestrator" in queue_list):
         from orchestrator.driver import serve as serve_orchestration
 

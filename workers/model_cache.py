@@ -6,6 +6,7 @@ later, on this worker after freeing memory or on another one.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import sys
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from models.errors import ResourceExhaustedError
+from workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +28,16 @@ ENGINE_OF_FAMILY = {"vlm": "mgm", "diffusion": "diffusion", "edit": "diffusion"}
 Loras = tuple[tuple[str, float], ...]  # (adapter path, weight): part of a diffusion engine's identity
 
 
-def load_engine(engine: str, name: str, loras: Loras = ()) -> Any:
-    """Load one engine; the model packages are imported only by workers that use them."""
+def load_engine(engine: str, name: str, loras: Loras = (), *, vlm_placement: dict | None = None) -> Any:
+    """Load one engine; the model packages are imported only by workers that use them.
+
+    ``vlm_placement``: ``device_map`` / ``quantization`` / ``template`` of Mini-Gemini engines
+    (``Settings.vlm_placement``).
+    """
     if engine == "mgm":
         from models.mgm.engine import MGMEngine
-        from workers.settings import get_settings
 
-        return MGMEngine.from_pretrained(name, template=get_settings().vlm_conv_mode)
+        return MGMEngine.from_pretrained(name, **(vlm_placement or {}))
     from models.diffusion import DiffusionEngine, LoraSpec
 
     return DiffusionEngine.from_pretrained(name, loras=[LoraSpec(path, weight) for path, weight in loras])
@@ -52,7 +57,7 @@ def engine_bytes(engine: Any) -> int:
         seen.add(id(value))
         if isinstance(value, torch.nn.Module):
             for tensor in (*value.parameters(), *value.buffers()):
-                if id(tensor) not in seen:
+                if id(tensor) not in seen and not tensor.is_meta:  # meta: offloaded to disk, not in memory
                     seen.add(id(tensor))
                     total += tensor.numel() * tensor.element_size()
         elif isinstance(value, dict):
@@ -72,6 +77,12 @@ class ModelCache:
         self._loader = loader
         self._engines: OrderedDict[tuple[str, str, Loras], tuple[Any, int]] = OrderedDict()
         self._lock = threading.RLock()  # held while loading: two threads never load the same weights twice
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelCache:
+        """The cache a worker keeps: its memory budget and VLM placement from the settings."""
+        budget = None if settings.model_memory_gb is None else int(settings.model_memory_gb * 2**30)
+        return cls(budget, loader=functools.partial(load_engine, vlm_placement=settings.vlm_placement))
 
     def get(self, family: str, name: str, loras: Loras = ()) -> Any:
         """The engine for ``family``'s model ``name`` (with LoRA adapters), loading it (and evicting others)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,10 @@ class Settings(BaseSettings):
     edit_model: str = "tiny"  # img2img and inpaint
     instruct_model: str = "tiny-ip2p"  # instruction edits need an InstructPix2Pix UNet
     vlm_conv_mode: str | None = None  # Mini-Gemini's template (vicuna_v1, llama_3...); unset → from the checkpoint
+    # How the VLM's LLM is placed: spread over the visible GPUs (a strategy, or JSON {LLM module: device} with a
+    # CUDA index, "cpu" or "disk"), and/or quantized by bitsandbytes (CUDA only). Unset: one device, unquantized.
+    vlm_device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = None
+    vlm_quantization: Literal["4bit", "8bit"] | None = None
 
     # Dynamic batching: requests arriving within the window (up to the batch size) run as one model call.
     vlm_batch_size: int = Field(default=4, ge=1, le=64)
@@ -79,6 +84,12 @@ class Settings(BaseSettings):
             return self.visibility_timeout_s
         models = (self.vlm_model, self.diffusion_model, self.edit_model, self.instruct_model)
         return 15.0 if all(name.startswith("tiny") for name in models) else 3600.0
+
+    @property
+    def vlm_placement(self) -> dict:
+        """The VLM loading options (``MGMEngine.from_pretrained`` keywords): placement, quantization, template."""
+        return {"device_map": self.vlm_device_map, "quantization": self.vlm_quantization,
+                "template": self.vlm_conv_mode}
 
     def model_for(self, family: str) -> str:
         """The default model of a task family ("vlm", "diffusion", "edit")."""

@@ -103,11 +103,11 @@ class Runtime:
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
         records = rec.open_records(settings)
-        budget = None if settings.model_memory_gb is None else int(settings.model_memory_gb * 2**30)
         affinity = Affinity(None if settings.embedded else rec.redis_client(settings.records_url),
                             ttl_s=settings.affinity_ttl_s, alive_s=settings.lease_s)
         return cls(settings=settings, records=records, events=open_events(settings), store=open_store(settings),
-                   models=ModelCache(budget), leases=LeaseKeeper(records, settings.lease_s), affinity=affinity)
+                   models=ModelCache.from_settings(settings), leases=LeaseKeeper(records, settings.lease_s),
+                   affinity=affinity)
 
     def batcher(self, key: tuple, run: Callable, *, max_size: int) -> Batcher:
         """The batcher for ``key`` (e.g. ("vlm.chat", model)), created on first use."""

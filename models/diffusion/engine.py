@@ -132,8 +132,6 @@ class DiffusionEngine:
         # Native size: what the UNet was trained on, as diffusers computes its default.
         self.native_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         self._pipeline = pipeline
-        self._task_pipelines: dict[str, DiffusionPipeline] = {}
-        self._lock = threading.Lock()
         # One pipeline call at a time: requests share the modules and the fast tokenizers, whose truncation
         # settings are per-object state that a concurrent call can change mid-encoding.
         self._call_lock = threading.Lock()
@@ -315,23 +313,20 @@ class DiffusionEngine:
         return results
 
     def _request_pipeline(self, task: str, scheduler_name: str | None) -> DiffusionPipeline:
-        """A new pipeline object over the shared modules, with a fresh scheduler, for one request."""
-        shared = self._task_pipeline(task)
-        pipeline_class = type(shared)
-        _, options = pipeline_class._get_signature_keys(pipeline_class)
-        config = {name: shared.config[name] for name in options if name in shared.config}
-        pipeline = pipeline_class(**(shared.components | {"scheduler": self._scheduler(scheduler_name)}), **config)
+        """A new pipeline object of the task's class over the loaded modules, with a fresh scheduler.
+
+        Built directly rather than with diffusers' ``from_pipe``, which casts every module to its ``torch_dtype``
+        argument (float32 by default) in place: the shared modules keep the dtype (and device) they were loaded
+        with. The model's own settings (e.g. ``force_zeros_for_empty_prompt``) carry over through its config.
+        """
+        pipeline_class = _PIPELINES[(self.family, task)]
+        base = self._pipeline
+        modules, options = pipeline_class._get_signature_keys(pipeline_class)
+        components = {name: module for name, module in base.components.items() if name in modules}
+        config = {name: base.config[name] for name in options if name in base.config}
+        pipeline = pipeline_class(**(components | {"scheduler": self._scheduler(scheduler_name)}), **config)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
-
-    def _task_pipeline(self, task: str) -> DiffusionPipeline:
-        with self._lock:
-            if task not in self._task_pipelines:
-                pipeline_class = _PIPELINES[(self.family, task)]
-                base = self._pipeline
-                # from_pipe once per task: it carries the model's own settings (e.g. force_zeros_for_empty_prompt).
-                self._task_pipelines[task] = base if type(base) is pipeline_class else pipeline_class.from_pipe(base)
-            return self._task_pipelines[task]
 
     def _scheduler(self, name: str | None):
         base = self._pipeline.scheduler

@@ -177,12 +177,23 @@ class MGMEngine:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, *, device=None, dtype=None, template: str | None = None, **budgets
+        cls,
+        name_or_path: str | Path,
+        *,
+        device=None,
+        dtype=None,
+        device_map: str | dict | None = None,
+        quantization: str | None = None,
+        template: str | None = None,
+        **budgets,
     ) -> MGMEngine:
-        """Load a preset name (``tiny``, ``mgm-7b``…) or a checkpoint folder."""
+        """Load a preset name (``tiny``, ``mgm-7b``…) or a checkpoint folder; ``device_map`` / ``quantization``
+        (``"4bit"`` / ``"8bit"``) place the LLM as ``load_pretrained`` does."""
         from models.mgm import load_pretrained, presets
 
-        model, processor = load_pretrained(presets.resolve(name_or_path), device=device, dtype=dtype)
+        model, processor = load_pretrained(
+            presets.resolve(name_or_path), device=device, dtype=dtype, device_map=device_map, quantization=quantization
+        )
         return cls(model, processor, model_id=str(name_or_path), template=template, **budgets)
 
     def compatibility_key(self, request: ChatRequest) -> Hashable:

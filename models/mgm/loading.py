@@ -52,6 +52,7 @@ KNOWN_TOWERS = {
 }
 CLIP_HEAD_DIM = 64  # every OpenAI CLIP ViT; used only when no tower config is at hand
 QUANTIZATIONS = ("4bit", "8bit")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's
 
 
 # -- the checkpoint's files ------------------------------------------------------------------------------------
@@ -138,14 +139,19 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
     return device, dtype
 
 
-def quantization_config(quantization: str | None, dtype: torch.dtype):
+def quantization_config(quantization: str | None, dtype: torch.dtype, device: torch.device):
     """The bitsandbytes config for the LLM (the towers stay in ``dtype``), as the official loader sets it."""
     if quantization is None:
         return None
     if quantization not in QUANTIZATIONS:
         raise InvalidInputError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+    needs = f"{quantization} loading quantizes the LLM with bitsandbytes, which needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        raise InvalidInputError(f"{needs}: there is no CUDA device here")
+    if device.type != "cuda":
+        raise InvalidInputError(f"{needs}: the model was asked for on {device}")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise InvalidInputError(f"{quantization} loading needs bitsandbytes: pip install bitsandbytes (CUDA only)")
+        raise InvalidInputError(f"{needs} and the bitsandbytes package: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
@@ -156,6 +162,44 @@ def quantization_config(quantization: str | None, dtype: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_quant_type="nf4",
     )
+
+
+def check_device_map(device_map: str | dict | None) -> None:
+    """Refuse a device map transformers would trip over later (or, for a missing GPU, with an AssertionError).
+
+    A map is a placement strategy (``"auto"`` …), one device for the whole LLM (``"cuda:1"``), or a dict from
+    the LLM's module names (``model.layers.12``, ``lm_head``) to devices: a CUDA index, ``"cuda:N"``, ``"cpu"``
+    or ``"disk"`` (weights streamed in from the checkpoint at each forward).
+    """
+    if device_map is None or device_map in DEVICE_MAP_STRATEGIES:
+        return
+    if isinstance(device_map, str):
+        placements = {"": device_map}
+    elif isinstance(device_map, dict):
+        if not device_map:
+            raise InvalidInputError("device_map is empty: map the LLM's modules to devices, or use 'auto'")
+        placements = device_map
+    else:
+        raise InvalidInputError(
+            f"device_map must be a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}), a device, or a dict from the "
+            f"LLM's module names to devices; got {type(device_map).__name__}"
+        )
+    for module, placement in placements.items():
+        if placement == "disk":
+            continue
+        what = f"device_map places {module or 'the LLM'} on {placement!r}"
+        try:  # a bare index means a CUDA device (torch.device would take the build's default accelerator)
+            device = torch.device("cuda", placement) if isinstance(placement, int) else torch.device(placement)
+        except (RuntimeError, TypeError):
+            if module == "":
+                strategies = ", ".join(DEVICE_MAP_STRATEGIES)
+                raise InvalidInputError(
+                    f"device_map {placement!r} is neither a strategy ({strategies}) nor a device"
+                ) from None
+            raise InvalidInputError(f"{what}: not a device (a CUDA index, 'cuda:N', 'cpu' or 'disk')") from None
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and (device.index or 0) >= visible:
+            raise InvalidInputError(f"{what}, but this machine has {visible} visible CUDA device(s)")
 
 
 # -- towers ----------------------------------------------------------------------------------------------------
@@ -263,17 +307,14 @@ def _aux_tower(checkpoint: CheckpointFiles, config: MGMConfig, given: str | Path
 # -- the LLM ---------------------------------------------------------------------------------------------------
 
 
-def _load_language_model(folder: Path, config: MGMConfig, *, dtype, device, device_map, quantization):
+def _load_language_model(folder: Path, config: MGMConfig, *, dtype, device, device_map, quantization_cfg):
     kwargs = {
         "config": config.text_config,
         "dtype": dtype,
         "output_loading_info": True,
         "ignore_mismatched_sizes": True,  # reported in the loading info, then raised by us naming them
     }
-    quantization_cfg = quantization_config(quantization, dtype)
     if quantization_cfg is not None:
-        if device.type != "cuda":
-            raise InvalidInputError(f"{quantization} loading runs on CUDA only, not on {device}")
         kwargs["quantization_config"] = quantization_cfg
         device_map = device_map or {"": device.index or 0}
     if device_map is None and device.type != "cpu":
@@ -325,8 +366,9 @@ def load_pretrained(
     """Load a Mini-Gemini checkpoint folder (or a preset name) into ``(model, processor)``, in eval mode.
 
     ``device``/``dtype`` default to CUDA in bf16 (fp16 where bf16 is unsupported) or CPU in fp32.
-    ``device_map`` (e.g. ``"auto"``) spreads the LLM over several GPUs; the towers sit with its embeddings.
-    ``quantization`` ``"4bit"`` / ``"8bit"`` quantizes the LLM with bitsandbytes (CUDA only).
+    ``device_map`` (e.g. ``"auto"``, see :func:`check_device_map`) spreads the LLM over several GPUs (or parts of
+    it to ``"cpu"`` / ``"disk"``); the towers sit with its embeddings. ``quantization`` ``"4bit"`` / ``"8bit"``
+    quantizes the LLM with bitsandbytes (CUDA only). Both are checked before any weight is read.
     """
     folder = resolve(path)  # a folder, or a preset name (tiny presets are built on first use)
     config_file = folder / "config.json"
@@ -342,6 +384,9 @@ def load_pretrained(
             f"({config.text_config.vocab_size}): the tokenizer files are not this checkpoint's"
         )
     device, dtype = resolve_device_dtype(device, dtype)
+    # Placement and quantization are checked before any weight is read.
+    check_device_map(device_map)
+    quantization_cfg = quantization_config(quantization, dtype, device)
     checkpoint = CheckpointFiles(folder)
 
     # The vision side is read and checked first: its errors come before the (long) LLM load.
@@ -359,8 +404,10 @@ def load_pretrained(
     _check_vision_weights(folder, config, weights)
 
     language_model, info = _load_language_model(
-        folder, config, dtype=dtype, device=device, device_map=device_map, quantization=quantization
+        folder, config, dtype=dtype, device=device, device_map=device_map, quantization_cfg=quantization_cfg
     )
+    if device_map is not None:
+        logger.info("LLM placement: %s", getattr(language_model, "hf_device_map", device_map))
     ours = {k for k in checkpoint.keys() if from_checkpoint_name(k) is not None}
     unexpected = sorted(k for k in set(info["unexpected_keys"]) - ours if not k.endswith(DERIVED_KEY_SUFFIXES))
     missing = sorted(k for k in info["missing_keys"] if not k.endswith(DERIVED_KEY_SUFFIXES))

@@ -70,6 +70,26 @@ def _norm_linear(in_features: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(in_features), nn.Linear(in_features, out_features))
 
 
+def _downscale_fp32(maps: torch.Tensor, width: int, channels_per_step: int = 256) -> torch.Tensor:
+    """Bilinear resize of [N, C, W, W] maps to ``width``, computed in fp32 as the official code does, a few
+    channels at a time: an fp32 copy of a whole HD map (2880 x 384 x 384) would be 1.7 GB."""
+    return torch.cat([
+        F.interpolate(part.float(), size=(width, width), mode="bilinear", align_corners=False).to(maps.dtype)
+        for part in maps.split(channels_per_step, dim=1)
+    ], dim=1)
+
+
+def region_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Single-head attention of each query over the keys of its own region: [V, n, C], [V, n, r, C] x2 -> [V, n, C].
+
+    The key is scaled by 1/sqrt(C) before the product, as the official code does: scaled after it, the product
+    of fp16 activations overflows (65504) at a 32x smaller size for C = 1024.
+    """
+    logits = query[:, :, None] @ (key / math.sqrt(query.shape[-1])).transpose(-1, -2)  # [V, n, 1, r]
+    attention = torch.nan_to_num(logits).softmax(dim=-1)  # nan_to_num: the official fp16 overflow guard
+    return (attention @ value).squeeze(2)
+
+
 class MGMForCausalLM(nn.Module):
     """Mini-Gemini around a transformers causal LM (``language_model``), in eval mode."""
 
@@ -126,22 +146,27 @@ class MGMForCausalLM(nn.Module):
         return self.vision_tower_aux(images_aux.to(self.dtype))
 
     def mine_patch_info(self, clip: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        """Each CLIP token attends to the M x M aux pixels under its patch: [V, n, C], [V, C_aux, W, W] -> [V, n, C]."""
-        views, n, c = clip.shape
+        """Each CLIP token attends to the M x M aux pixels under its patch: [V, n, C], [V, C_aux, W, W] -> [V, n, C].
+
+        One view at a time: a view's regions, normalised once for the keys and once for the values, are the
+        largest tensors of the vision side (an HD crop's: 576 x 64 x 2880, 0.2 GB each in bf16).
+        """
+        return torch.cat([self._mine_view(c, a) for c, a in zip(clip.split(1), aux.split(1))])
+
+    def _mine_view(self, clip: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        _, n, _ = clip.shape
         side = math.isqrt(n)
         width = aux.shape[-1]
         if side * side != n or width % side:
             raise ValueError(f"cannot tile an aux map of width {width} under a {side}x{side} grid of {n} tokens")
         m = width // side
-        # Channels-last, then one row per region: [V, side, m, side, m, C_aux] -> [V, n, m*m, C_aux].
-        regions = aux.permute(0, 2, 3, 1).reshape(views, side, m, side, m, -1)
-        regions = regions.permute(0, 1, 3, 2, 4, 5).reshape(views, n, m * m, -1)
-        query = self.vlm_uni_query_projector(clip)[:, :, None]  # [V, n, 1, C]
-        key = self.vlm_uni_aux_projector(regions)  # [V, n, m*m, C]
+        # Channels-last, then one row per region: [1, side, m, side, m, C_aux] -> [1, n, m*m, C_aux].
+        regions = aux.permute(0, 2, 3, 1).reshape(1, side, m, side, m, -1)
+        regions = regions.permute(0, 1, 3, 2, 4, 5).reshape(1, n, m * m, -1)
+        query = self.vlm_uni_query_projector(clip)  # [1, n, C]
+        key = self.vlm_uni_aux_projector(regions)  # [1, n, m*m, C]
         value = self.vlm_uni_val_projector(regions)
-        logits = query @ key.transpose(-1, -2) / math.sqrt(c)  # [V, n, 1, m*m]
-        attention = torch.nan_to_num(logits).softmax(dim=-1)  # nan_to_num: the official fp16 overflow guard
-        return (attention @ value).squeeze(2)
+        return region_attention(query, key, value)
 
     def patch_info_mining(self, images: torch.Tensor, images_aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP tokens and mined aux tokens, both [N, n_visual, C] in the order the LLM sees them.
@@ -161,15 +186,17 @@ class MGMForCausalLM(nn.Module):
         if grid == 1:
             return clip[:, 0], self.mine_patch_info(clip[:, 0], aux)
         width = aux.shape[-1] // grid
-        crops_aux = aux.unflatten(2, (grid, width)).unflatten(4, (grid, width))  # [N, C_aux, g, w, g, w]
-        crops_aux = crops_aux.permute(0, 2, 4, 1, 3, 5).flatten(0, 2)  # [N*g*g, C_aux, w, w], row-major
-        crops_clip = clip[:, : grid * grid].flatten(0, 1)
-        clip_parts = [crops_clip.unflatten(0, (n_images, -1)).flatten(1, 2)]
-        mined_parts = [self.mine_patch_info(crops_clip, crops_aux).unflatten(0, (n_images, -1)).flatten(1, 2)]
+        # Crop k = (row i, column j) of the aux map, a view (no copy), under CLIP crop k.
+        rows = [slice(i * width, (i + 1) * width) for i in range(grid)]
+        mined_parts = [
+            self.mine_patch_info(clip[:, i * grid + j], aux[:, :, rows[i], rows[j]])
+            for i in range(grid)
+            for j in range(grid)
+        ]
+        clip_parts = [clip[:, : grid * grid].flatten(1, 2)]  # [N, g*g*n, C], crops in the same order
         if self.config.image_global:
-            global_aux = F.interpolate(aux.float(), size=(width, width), mode="bilinear", align_corners=False)
             clip_parts.insert(0, clip[:, -1])
-            mined_parts.insert(0, self.mine_patch_info(clip[:, -1], global_aux.to(aux.dtype)))
+            mined_parts.insert(0, self.mine_patch_info(clip[:, -1], _downscale_fp32(aux, width)))
         return torch.cat(clip_parts, dim=1), torch.cat(mined_parts, dim=1)
 
     def encode_images(self, images: torch.Tensor, images_aux: torch.Tensor) -> torch.Tensor:

@@ -34,15 +34,16 @@ def test_chat_conv_mode_sets_the_template(mgmflow_home, monkeypatch):
 
 
 def test_worker_setting_sets_the_engines_template(mgmflow_home, fresh_settings):
-    from workers.model_cache import load_engine
+    from workers.model_cache import ModelCache
+    from workers.settings import Settings
 
     fresh_settings.setenv("MGMFLOW_VLM_CONV_MODE", "gemma")
-    assert load_engine("mgm", "tiny").template.name == "gemma"
+    assert ModelCache.from_settings(Settings()).get("vlm", "tiny").template.name == "gemma"
 
 
 def test_worker_flag_is_the_setting(fresh_settings):
     seen = []
-    fresh_settings.setattr("workers.worker.run_worker", lambda settings, **k: seen.append(get_settings().vlm_conv_mode))
+    fresh_settings.setattr("workers.worker.run_worker", lambda settings, **k: seen.append(settings.vlm_conv_mode))
     arguments = ["worker", "--conv-mode", "chatml_direct", "--queues", "vlm", "--broker", "redis://127.0.0.1:1/0"]
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from models.errors import ResourceExhaustedError
+from models.errors import InvalidInputError, ResourceExhaustedError
 from workers.model_cache import ModelCache, engine_bytes
 from workers.settings import Settings
 from workers.worker import WorkerStartError, concurrency_for, parse_models, resolve_queues, run_per_gpu
@@ -94,3 +96,33 @@ def test_chat_turns_are_laid_out_as_the_templates_were_trained():
     assert [(t.role, t.images) for t in drew] == [("user", []), ("assistant", []), ("user", ["dog", "cat"])]
     prompt = get_template("vicuna_v1").render([Turn(t.role, t.text, len(t.images)) for t in laid_out])
     assert prompt.endswith("ASSISTANT: c\n\nd</s>USER:  ASSISTANT:")  # the reply is a new assistant turn
+
+
+SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+         "model.norm": "cpu", "lm_head": "cpu"}
+
+
+def test_vlm_placement_and_quantization_settings_reach_the_loader(monkeypatch, mgmflow_home):
+    """MGMFLOW_VLM_DEVICE_MAP / MGMFLOW_VLM_QUANTIZATION → Settings → the worker's model cache → load_pretrained."""
+    monkeypatch.setenv("MGMFLOW_VLM_DEVICE_MAP", json.dumps(SPLIT))
+    settings = Settings()
+    assert settings.vlm_device_map == SPLIT and settings.vlm_quantization is None
+    engine = ModelCache.from_settings(settings).get("vlm", "tiny")
+    assert engine.model.language_model.hf_device_map == SPLIT
+    assert engine_bytes(engine) < engine_bytes(ModelCache().get("vlm", "tiny"))  # disk-offloaded weights: no RAM
+    monkeypatch.setenv("MGMFLOW_VLM_DEVICE_MAP", "auto")
+    assert Settings().vlm_device_map == "auto"
+
+    monkeypatch.delenv("MGMFLOW_VLM_DEVICE_MAP")
+    monkeypatch.setenv("MGMFLOW_VLM_QUANTIZATION", "4bit")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidInputError, match="4bit loading quantizes the LLM with bitsandbytes, which needs a CUDA"):
+        ModelCache.from_settings(Settings()).get("vlm", "tiny")
+    ModelCache.from_settings(Settings()).get("diffusion", "tiny")  # VLM settings never reach the diffusion engine
+    monkeypatch.setenv("MGMFLOW_VLM_QUANTIZATION", "3bit")
+    with pytest.raises(ValidationError, match="vlm_quantization"):
+        Settings()
+    monkeypatch.delenv("MGMFLOW_VLM_QUANTIZATION")
+    monkeypatch.setenv("MGMFLOW_VLM_DEVICE_MAP", "quick")
+    with pytest.raises(ValidationError, match="vlm_device_map"):
+        Settings()

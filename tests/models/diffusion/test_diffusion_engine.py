@@ -300,3 +300,32 @@ def test_concurrent_requests_on_one_engine_do_not_interfere(engine, photo):
     with ThreadPoolExecutor(max_workers=3) as pool:
         together = [result[0].png for result in pool.map(engine.run, requests)]
     assert together == alone
+
+
+def _module_dtypes(pipeline) -> dict:
+    return {name: module.dtype for name, module in pipeline.components.items() if isinstance(module, torch.nn.Module)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_engines_keep_their_dtype_through_every_task(dtype, photo, square_mask):
+    """Edits run derived pipelines over the loaded modules: none may cast them (diffusers' ``from_pipe`` casts to
+    float32 by default, which doubles VRAM and changes every later text-to-image)."""
+    engine = DiffusionEngine.from_pretrained("tiny", dtype=dtype)
+    loaded = _module_dtypes(engine._pipeline)
+    assert set(loaded) >= {"unet", "vae", "text_encoder", "text_encoder_2"} and set(loaded.values()) == {dtype}
+    drawing = TextToImageRequest(prompts=["a red house"], seeds=[3], steps=2)
+    [before] = engine.text_to_image(drawing)
+    edits = {"img2img": Img2ImgRequest(prompts=["a cat"], seeds=[1], image=photo, steps=2),
+             "inpaint": InpaintRequest(prompts=["a cat"], seeds=[1], image=photo, mask=square_mask, steps=2)}
+    for task, request in edits.items():
+        engine.run(request)
+        assert _module_dtypes(engine._pipeline) == loaded, f"after {task}"
+        assert _module_dtypes(engine._request_pipeline(task, None)) == loaded, f"{task}'s pipeline"
+    [after] = engine.text_to_image(drawing)
+    assert after.png == before.png
+
+    instructing = DiffusionEngine.from_pretrained("tiny-sdxl-ip2p", dtype=dtype)
+    loaded = _module_dtypes(instructing._pipeline)
+    assert set(loaded.values()) == {dtype}
+    instructing.instruct_edit(InstructEditRequest(prompts=["make it snowy"], seeds=[9], image=photo, steps=2))
+    assert _module_dtypes(instructing._pipeline) == loaded

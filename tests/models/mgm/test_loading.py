@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from models.errors import InvalidInputError, ModelNotFoundError
 from models.mgm import MGMConfig, MGMForCausalLM, load_pretrained
 from models.mgm.configuration import detect_backbone
-from models.mgm.loading import quantization_config, resolve_device_dtype
+from models.mgm.loading import resolve_device_dtype
 
 CLIP_TOWER = "model_zoo/OpenAI/clip-vit-tiny-patch14-84"
 AUX_TOWER = "model_zoo/OpenAI/openclip-convnext-large-d-320-tiny-random"
@@ -283,18 +283,3 @@ def test_device_map_path(llama_root, reference_logits):
 def test_missing_tower_folder_is_named(llama_root):
     with pytest.raises(ModelNotFoundError, match="no-such-clip"):
         load_pretrained(llama_root / "checkpoint", vision_tower="/nowhere/no-such-clip")
-
-
-def test_quantization_needs_bitsandbytes_and_cuda(llama_root):
-    import importlib.util
-
-    with pytest.raises(InvalidInputError, match="quantization must be"):
-        quantization_config("3bit", torch.float16)
-    if importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(InvalidInputError, match="pip install bitsandbytes"):
-            load_pretrained(llama_root / "checkpoint", quantization="4bit")
-    else:
-        config = quantization_config("4bit", torch.float16)
-        assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
-        with pytest.raises(InvalidInputError, match="CUDA only"):
-            load_pretrained(llama_root / "checkpoint", device="cpu", quantization="8bit")
