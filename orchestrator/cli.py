@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import click  # noqa: E402
 
-from models.errors import MGMFlowError  # noqa: E402
+from models.errors import MGMFlowError, ModelNotFoundError  # noqa: E402
 
 
 class _Group(click.Group):
@@ -141,7 +141,7 @@ def _quantization(load_4bit: bool, load_8bit: bool) -> str | None:
 
 @main.command()
 @click.argument("question")
-@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Image to ask about (repeatable).")
 @click.option("--model", default="tiny", show_default=True, help="Mini-Gemini preset or checkpoint folder.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
@@ -256,12 +256,11 @@ def generate(prompt: str, negative, seed, steps, guidance, width, height, model,
 
 
 @main.command()
-@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Image to edit.")
+@click.option("--image", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Image to edit.")
 @click.option("--instruction", default=None, help='Edit by instruction, e.g. "make it snowy" (InstructPix2Pix).')
 @click.option("--prompt", default=None, help="Redraw towards this prompt (with --strength or --mask).")
 @click.option("--strength", type=float, default=None, help="img2img: how much to redraw, in (0, 1].")
-@click.option("--mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--mask", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Inpainting: white marks the area to repaint; same size as the image.")
 @_draw_options
 def edit(image: Path, instruction, prompt, strength, mask, negative, seed, steps, guidance, width, height, model,
@@ -307,7 +306,7 @@ def _check_draw_arguments(out: Path, loras: tuple[str, ...]) -> list[tuple[str, 
         except ValueError:
             raise click.UsageError(f"--lora takes PATH[:WEIGHT], got {text!r}") from None
         if not Path(path).expanduser().is_file():
-            raise click.UsageError(f"--lora: no such file: {path}")
+            raise ModelNotFoundError(f"LoRA file not found: {path}")
     return specs
 
 

@@ -58,13 +58,15 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # 
 # -- the checkpoint's files ------------------------------------------------------------------------------------
 
 
+# (index of a sharded checkpoint, single file): safetensors first, as the official loader tries them.
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
 class CheckpointFiles:
     """The weight files of a folder (safetensors or ``.bin``, sharded or not) and lazy access to their tensors."""
-
-    LAYOUTS = (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    )
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -73,7 +75,7 @@ class CheckpointFiles:
 
     @classmethod
     def _find(cls, folder: Path) -> list[Path]:
-        for index_name, single_name in cls.LAYOUTS:
+        for index_name, single_name in WEIGHT_LAYOUTS:
             if (folder / single_name).is_file():
                 return [folder / single_name]
             index = folder / index_name
@@ -333,7 +335,7 @@ STAGE1_FILE = "mm_projector.bin"
 
 def check_supported_folder(folder: Path, raw_config: dict) -> None:
     """Refuse, by name, the folders the official inference code loads differently (before anything is read)."""
-    has_weights = any((folder / name).is_file() for layout in CheckpointFiles.LAYOUTS for name in layout)
+    has_weights = any((folder / name).is_file() for layout in WEIGHT_LAYOUTS for name in layout)
     if (folder / STAGE1_FILE).is_file() and not has_weights:
         raise ModelNotFoundError(
             f"{folder} is a stage-1 (pretraining) folder: {STAGE1_FILE} holds only the projectors, trained with "

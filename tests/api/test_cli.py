@@ -82,9 +82,9 @@ def test_bad_arguments_fail_in_one_line_before_any_model_loads(tmp_path):
     cases = [
         (["generate", "--prompt", "x", "--out", f"{missing}/page.png"], f"the folder of --out does not exist: {missing}"),
         (["generate", "--prompt", "x", "--lora", f"{missing}.safetensors:0.5", "--out", f"{tmp_path}/a.png"],
-         f"--lora: no such file: {missing}.safetensors"),
+         f"error: LoRA file not found: {missing}.safetensors"),
         (["edit", "--image", f"{missing}.png", "--instruction", "red", "--out", f"{tmp_path}/b.png"],
-         f"{missing}.png' does not exist"),
+         f"--image {missing}.png: image file not found"),
         (["edit", "--image", f"{tmp_path}/corrupt.png", "--instruction", "red", "--out", f"{tmp_path}/c.png"],
          f"{tmp_path}/corrupt.png: not a readable image"),
         (["chat", "--image", f"{tmp_path}/photo.png", "what is it?"], f"{tmp_path}/photo.png: image is empty"),

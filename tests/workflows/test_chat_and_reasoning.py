@@ -102,7 +102,7 @@ def test_visual_reasoning_zooms_into_the_original_image(embedded, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_run_prints_the_answer_and_where_the_images_are(embedded, tmp_path):
+def test_run_prints_the_answer_and_where_the_images_are(embedded, tmp_path, monkeypatch):
     """``mgmflow run visual_reasoning`` / ``run chat`` print the answer itself, not only a folder name."""
     from click.testing import CliRunner
 
@@ -119,6 +119,9 @@ def test_run_prints_the_answer_and_where_the_images_are(embedded, tmp_path):
     for index in range(1, len(report["evidence"]) + 1):
         assert str(tmp_path / "vr" / f"region-{index:02d}.png") in looked.output
 
+    from testkit import script_mgm_answers
+
+    script_mgm_answers(monkeypatch, "A kite. <h>a red kite in a blue sky</h>")  # MGM draws when it writes <h>
     said = runner.invoke(main, ["run", "chat", "--message", "Draw a red kite.", "--generate", "--steps", "2",
                                 "--out", str(tmp_path / "chat"), "--quiet"])
     assert said.exit_code == 0, said.output
