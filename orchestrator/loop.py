@@ -15,6 +15,7 @@ from typing import Any, Literal, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 
+from orchestrator.budget import PromptBudget, fit, run_budget
 from orchestrator.runtime import TaskSpec, VLMRequest, await_tasks, emit, request_approval, vlm_json_many
 from orchestrator.schemas import Critique, Plan
 from orchestrator.seeds import derive_seed
@@ -48,6 +49,7 @@ class LoopState(RunState, total=False):
     seed: int
     drafts: int  # per-run override of the build-time ``drafts``
     generation: dict[str, Any]  # per-run generation parameters (width, height, steps…), over the build-time ones
+    prompt_budget: dict[str, int]  # orchestrator.budget.PromptBudget, recorded once per run
 
 
 def decide(
@@ -101,7 +103,7 @@ def build_refine_loop(
              "route": None, "feedback": "", "best": None, "best_score": -1.0, **item}
             for position, item in enumerate(state["items"])
         ]
-        return {"items": items}
+        return {"items": items, "prompt_budget": run_budget(state).to_state()}
 
     def make_plan(state: LoopState) -> dict[str, Any]:
         """Understand each request and its inputs; plan what to draw."""
@@ -109,7 +111,8 @@ def build_refine_loop(
         if not plan or not todo:
             return {}
         answers = vlm_json_many([
-            VLMRequest(step(item, "plan"), _plan_prompt(item), Plan, tuple(item["images"]), seed=state["seed"])
+            VLMRequest(step(item, "plan"), _plan_prompt(item, run_budget(state)), Plan, tuple(item["images"]), seed=state["seed"],
+                       max_new_tokens=min(PLAN_TOKENS, run_budget(state).answer_room(images=len(item["images"]))))
             for item in todo
         ])
         planned = [{**item, "plan": answer.model_dump()} for item, answer in zip(todo, answers)]
@@ -125,8 +128,8 @@ def build_refine_loop(
             return {}
         results = await_tasks([
             TaskSpec(step(item, f"r{item['round']}", "prompt"), "vlm.write_prompt",
-                     {"request": _prompt_request(item), "images": item["images"],
-                      "seed": derive_seed(state["seed"], item["index"], item["round"])})
+                     {"request": _prompt_request(item, run_budget(state)), "images": item["images"],
+                      "max_new_tokens": min(PROMPT_TOKENS, run_budget(state).answer_room(images=len(item["images"]))), "seed": derive_seed(state["seed"], item["index"], item["round"])})
             for item in todo
         ])
         written = [
@@ -176,8 +179,9 @@ def build_refine_loop(
                       if ref.get("item") in by_key and ref.get("round") == by_key[ref["item"]]["round"] + 1
                       and ref.get("step", "").startswith(f"{name}:")]
         answers = vlm_json_many([
-            VLMRequest(f"{ref['step']}:critique", _critique_prompt(by_key[ref["item"]], ref), Critique,
-                       (ref["id"],), seed=state["seed"])
+            VLMRequest(f"{ref['step']}:critique", _critique_prompt(by_key[ref["item"]], ref, run_budget(state)), Critique,
+                       (ref["id"],), seed=state["seed"],
+                       max_new_tokens=min(CRITIQUE_TOKENS, run_budget(state).answer_room(images=1)))
             for ref in drafts_now
         ])
         records: list[CritiqueRecord] = [
@@ -255,19 +259,37 @@ def _artifact_id(result: dict[str, Any]) -> str:
     return result["images"][0]["artifact"]
 
 
-def _plan_prompt(item: LoopItem) -> str:
-    context = f"\nContext: {item['context']}" if item.get("context") else ""
-    return f"Plan an image for this request.\nRequest: {item['request']}{context}\nAnswer in JSON."
+PLAN_TOKENS = 512  # VLMRequest's default answer room
+PROMPT_TOKENS = 256  # the <GEN> answer's room (vlm.write_prompt's default max_new_tokens)
+CRITIQUE_TOKENS = 512
 
 
-def _prompt_request(item: LoopItem) -> str:
-    lines = [f"Request: {item['request']}"]
-    if item.get("context"):
-        lines.append(f"Context: {item['context']}")
-    if item.get("plan"):
-        lines.append(f"Plan: {item['plan'].get('goal', '')} Suggested prompt: {item['plan'].get('prompt', '')}")
-    if item.get("route") == "refine":
-        lines.append(f"Previous prompt: {item['prompt']}\nCritic's feedback: {item['feedback']}\nImprove the prompt.")
+def _plan_prompt(item: LoopItem, budget: PromptBudget) -> str:
+    head, tail = "Plan an image for this request.\nRequest: ", "\nAnswer in JSON."
+    limit = budget.prompt_bytes(images=len(item["images"]), answer_tokens=PLAN_TOKENS) - len(head + tail) - 16
+    request, context = fit([item["request"], item.get("context") or ""], limit)
+    return f"{head}{request}{f'{chr(10)}Context: {context}' if context else ''}{tail}"
+
+
+def _prompt_request(item: LoopItem, budget: PromptBudget) -> str:
+    """The <GEN> request: what to draw, the context, the plan, and in a refine round the critic's feedback; the
+    variable texts share what the model's context leaves (the longest are cut first)."""
+    plan = item.get("plan") or {}
+    refine = item.get("route") == "refine"
+    texts = [item["request"], item.get("context") or "", plan.get("goal", ""), plan.get("prompt", ""),
+             item.get("prompt", "") if refine else "", item.get("feedback", "") if refine else ""]
+    template = ["Request: {}", "Context: {}", "Plan: {} Suggested prompt: {}",
+                "Previous prompt: {}\nCritic's feedback: {}\nImprove the prompt.", "Generate an image for it."]
+    fixed = sum(len(line.replace("{}", "")) + 1 for line in template)
+    limit = budget.prompt_bytes(images=len(item["images"]), answer_tokens=PROMPT_TOKENS) - fixed
+    request, context, goal, suggested, previous, feedback = fit(texts, limit)
+    lines = [f"Request: {request}"]
+    if context:
+        lines.append(f"Context: {context}")
+    if plan:
+        lines.append(f"Plan: {goal} Suggested prompt: {suggested}")
+    if refine:
+        lines.append(f"Previous prompt: {previous}\nCritic's feedback: {feedback}\nImprove the prompt.")
     lines.append("Generate an image for it.")
     return "\n".join(lines)
 
@@ -277,7 +299,10 @@ def _fallback_prompt(item: LoopItem) -> str:
     return ((item.get("plan") or {}).get("prompt") or item["request"]).strip()
 
 
-def _critique_prompt(item: LoopItem, ref: ArtifactRef) -> str:
-    context = f"\nIt must also respect: {item['context']}" if item.get("context") else ""
-    return (f"Judge this image against its intent.\nIntent: {item['request']}{context}\nPrompt used: {ref.get('prompt')}\n"
-            "Give a score from 0 to 10, a verdict (accept, refine the prompt, or edit this image) and feedback.")
+def _critique_prompt(item: LoopItem, ref: ArtifactRef, budget: PromptBudget) -> str:
+    head = "Judge this image against its intent.\nIntent: "
+    tail = ("Give a score from 0 to 10, a verdict (accept, refine the prompt, or edit this image) and feedback.")
+    limit = budget.prompt_bytes(images=1, answer_tokens=CRITIQUE_TOKENS) - len(head + tail) - 48
+    request, context, prompt = fit([item["request"], item.get("context") or "", ref.get("prompt") or ""], limit)
+    context = f"\nIt must also respect: {context}" if context else ""
+    return f"{head}{request}{context}\nPrompt used: {prompt}\n{tail}"
