@@ -113,6 +113,37 @@ def test_items_share_each_stage_and_finish_independently():
     assert [entry["done"] for entry in progress] == [1, 2]
 
 
+def test_each_item_moves_on_as_soon_as_its_own_step_finishes():
+    """No join across items: while p2's first step is still running (held: a hook, not a timing), p1 goes through
+    two rounds to its chosen image, and the stream reports it finished before p2 has drawn anything. Then p2 goes
+    on, and both end exactly as when every step finishes in lockstep."""
+    scores = {("p1", 0, 0): (3, "refine"), ("p1", 1, 0): (9, "accept"), ("p2", 0, 0): (8, "accept")}
+    state = {"items": [{"key": "p1", "request": "one"}, {"key": "p2", "request": "two"}], "seed": 1, "budget": 3}
+    client = ScriptedClient(critic(scores), hold=True)
+    published = client.publish
+    submitted_when = {}  # event number -> the tasks submitted by then
+
+    def publish(run_id, type, data):
+        submitted_when[len(client.events)] = [task for task, _, _ in client.submitted]
+        published(run_id, type, data)
+
+    client.publish = publish
+    p1_done = lambda: any(kind == "item" for kind, _ in client.events)  # noqa: E731
+    values = drive(build_refine_loop(drafts=1), state, client, releasing=lambda task: ":p1:" in task or p1_done())
+
+    first = next(number for number, (kind, _) in enumerate(client.events) if kind == "item")
+    assert client.events[first][1] | {"index": 0} == {
+        "stage": "refine", "key": "p1", "index": 0, "status": "accepted", "artifact": "img-refine:p1:r1:d0",
+        "score": 9, "rounds": 2, "scores": [3, 9]}
+    assert [task for task in submitted_when[first] if ":p2:" in task] == ["run-1:refine:p2:plan"]
+    assert [data["key"] for kind, data in client.events if kind == "item"] == ["p1", "p2"]
+
+    lockstep = drive(build_refine_loop(drafts=1), state, ScriptedClient(critic(scores)))
+    assert values["chosen"] == lockstep["chosen"] == {"p1": "img-refine:p1:r1:d0", "p2": "img-refine:p2:r0:d0"}
+    for name in ("scores", "critiques", "artifacts"):
+        assert sorted(map(repr, values[name])) == sorted(map(repr, lockstep[name]))
+
+
 def test_approval_with_an_edited_prompt():
     values, client = run_loop({("a", 0, 0): (9, "accept")}, approve=True,
                               answers=[{"approved": True, "prompt": "a red fox, watercolor"}])
