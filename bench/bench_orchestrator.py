@@ -143,13 +143,14 @@ class Bench:
         archive = subprocess.run(["git", "archive", self.args.baseline], cwd=REPO, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(self.baseline)], input=archive.stdout, check=True)
 
-    def story(self, service, schedule: str, seed: int, steps: int) -> dict:
+    def story(self, service, schedule: str, seed: int, steps: int, pages: int = 0, rounds: int = 0) -> dict:
         """One story on the schedule's orchestration worker (started for it, stopped after it)."""
         orchestrator = self.start(f"orchestrator-{schedule}-{seed}", "orchestrator",
                                   tree=self.baseline if schedule == STAGED else None)
         try:
             run = service.create_run("story", {"premise": "A lighthouse keeper befriends a whale.",
-                                               "pages": self.args.pages, "rounds": self.args.rounds, "steps": steps,
+                                               "pages": pages or self.args.pages, "rounds": rounds or self.args.rounds,
+                                               "steps": steps,
                                                "seed": seed})
             final = service.wait(run.run_id, timeout=7200)
             if final.status != "success":
@@ -198,9 +199,9 @@ def main() -> None:
         service = RunService(Settings())
         print(f"before: {load()}", flush=True)
         steps = args.steps
-        if steps == "auto":  # a calibration story: seconds per page-round on each worker, and per denoising step
+        if steps == "auto":  # a short calibration story: seconds per page-round on each worker, and per step
             probe = 4
-            calibration = bench.story(service, PIPELINED, 1000, probe)["per_page"]
+            calibration = bench.story(service, PIPELINED, 1000, probe, pages=2, rounds=1)["per_page"]
             per_step = calibration["diffusion"] / probe
             steps = max(1, round(calibration["vlm"] / per_step))
             print(f"calibration: VLM {calibration['vlm']:.2f} s per page-round, drawing {per_step:.3f} s per step "
