@@ -17,10 +17,10 @@ Per run, from the run's event stream (Redis stream ids, one clock) and the task 
   orchestrator's: completion notices, resumes, checkpoints, dispatch); goal ≤ 1.10;
 - VLM mean batch size: VLM tasks / VLM model calls (each task reports the size of the batch it ran in).
 
-``--steps auto`` (default) draws a calibration story first and picks the denoising steps that make drawing a page
-cost about what the VLM spends on a page (its prompt and its critiques).
+``--steps`` (default 128 for the tiny diffusion preset at its default size): a page's drawing should cost about what
+the VLM spends on a page-round (its prompt and critique, a batch counted once); each run prints both.
 
-    python bench/bench_orchestrator.py [--reps 3] [--pages 8] [--rounds 2] [--steps auto] [--baseline REV]
+    python bench/bench_orchestrator.py [--reps 3] [--pages 8] [--rounds 2] [--steps 128] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -104,13 +104,11 @@ def measure(events: list, created_at: float, batch_sizes: dict[str, int]) -> dic
 
 
 def per_page(intervals: dict[str, tuple[float, float]], kinds: dict[str, str]) -> dict[str, float]:
-    """Seconds each worker spent on the pages' tasks, per page-round (for the steps calibration)."""
-    rounds = {task.split(":pages:")[1].split(":")[0] + task.split(":")[3] for task in intervals if ":pages:" in task}
-    spent = {"vlm": 0.0, "diffusion": 0.0}
-    for task, (first, last) in intervals.items():
-        if ":pages:" in task:
-            spent[worker_of(kinds[task])] += last - first
-    return {name: value / max(1, len(rounds)) for name, value in spent.items()}
+    """Seconds each worker was busy with the pages' tasks, per page-round (a batch counts once)."""
+    pages = {task: span for task, span in intervals.items() if ":pages:" in task}
+    rounds = {task.split(":")[2] + task.split(":")[3] for task in pages}  # <run>:pages:<page>:r<round>:...
+    return {name: union([span for task, span in pages.items() if worker_of(kinds[task]) == name]) / max(1, len(rounds))
+            for name in ("vlm", "diffusion")}
 
 
 class Bench:
@@ -143,14 +141,13 @@ class Bench:
         archive = subprocess.run(["git", "archive", self.args.baseline], cwd=REPO, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(self.baseline)], input=archive.stdout, check=True)
 
-    def story(self, service, schedule: str, seed: int, steps: int, pages: int = 0, rounds: int = 0) -> dict:
+    def story(self, service, schedule: str, seed: int, steps: int) -> dict:
         """One story on the schedule's orchestration worker (started for it, stopped after it)."""
         orchestrator = self.start(f"orchestrator-{schedule}-{seed}", "orchestrator",
                                   tree=self.baseline if schedule == STAGED else None)
         try:
             run = service.create_run("story", {"premise": "A lighthouse keeper befriends a whale.",
-                                               "pages": pages or self.args.pages, "rounds": rounds or self.args.rounds,
-                                               "steps": steps,
+                                               "pages": self.args.pages, "rounds": self.args.rounds, "steps": steps,
                                                "seed": seed})
             final = service.wait(run.run_id, timeout=7200)
             if final.status != "success":
@@ -177,7 +174,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="runs of each schedule, alternating")
     parser.add_argument("--pages", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", default="auto", help="denoising steps, or 'auto' (calibrated)")
+    parser.add_argument("--steps", type=int, default=128,
+                        help="denoising steps of a page: about the VLM's time per page-round (both are printed)")
     parser.add_argument("--vlm", default="small", help="Mini-Gemini preset of the VLM worker")
     parser.add_argument("--diffusion", default="tiny", help="diffusion preset (no 'small' diffusion preset exists)")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision of the stage-synchronous loop")
@@ -199,14 +197,6 @@ def main() -> None:
         service = RunService(Settings())
         print(f"before: {load()}", flush=True)
         steps = args.steps
-        if steps == "auto":  # a short calibration story: seconds per page-round on each worker, and per step
-            probe = 4
-            calibration = bench.story(service, PIPELINED, 1000, probe, pages=2, rounds=1)["per_page"]
-            per_step = calibration["diffusion"] / probe
-            steps = max(1, round(calibration["vlm"] / per_step))
-            print(f"calibration: VLM {calibration['vlm']:.2f} s per page-round, drawing {per_step:.3f} s per step "
-                  f"-> {steps} steps", flush=True)
-        steps = int(steps)
         results: dict[str, list[dict]] = {PIPELINED: [], STAGED: []}
         for rep in range(args.reps):
             for schedule in ((STAGED, PIPELINED) if rep % 2 == 0 else (PIPELINED, STAGED)):
