@@ -114,9 +114,11 @@ def await_tasks(specs: list[TaskSpec]) -> list[Any]:
 def poll_tasks(specs: list[TaskSpec]) -> list[Any | None]:
     """Submit ``specs`` (idempotently) and return each one's result, or None while it is unfinished; a task that
     failed raises as in :func:`await_tasks`. For nodes that move on with whatever finished (``orchestrator.loop``)."""
-    client, task_ids = get_run_context().client, submit_tasks(specs)
-    records = [client.get(task_id) for task_id in task_ids]
-    return [_result(record) if record is not None and record.status in FINISHED else None for record in records]
+    context = get_run_context()
+    records = [context.client.get(task_id_for(context.run_id, spec.step)) for spec in specs]
+    done = [record is not None and record.status in FINISHED for record in records]
+    submit_tasks([spec for spec, finished in zip(specs, done) if not finished])  # the others need no message
+    return [_result(record) if finished else None for record, finished in zip(records, done)]
 
 
 def await_any(specs: list[TaskSpec]) -> None:
