@@ -17,10 +17,10 @@ Per run, from the run's event stream (Redis stream ids, one clock) and the task 
   orchestrator's: completion notices, resumes, checkpoints, dispatch); goal ≤ 1.10;
 - VLM mean batch size: VLM tasks / VLM model calls (each task reports the size of the batch it ran in).
 
-``--steps`` (default 128 for the tiny diffusion preset at its default size): a page's drawing should cost about what
-the VLM spends on a page-round (its prompt and critique, a batch counted once); each run prints both.
+``--steps`` (default 128) and ``--size``: a page's drawing should cost about what the VLM spends on a page-round (its
+prompt and critique, a batch counted once); each run prints both, so the balance can be checked and adjusted.
 
-    python bench/bench_orchestrator.py [--reps 3] [--pages 8] [--rounds 2] [--steps 128] [--baseline REV]
+    python bench/bench_orchestrator.py [--reps 3] [--pages 8] [--rounds 2] [--steps 128] [--size PX] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ class Bench:
         try:
             run = service.create_run("story", {"premise": "A lighthouse keeper befriends a whale.",
                                                "pages": self.args.pages, "rounds": self.args.rounds, "steps": steps,
+                                               **({"width": self.args.size, "height": self.args.size}
+                                                  if self.args.size else {}),
                                                "seed": seed})
             final = service.wait(run.run_id, timeout=7200)
             if final.status != "success":
@@ -176,6 +178,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=128,
                         help="denoising steps of a page: about the VLM's time per page-round (both are printed)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="page width and height in pixels (default: the diffusion model's): with --steps, "
+                             "what a page's drawing costs")
     parser.add_argument("--vlm", default="small", help="Mini-Gemini preset of the VLM worker")
     parser.add_argument("--diffusion", default="tiny", help="diffusion preset (no 'small' diffusion preset exists)")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision of the stage-synchronous loop")
