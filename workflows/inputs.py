@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from orchestrator.budget import clip  # noqa: F401  (the workflows' one way to clip a text)
 from orchestrator.runtime import get_run_context
 from tools.tasks import check_image
 
@@ -28,17 +29,3 @@ def stage_messages(messages: list[dict[str, Any]] | str) -> str:
     artifact = context.store.put(json.dumps(messages).encode(), scope=context.scope, media_type="application/json",
                                  metadata={"run_id": context.run_id, "kind": "messages"})
     return artifact.id
-
-
-def clip(text: str, limit: int) -> str:
-    """``text`` cut so that its JSON form takes at most ``limit`` bytes (task messages are capped at 4 KB)."""
-    if len(json.dumps(text)) <= limit:
-        return text
-    low, high = 0, len(text)
-    while low < high:  # the longest prefix that fits, plus an ellipsis
-        middle = (low + high + 1) // 2
-        if len(json.dumps(text[:middle] + "…")) <= limit:
-            low = middle
-        else:
-            high = middle - 1
-    return text[:low] + "…"

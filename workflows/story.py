@@ -23,6 +23,7 @@ from typing import Any
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field, field_validator
 
+from orchestrator.budget import PromptBudget, fit, run_budget
 from orchestrator.loop import LoopItem, LoopState, build_refine_loop
 from orchestrator.runtime import RunContext, VLMRequest, emit, vlm_json_many
 from orchestrator.schemas import CharacterSheet, SceneList
@@ -33,9 +34,13 @@ from workflows.storyboard import write_storyboard
 
 MAX_PREMISE_BYTES = 8 * 1024
 MAX_PAGES = 64
-SCENES_PER_REQUEST = 4  # scene lists are asked for in chunks so that each constrained answer stays short
+SCENES_PER_REQUEST = 4  # at most, per request: each constrained answer stays short (fewer when the context is small)
 TOKENS_PER_SCENE = 768  # a Scene is at most ~1,000 characters of JSON
 SHEET_TOKENS = 3072  # six characters and a style, filled to their bounds
+SHEET_PROMPT_SHARE = 0.35  # of the context: the sheet's answer is the longest of the run
+MIN_PREMISE_BYTES = 256  # a scene request always gets at least this much of the premise
+SCENES_ASK_BYTES = 512  # the scene request's instructions, at most
+SCAFFOLD_BYTES = 64  # a request's lines around its texts ("Here is the part of the story they tell:", newlines)
 # Byte budgets (as JSON) of the texts every page's prompt and critique messages carry: the scene and the sheet.
 SCENE_BYTES = 600
 CONTEXT_BYTES = 900
@@ -89,16 +94,18 @@ class StoryState(LoopState, total=False):
 
 # 1. Scenes: one per page, asked for in chunks of pages (one join for all chunks).
 def stage_scene_requests(state: StoryState) -> dict[str, Any]:
-    """Store each chunk's request in the artifact store: a premise of up to 8 KB exceeds a 4 KB task message."""
-    pages = state["pages"]
-    return {"scene_requests": [
-        stage_messages(scenes_prompt(state["premise"], first, last, pages)) for first, last in page_chunks(pages)
+    """Store each chunk's request in the artifact store (a premise of up to 8 KB exceeds a 4 KB task message), and
+    the run's prompt budget: every prompt of the run is sized by it."""
+    pages, budget = state["pages"], run_budget(state)
+    return {"prompt_budget": budget.to_state(), "scene_requests": [
+        stage_messages(scenes_prompt(state["premise"], first, last, pages, budget))
+        for first, last in page_chunks(pages, scenes_per_request(budget))
     ]}
 
 
 def write_scenes(state: StoryState) -> dict[str, Any]:
     """Cut the premise into exactly ``pages`` scenes."""
-    chunks = page_chunks(state["pages"])
+    chunks = page_chunks(state["pages"], scenes_per_request(run_budget(state)))
     answers = vlm_json_many([
         VLMRequest(f"scenes:{first}-{last}", [], SceneList, list_sizes={"scenes": last - first + 1},
                    seed=state["seed"], max_new_tokens=TOKENS_PER_SCENE * (last - first + 1),
@@ -112,14 +119,15 @@ def write_scenes(state: StoryState) -> dict[str, Any]:
 
 # 2. One sheet every page is checked against.
 def stage_sheet_request(state: StoryState) -> dict[str, Any]:
-    """Store the sheet's request (the premise and every scene) in the artifact store."""
-    return {"sheet_request": stage_messages(sheet_prompt(state["premise"], state["scenes"]))}
+    """Store the sheet's request (the premise and the cast of the scenes) in the artifact store."""
+    return {"sheet_request": stage_messages(sheet_prompt(state["premise"], state["scenes"], run_budget(state)))}
 
 
 def write_sheet(state: StoryState) -> dict[str, Any]:
     """Describe the characters and the visual style shared by every page."""
     (sheet,) = vlm_json_many([
-        VLMRequest("sheet", [], CharacterSheet, seed=state["seed"], max_new_tokens=SHEET_TOKENS,
+        VLMRequest("sheet", [], CharacterSheet, seed=state["seed"],
+                   max_new_tokens=min(SHEET_TOKENS, run_budget(state).answer_room(share=SHEET_PROMPT_SHARE)),
                    messages_artifact=state["sheet_request"])
     ])
     return {"sheet": sheet.model_dump()}
@@ -202,31 +210,69 @@ def storyboard_pages(values: dict[str, Any]) -> list[dict[str, Any]]:
     return pages
 
 
-# Prompts: formatted here from raw state (the state keeps raw data).
-def page_chunks(pages: int) -> list[tuple[int, int]]:
-    """Pages 1..pages cut into runs of at most SCENES_PER_REQUEST, fixed by page number."""
-    return [(first, min(first + SCENES_PER_REQUEST - 1, pages)) for first in range(1, pages + 1, SCENES_PER_REQUEST)]
+# Prompts: formatted here from raw state (the state keeps raw data), each within the run's prompt budget.
+def scenes_per_request(budget: PromptBudget) -> int:
+    """Scenes one request asks for: as many as leave the premise its room (a 2,048-token context: one)."""
+    fits = [n for n in range(1, SCENES_PER_REQUEST + 1)
+            if budget.prompt_bytes(answer_tokens=n * TOKENS_PER_SCENE) >= MIN_PREMISE_BYTES + SCENES_ASK_BYTES
+            and n * TOKENS_PER_SCENE <= budget.answer_room()]
+    return max(fits, default=1)
 
 
-def scenes_prompt(premise: str, first: int, last: int, pages: int) -> str:
-    part = "the whole story" if (first, last) == (1, pages) else f"pages {first} to {last} of the {pages}"
-    return (
-        f"Here is a story premise (or a full story):\n{premise}\n\n"
-        f"It is told as an illustrated storyboard of {pages} pages. Write the scenes of {part}: "
-        f"{last - first + 1} scenes in reading order, each with a short title, a visual description of what the "
-        "page shows, and the characters who appear. Answer in JSON."
-    )
+def page_chunks(pages: int, per_request: int = SCENES_PER_REQUEST) -> list[tuple[int, int]]:
+    """Pages 1..pages cut into runs of at most ``per_request``, fixed by page number."""
+    return [(first, min(first + per_request - 1, pages)) for first in range(1, pages + 1, per_request)]
 
 
-def sheet_prompt(premise: str, scenes: list[dict[str, Any]]) -> str:
-    outline = "\n".join(f"{number}. {scene['title']}: {', '.join(scene['characters'])}"
-                        for number, scene in enumerate(scenes, start=1))
-    return (
-        f"Story premise:\n{premise}\n\nScenes:\n{outline}\n\n"
-        "Write a character sheet so that every page draws the characters the same way: each main character's name "
-        "and a precise visual description (age, build, hair, clothes, colours), and one visual style for the whole "
-        "storyboard. Answer in JSON."
-    )
+def scenes_prompt(premise: str, first: int, last: int, pages: int, budget: PromptBudget) -> str:
+    whole = (first, last) == (1, pages)
+    part = "the whole story" if whole else f"pages {first} to {last} of the {pages}"
+    ask = (f"It is told as an illustrated storyboard of {pages} pages. Write the scenes of {part}: "
+           f"{last - first + 1} scenes in reading order, each with a short title, a visual description of what the "
+           "page shows, and the characters who appear. Answer in JSON.")
+    limit = budget.prompt_bytes(answer_tokens=(last - first + 1) * TOKENS_PER_SCENE) - len(ask) - SCAFFOLD_BYTES
+    text = premise_part(premise, (first - 1) / pages, last / pages, limit)
+    intro = "Here is a story premise (or a full story)" if text == premise else "Here is the part of the story they tell"
+    return f"{intro}:\n{text}\n\n{ask}"
+
+
+def premise_part(premise: str, start: float, end: float, limit: int) -> str:
+    """The premise when it fits ``limit`` bytes; else the stretch of it that pages ``start``-``end`` (fractions of
+    the story) tell, widened evenly on both sides to fill ``limit``: a long story is read in page-sized chunks."""
+    if len(json.dumps(premise)) <= limit:
+        return premise
+    low, high = int(start * len(premise)), max(int(end * len(premise)), int(start * len(premise)) + 1)
+
+    def span(widen: int) -> tuple[int, int]:
+        return max(0, low - widen), min(len(premise), high + widen)
+
+    narrow, wide = 0, len(premise)  # the widest span that fits, by bisection (its size grows with the widening)
+    while narrow < wide:
+        middle = (narrow + wide + 1) // 2
+        first, last = span(middle)
+        if len(json.dumps(premise[first:last])) <= limit - 8:
+            narrow = middle
+        else:
+            wide = middle - 1
+    low, high = span(narrow)
+    return clip(("…" if low else "") + premise[low:high] + ("…" if high < len(premise) else ""), limit)
+
+
+def sheet_prompt(premise: str, scenes: list[dict[str, Any]], budget: PromptBudget) -> str:
+    """The premise and the cast, by how many pages each character appears on (the most present first), cut to the
+    budget: a 64-page story's full outline would not fit a 2,048-token context."""
+    counts: dict[str, int] = {}
+    for scene in scenes:
+        for name in dict.fromkeys(character.strip() for character in scene["characters"] if character.strip()):
+            counts[name] = counts.get(name, 0) + 1
+    cast = "; ".join(f"{name} ({count} of {len(scenes)} pages)"
+                     for name, count in sorted(counts.items(), key=lambda entry: (-entry[1], entry[0])))
+    ask = ("Write a character sheet so that every page draws the characters the same way: each main character's "
+           "name and a precise visual description (age, build, hair, clothes, colours), and one visual style for "
+           "the whole storyboard. Answer in JSON.")
+    limit = budget.prompt_bytes(answer_tokens=SHEET_TOKENS, share=SHEET_PROMPT_SHARE) - len(ask) - SCAFFOLD_BYTES
+    premise, cast = fit([premise, cast], limit)
+    return f"Story premise:\n{premise}\n\nCharacters:\n{cast or 'none named'}\n\n{ask}"
 
 
 def scene_request(scene: dict[str, Any]) -> str:

@@ -88,3 +88,36 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (96, 64), "green").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.mark.timeout(1260)
+def test_a_64_page_story_of_two_rounds_completes_and_shows_pages_as_they_finish(tmp_path, mgmflow_home):
+    """Stories of every length fit the model (issue 14): `mgmflow run story --pages 64 --rounds 2` on the default
+    tiny preset, embedded (before the prompt budgets its sheet prompt outgrew the 2,048-token context at ~28
+    pages). The cheapest settings that still run 64 pages × 2 rounds: 64-pixel pages of one denoising step, and
+    dynamic VLM batches wide enough for every page at once. The progress prints each page as it finishes."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    home, out = tmp_path / "home", tmp_path / "board"
+    home.mkdir()
+    (mgmflow_home / "presets").mkdir(exist_ok=True)
+    (home / "presets").symlink_to(mgmflow_home / "presets")  # shared, not rebuilt
+    env = {**os.environ, "MGMFLOW_HOME": str(home), "OMP_NUM_THREADS": "1", "MGMFLOW_VLM_BATCH_SIZE": "64",
+           "MGMFLOW_EMBEDDED_CONCURRENCY": "96"}
+    command = [str(Path(sys.executable).parent / "mgmflow"), "run", "story", "--premise", STORY["premise"],
+               "--pages", "64", "--seed", "3", "--rounds", "2", "--width", "64", "--height", "64", "--steps", "1",
+               "--out", str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [page["page"] for page in manifest["pages"]] == list(range(1, 65))
+    for page in manifest["pages"]:
+        assert (out / page["image"]).read_bytes()[:4] == b"\x89PNG"
+        assert 1 <= len(page["scores"]) <= 2 and page["scene"] and page["prompt"]
+    finished = re.findall(r"^page-(\d\d) (?:accepted|exhausted): score", result.stderr, re.MULTILINE)
+    assert sorted(int(number) for number in finished) == list(range(1, 65))

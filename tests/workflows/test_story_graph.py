@@ -10,6 +10,7 @@ from wf_helpers import ScriptedClient, drive, scripted_context
 from PIL import Image
 
 from models.errors import InvalidInputError
+from orchestrator.budget import budget_for
 from orchestrator.seeds import derive_seed
 from orchestrator.workflow import get_workflow
 from workflows import story
@@ -55,6 +56,9 @@ def test_scene_chunks_are_fixed_by_page():
     assert story.page_chunks(4) == [(1, 4)]
     assert story.page_chunks(10) == [(1, 4), (5, 8), (9, 10)]
     assert sum(last - first + 1 for first, last in story.page_chunks(64)) == 64
+    # As many scenes per request as the model's context leaves room for in one answer.
+    assert story.scenes_per_request(budget_for("tiny")) == 1 and story.scenes_per_request(budget_for("mgm-7b-hd")) == 2
+    assert story.page_chunks(5, 2) == [(1, 2), (3, 4), (5, 5)]
 
 
 def test_clip_keeps_task_messages_small():
@@ -107,8 +111,9 @@ def test_story_regenerates_and_edits_outliers_within_the_budget(store):
     kinds = [(task_id.split(":", 1)[1], kind) for task_id, kind, _ in client.submitted]
     assert ("pages:page-02:r1:d0", "edit.instruct") in kinds  # the close page was edited, not redrawn
     assert ("pages:page-03:r1:d0", "diffusion.text2img") in kinds  # the far one was re-prompted and redrawn
-    # One scene request for three pages; every seed derived from (seed, page, round, draft).
-    assert [k for k in kinds if k[0].startswith("scenes")] == [("scenes:1-3", "vlm.chat")]
+    # One scene per request (a 2,048-token context leaves room for one scene's answer); every seed derived from
+    # (seed, page, round, draft).
+    assert [k for k in kinds if k[0].startswith("scenes")] == [(f"scenes:{n}-{n}", "vlm.chat") for n in (1, 2, 3)]
     draws = {task_id.split(":", 1)[1]: payload for task_id, kind, payload in client.submitted
              if kind in ("diffusion.text2img", "edit.instruct")}
     assert draws["pages:page-03:r1:d0"]["seeds"] == [derive_seed(11, 2, 1, 0)]
