@@ -186,5 +186,9 @@ class RunService:
         return self.orchestrator.context_for(run)
 
     def output_values(self, run: RunInfo) -> dict[str, Any]:
-        """The final state values of a finished run (its thread's state right after it)."""
-        return self.thread_state(run.thread_id)
+        """The state values a finished run ended with: read at the checkpoint its driver recorded with its end,
+        never whatever is latest on its thread (a later run, or a stale driver's write, may follow it)."""
+        if run.ended_checkpoint is None:  # ended before its driver recorded where (older records, cancels)
+            return self.thread_state(run.thread_id)
+        config = {"configurable": {"thread_id": run.thread_id, "checkpoint_id": run.ended_checkpoint}}
+        return dict(self.orchestrator.graph(run.workflow).get_state(config).values)
