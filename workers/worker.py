@@ -32,6 +32,39 @@ class WorkerStartError(MGMFlowError):
     code = "worker_start_failed"
 
 
+class WorkerStoppedError(MGMFlowError):
+    """Celery's worker stopped although nobody asked it to (an unrecoverable error in its consumer): the command
+    exits non-zero so that a supervisor (compose ``restart:``, systemd ``Restart=``) starts it again."""
+
+    code = "worker_stopped"
+
+
+def survive_broker_restarts() -> None:
+    """Work around kombu's Redis transport crashing the consumer while it restores unacknowledged messages over a
+    connection that is already closed (``AttributeError: 'NoneType' object has no attribute 'hostname'``, raised
+    by ``Channel._connparams`` once the transport's client is gone; celery/kombu#970, #582). The worker would stop
+    with status 0. A restore that fails this way leaves the messages in the unacked set, where the visibility
+    sweep of any worker restores them, and the step watcher (``workers.watch``) sends a copy of any step they
+    carry sooner; so the failed restore is logged, not raised."""
+    from kombu.transport import redis as kombu_redis
+
+    restore = kombu_redis.QoS.restore_unacked
+    if getattr(restore, "survives_closed_connections", False):
+        return
+
+    def restore_unacked(self, client=None):
+        try:
+            return restore(self, client)
+        except AttributeError:
+            if self.channel.connection is not None and self.channel.connection.client is not None:
+                raise  # not the closed-connection case
+            logger.warning("could not restore %d unacknowledged message(s) over a closed broker connection; "
+                           "they are restored by the visibility sweep", len(self._delivered))
+
+    restore_unacked.survives_closed_connections = True
+    kombu_redis.QoS.restore_unacked = restore_unacked
+
+
 def resolve_queues(settings: Settings, queues: list[str], models: dict[str, str]) -> list[str]:
     """``["vlm", "edit"]`` with ``{"vlm": "mgm-7b"}`` → ``["vlm.mgm-7b", "edit.tiny", "edit.tiny-ip2p"]``."""
     resolved = []
@@ -102,10 +135,22 @@ def run_worker(settings: Settings, *, queues: list[str], models: dict[str, str],
     logger.info("serving %s with %d threads", ", ".join(served + private), threads)
     app = get_app(settings)
     app.set_default()  # pool threads look tasks up on the process's default app (see workers.embedded)
-    app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={threads}", f"--queues={','.join(served + private)}",
-        f"--hostname={name}@%h", "--without-mingle", "--without-gossip", f"--loglevel={loglevel}",
-    ])
+    survive_broker_restarts()
+    stop_signals = []
+    from celery.signals import worker_shutting_down
+
+    worker_shutting_down.connect(lambda sig=None, **_: stop_signals.append(sig), weak=False)
+    try:
+        app.worker_main([
+            "worker", "--pool=threads", f"--concurrency={threads}", f"--queues={','.join(served + private)}",
+            f"--hostname={name}@%h", "--without-mingle", "--without-gossip", f"--loglevel={loglevel}",
+        ])
+    except SystemExit as exit_:
+        if stop_signals or exit_.code not in (0, None):
+            raise
+    if not stop_signals:
+        raise WorkerStoppedError("the worker stopped although nobody asked it to (see the log above); "
+                                 "its supervisor should start it again")
 
 
 def run_per_gpu(argv: list[str], gpus: list[str], name: str) -> int:
