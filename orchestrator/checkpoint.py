@@ -24,6 +24,7 @@ BUSY_TIMEOUT_MS = 30_000  # several processes (CLI, orchestration workers) may s
 # The configurable key of a driver's graph config: ``(run_id, lease owner)``, the fencing token every checkpoint
 # write of that drive is checked against ("__" keeps it out of the checkpoints' metadata).
 LEASE_KEY = "__mgmflow_run_lease"
+FENCE_STALL_S = 10  # a fenced write takes milliseconds; one idle this long in its transaction is a stalled process
 
 
 class RunLeaseLost(Exception):
@@ -215,6 +216,9 @@ def _fenced_postgres_saver(pool: Any) -> BaseCheckpointSaver:
                 return
             faults.point("checkpoint.write", run_id=config["configurable"][LEASE_KEY][0])
             with self.conn.connection() as connection, connection.transaction():
+                # A driver stopped inside this transaction would hold the run's row lock, and with it every
+                # takeover, for as long as it stays stopped: the server ends such a transaction instead.
+                connection.execute(f"SET LOCAL idle_in_transaction_session_timeout = '{FENCE_STALL_S}s'")
                 _check_lease(connection, config, postgres=True)
                 self._local.connection = connection
                 try:

@@ -65,6 +65,7 @@ class Orchestrator:
         self._sweeper: threading.Thread | None = None
         self._resent: dict[str, tuple[int, float]] = {}  # run id -> (times re-dispatched, not again before)
         self._sweeping = threading.Lock()
+        self._recovered = False
         self._stop = threading.Event()
 
     # Dispatch.
@@ -299,6 +300,23 @@ class Orchestrator:
             stop.set()
             thread.join()
 
+    def recover(self) -> list[str]:
+        """Pick up every unfinished run nobody drives: its lease is free, lapsed or held by a process of this machine
+        that is gone (an embedded server or CLI restarted on the same home). Each is driven once, forced, so that
+        steps lost with the dead process are sent again at once. Once per process; returns their ids."""
+        with self._sweeping:
+            if self._recovered:
+                return []
+            self._recovered = True
+        now = time.time()
+        orphans = [run_id for run_id, holder, expires in self.runs.leases(("pending", "running"))
+                   if holder is None or expires < now or owner_gone(holder)]
+        for run_id in orphans:
+            self.dispatch(run_id, force=True)
+        if orphans:
+            logger.info("picked up %d unfinished run(s): %s", len(orphans), ", ".join(orphans))
+        return orphans
+
     # The sweeper.
     def sweep(self) -> list[str]:
         """Re-dispatch every idle run that could make progress; returns their ids.
@@ -332,11 +350,10 @@ class Orchestrator:
 
     def _backlog(self) -> int:
         """Messages waiting in the orchestration queue (0 when the broker cannot tell)."""
-        from workers.app import get_app
+        from workers.app import queue_depth
 
         try:
-            with get_app(self.settings).connection_for_read() as connection:
-                return connection.default_channel.queue_declare(QUEUE, passive=True).message_count
+            return queue_depth(self.settings, QUEUE)
         except Exception:  # an unreachable broker: sweep as if idle (the re-dispatch fails the same way)
             logger.warning("sweeper: cannot read the %s queue's length", QUEUE, exc_info=True)
             return 0

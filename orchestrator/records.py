@@ -333,6 +333,12 @@ class RunStore:
             (owner, now + ttl, run_id, owner, replacing or owner, now),
         ) == 1
 
+    def leases(self, statuses: tuple[str, ...]) -> list[tuple[str, str | None, float]]:
+        """``(run_id, lease owner, lease expiry)`` of every run in ``statuses``, oldest first."""
+        return [tuple(row) for row in self.db.execute(
+            f"SELECT run_id, lease_owner, lease_expires FROM mgmflow_runs WHERE status IN "
+            f"({', '.join('?' for _ in statuses)}) ORDER BY created_at", statuses)]
+
     def lease_holder(self, run_id: str) -> str | None:
         rows = self.db.execute("SELECT lease_owner FROM mgmflow_runs WHERE run_id = ?", (run_id,))
         return rows[0][0] if rows else None

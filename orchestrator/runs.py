@@ -29,8 +29,10 @@ class RunService:
         self.settings = self.orchestrator.settings
         self.runs = self.orchestrator.runs
         if self.settings.embedded:
-            # No orchestration worker exists elsewhere: this process drives runs and sweeps for lost ones.
+            # No orchestration worker exists elsewhere: this process drives runs and sweeps for lost ones, starting
+            # with those an earlier process of this home left unfinished (a restarted server picks them up).
             self.orchestrator.start_sweeper()
+            self.orchestrator.recover()
 
     # Threads.
     def create_thread(self, *, scope: str = DEFAULT_SCOPE, thread_id: str | None = None,

@@ -25,6 +25,10 @@ class FaultLog:
         lines = [line.split(" ", 2) for line in self.path.read_text().splitlines()]
         return [(int(pid), json.loads(info)) for name, pid, info in lines if name == point]
 
+    def arrivals_any(self) -> list[int]:
+        """The pids of every arrival so far, at any point."""
+        return [int(line.split(" ", 2)[1]) for line in self.path.read_text().splitlines()]
+
     def wait(self, point: str, timeout: float = 240, check=None) -> tuple[int, dict]:
         """(pid, info) of the first process to reach ``point``; ``check()`` may raise meanwhile (a process died)."""
         def reached():

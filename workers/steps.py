@@ -68,6 +68,11 @@ class LeaseKeeper:
         with self._lock:
             self._held.pop(task_id, None)
 
+    def _holds(self, task_id: str, owner: str) -> bool:
+        """Still running here (not finished and dropped since the renewal began)."""
+        with self._lock:
+            return self._held.get(task_id) == owner
+
     def lost(self, owner: str) -> bool:
         return owner in self._lost
 
@@ -78,7 +83,7 @@ class LeaseKeeper:
                 held = list(self._held.items())
             for task_id, owner in held:
                 try:
-                    if not self.records.renew(task_id, owner, self.lease_s):
+                    if not self.records.renew(task_id, owner, self.lease_s) and self._holds(task_id, owner):
                         logger.warning("lost the lease of step %s; another worker has taken it over", task_id)
                         self._lost.add(owner)
                 except Exception:  # noqa: BLE001 — a store hiccup; the next round retries before the lease lapses

@@ -95,13 +95,12 @@ class StepWatcher:
                                          priority=message["priority"])
 
     def _depth(self, queue: str, depths: dict[str, int]) -> int:
-        """Messages waiting in ``queue`` (read once per pass; 0 when the broker has no such queue)."""
+        """Messages waiting in ``queue``, read once per pass (0 when the broker cannot tell: a copy is harmless)."""
         if queue not in depths:
-            from workers.app import get_app
+            from workers.app import queue_depth
 
             try:
-                with get_app(self.settings).connection_for_read() as connection:
-                    depths[queue] = connection.default_channel.queue_declare(queue, passive=True).message_count
-            except Exception:  # no such queue yet (nothing ever waited in it), or an unreachable broker
+                depths[queue] = queue_depth(self.settings, queue)
+            except Exception:  # an unreachable broker: sending fails the same way, and is tried again later
                 depths[queue] = 0
         return depths[queue]
