@@ -40,29 +40,36 @@ class WorkerStoppedError(MGMFlowError):
 
 
 def survive_broker_restarts() -> None:
-    """Work around kombu's Redis transport crashing the consumer while it restores unacknowledged messages over a
-    connection that is already closed (``AttributeError: 'NoneType' object has no attribute 'hostname'``, raised
-    by ``Channel._connparams`` once the transport's client is gone; celery/kombu#970, #582). The worker would stop
-    with status 0. A restore that fails this way leaves the messages in the unacked set, where the visibility
-    sweep of any worker restores them, and the step watcher (``workers.watch``) sends a copy of any step they
-    carry sooner; so the failed restore is logged, not raised."""
+    """Work around kombu's Redis transport stopping the worker after a broker restart: a step that was running
+    while the connection dropped acks its message, once done, on the old channel, whose connection is gone; kombu
+    then builds a client from it and fails (``AttributeError: 'NoneType' object has no attribute 'client'`` or
+    ``... 'hostname'``, celery/kombu#970, #582), inside the consumer's loop, and Celery stops the worker with status
+    0. Restoring unacknowledged messages over that channel fails the same way. An ack or restore that cannot reach
+    the broker is dropped here instead: the message stays in the broker's unacked set, whose visibility sweep
+    delivers it again later; a finished step's copy only returns its recorded outcome (``workers.records``), and
+    the step watcher sends any unfinished step sooner."""
     from kombu.transport import redis as kombu_redis
 
-    restore = kombu_redis.QoS.restore_unacked
-    if getattr(restore, "survives_closed_connections", False):
+    qos = kombu_redis.QoS
+    if getattr(qos, "survives_closed_connections", False):
         return
 
-    def restore_unacked(self, client=None):
-        try:
-            return restore(self, client)
-        except AttributeError:
-            if self.channel.connection is not None and self.channel.connection.client is not None:
-                raise  # not the closed-connection case
-            logger.warning("could not restore %d unacknowledged message(s) over a closed broker connection; "
-                           "they are restored by the visibility sweep", len(self._delivered))
+    def guarded(method):
+        def call(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except AttributeError:
+                connection = self.channel.connection
+                if connection is not None and connection.client is not None:
+                    raise  # not the closed-connection case
+                logger.warning("broker connection closed under %s; the message is left to the visibility sweep",
+                               method.__name__)
 
-    restore_unacked.survives_closed_connections = True
-    kombu_redis.QoS.restore_unacked = restore_unacked
+        return call
+
+    for name in ("ack", "reject", "restore_unacked"):
+        setattr(qos, name, guarded(getattr(qos, name)))
+    qos.survives_closed_connections = True
 
 
 def resolve_queues(settings: Settings, queues: list[str], models: dict[str, str]) -> list[str]:
