@@ -180,7 +180,6 @@ class Orchestrator:
                     logger.warning("run %s: lease lost to another driver; this one stops", run.run_id)
                     return
                 self._node_event(run, namespace, chunk)
-                faults.point("driver.node", run_id=run.run_id, node=chunk.get("name"))
         except RunLeaseLost:
             logger.warning("run %s: lease lost to another driver; its checkpoint write was refused", run.run_id)
             return

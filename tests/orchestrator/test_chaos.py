@@ -85,6 +85,10 @@ class Chaos:
         self.services.close()
 
 
+def _pid(owner: str) -> int:
+    return int(owner.split(":")[1])  # owners are "host:pid:nonce"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -111,15 +115,21 @@ def undisturbed(chaos):
     return _checked(service, final)
 
 
-def _checked(service, final) -> dict[str, bytes]:
-    """Assert what every run must end with; return its pages' PNG bytes."""
+def _checked(service, final, stalled: int | None = None) -> dict[str, bytes]:
+    """Assert what every run must end with; return its pages' PNG bytes. Each step's work started once, but for
+    the steps a stalled worker (pid ``stalled``) was in the middle of: another worker took them over, so their work
+    started exactly twice (their outcome is still recorded once)."""
     assert final.status == "success", final.error
     client = service.orchestrator.client
     task_ids = sorted(client.records.redis.smembers(f"mgmflow:run:{final.run_id}:tasks"))
     records = {task_id: client.get(task_id) for task_id in task_ids}
-    assert task_ids and {(r.status, r.executions) for r in records.values()} == {("done", 1)}, {
-        task_id: (r.status, r.executions, r.deliveries) for task_id, r in records.items()}
-    finished = [event.data["task_id"] for event in service.all_events(final.run_id) if event.type == "task.finished"]
+    events = list(service.all_events(final.run_id))
+    interrupted = {event.data["task_id"] for event in events if event.type == "task.started"
+                   and stalled is not None and _pid(event.data["owner"]) == stalled
+                   and _pid(records[event.data["task_id"]].owner) != stalled}
+    assert task_ids and {task_id: (r.status, r.executions) for task_id, r in records.items()} == {
+        task_id: ("done", 2 if task_id in interrupted else 1) for task_id in task_ids}
+    finished = [event.data["task_id"] for event in events if event.type == "task.finished"]
     assert sorted(finished) == task_ids  # each step's outcome recorded exactly once
     assert not client.records.redis.zrange("mgmflow:watch", 0, -1)  # nothing left running or queued
     values = service.output_values(final)
@@ -158,7 +168,8 @@ def test_a_gpu_worker_stalled_past_its_lease(chaos, undisturbed):
     # its lease lapses; the step is sent again and taken over by the other worker, which records it
     chaos.until(lambda: client.get(task_id).status == "done", "the takeover", keep_stopped=frozenset({stalled}))
     resume(stalled)  # wakes with the step no longer its own: it stops, recording nothing
-    assert _checked(service, chaos.finish(service, run.run_id)) == undisturbed
+    assert _checked(service, chaos.finish(service, run.run_id), stalled=stalled) == undisturbed
+    assert client.get(task_id).executions == 1  # the stall came before its work started: it ran once, elsewhere
     assert all(worker.process.poll() is None for worker in workers)
 
 

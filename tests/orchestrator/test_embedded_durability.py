@@ -34,9 +34,9 @@ def _start(home: Path, out: Path, **extra) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _run(home: Path, out: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([MGMFLOW, *COMMAND, "--out", str(out)], env=_env(home), capture_output=True, text=True,
-                          timeout=timeout)
+def _run(home: Path, out: Path, timeout: float = 240, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run([MGMFLOW, *COMMAND, "--out", str(out)], env=_env(home, **extra), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _pages(out: Path) -> dict[int, bytes]:
@@ -80,10 +80,14 @@ def test_a_driver_stalled_while_another_takes_over_cannot_fork_the_run(tmp_path)
     assert _forks(home) == []
 
 
-def test_ctrl_c_at_the_park_instant_then_the_same_command_at_once(tmp_path):
+@pytest.mark.parametrize("lease", [None, "60"], ids=["default-lease", "60s-lease"])
+def test_ctrl_c_at_the_park_instant_then_the_same_command_at_once(tmp_path, lease):
+    """The rerun must not wait out the dead process's lease (with the default 10 s the rerun's own start-up may
+    outlast it on a loaded machine; 60 s shows the case it does not)."""
     home, out, faults = tmp_path / "home", tmp_path / "board", FaultLog(tmp_path)
+    leases = {"MGMFLOW_LEASE_S": lease} if lease else {}
     # the driver stops right after recording its first park, holding the run's lease; no step's work starts here
-    first = _start(home, out, **faults.env("driver.parked=block,step.acquired=block@0"))
+    first = _start(home, out, **leases, **faults.env("driver.parked=block,step.acquired=block@0"))
     try:
         faults.wait("driver.parked", check=lambda: first.poll() is None or pytest.fail(first.stderr.read()))
         first.send_signal(signal.SIGINT)
@@ -91,7 +95,7 @@ def test_ctrl_c_at_the_park_instant_then_the_same_command_at_once(tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
-    second = _run(home, out, timeout=180)  # within the dead process's lease
+    second = _run(home, out, timeout=180, **leases)  # within the dead process's lease
     assert second.returncode == 0, second.stderr[-3000:]
     assert sorted(_pages(out)) == [1, 2]
     assert {count for status, count in _executions(home).values()} == {1}
