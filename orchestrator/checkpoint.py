@@ -197,6 +197,22 @@ def _fenced_sqlite_saver(connection: sqlite3.Connection) -> BaseCheckpointSaver:
     return FencedSqliteSaver(connection)
 
 
+class _OneByOne:
+    """A cursor whose ``executemany`` runs one statement at a time. psycopg pipelines ``executemany``, and a process
+    stopped mid-pipeline leaves its server session waiting for the pipeline's end, which no idle-in-transaction
+    timeout ends; between whole statements it does (see ``end_stalled_transactions``)."""
+
+    def __init__(self, cursor: Any):
+        self._cursor = cursor
+
+    def executemany(self, query: str, params_seq) -> None:
+        for params in params_seq:
+            self._cursor.execute(query, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
 def _fenced_postgres_saver(pool: Any) -> BaseCheckpointSaver:
     from langgraph.checkpoint.postgres import PostgresSaver
     from psycopg.rows import dict_row
@@ -216,9 +232,6 @@ def _fenced_postgres_saver(pool: Any) -> BaseCheckpointSaver:
                 return
             faults.point("checkpoint.write", run_id=config["configurable"][LEASE_KEY][0])
             with self.conn.connection() as connection, connection.transaction():
-                # A driver stopped inside this transaction would hold the run's row lock, and with it every
-                # takeover, for as long as it stays stopped: the server ends such a transaction instead.
-                connection.execute(f"SET LOCAL idle_in_transaction_session_timeout = '{FENCE_STALL_S}s'")
                 _check_lease(connection, config, postgres=True)
                 self._local.connection = connection
                 try:
@@ -234,7 +247,7 @@ def _fenced_postgres_saver(pool: Any) -> BaseCheckpointSaver:
                     yield cursor
                 return
             with connection.cursor(binary=True, row_factory=dict_row) as cursor:
-                yield cursor
+                yield _OneByOne(cursor)
 
         def put(self, config, checkpoint, metadata, new_versions):
             with self._fenced(config):
@@ -266,8 +279,14 @@ def _open_postgres(url: str) -> Database:
 
     # The saver needs dict rows; run records use their own pool with plain tuples.
 
+    def end_stalled_transactions(connection) -> None:
+        # A driver stopped inside a fenced write would hold its run's row lock, and with it every takeover, for as
+        # long as it stays stopped: the server ends such a transaction instead.
+        connection.execute(f"SET idle_in_transaction_session_timeout = '{FENCE_STALL_S}s'")
+
     saver_pool = ConnectionPool(url, kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-                                min_size=1, max_size=8, check=ConnectionPool.check_connection, open=True)
+                                configure=end_stalled_transactions, min_size=1, max_size=8,
+                                check=ConnectionPool.check_connection, open=True)
     saver = _fenced_postgres_saver(saver_pool)
     saver.setup()
     records_pool = ConnectionPool(url, kwargs={"autocommit": True, "row_factory": tuple_row}, min_size=1, max_size=8,
