@@ -17,9 +17,32 @@ from typing import Any, Iterator
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from models.errors import InvalidInputError
+from workers import faults
 
 SQLITE_FILE = "checkpoints.sqlite"
 BUSY_TIMEOUT_MS = 30_000  # several processes (CLI, orchestration workers) may share one SQLite file
+# The configurable key of a driver's graph config: ``(run_id, lease owner)``, the fencing token every checkpoint
+# write of that drive is checked against ("__" keeps it out of the checkpoints' metadata).
+LEASE_KEY = "__mgmflow_run_lease"
+FENCE_STALL_S = 10  # a fenced write takes milliseconds; one idle this long in its transaction is a stalled process
+
+
+class RunLeaseLost(Exception):
+    """A checkpoint write of a driver that no longer holds its run's lease (it stalled and another driver took the
+    run over): refused, so that a stale driver can never fork the thread's history."""
+
+
+def _check_lease(connection: Any, config: dict, *, postgres: bool) -> None:
+    """Inside the write's transaction: the run's lease is still the writer's (the row is locked until commit, so a
+    driver taking the run over waits for this write and then reads it)."""
+    run_id, owner = config["configurable"][LEASE_KEY]
+    sql = "SELECT lease_owner FROM mgmflow_runs WHERE run_id = ?"
+    if postgres:
+        sql = sql.replace("?", "%s") + " FOR UPDATE"
+    row = connection.execute(sql, (run_id,)).fetchone()
+    holder = None if row is None else (row["lease_owner"] if postgres else row[0])
+    if holder != owner:
+        raise RunLeaseLost(f"run {run_id}: the lease is held by {holder!r}, not by this driver ({owner})")
 
 
 @dataclass
@@ -138,9 +161,106 @@ def _open(url: str) -> Database:
     raise InvalidInputError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://…")
 
 
-def _open_sqlite(path: Path) -> Database:
+def _fenced_sqlite_saver(connection: sqlite3.Connection) -> BaseCheckpointSaver:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
+    class FencedSqliteSaver(SqliteSaver):
+        """Writes of a driver's config (``LEASE_KEY``) commit only while its lease holds, in one transaction."""
+
+        def __init__(self, conn):
+            super().__init__(conn)
+            self.lock = threading.RLock()  # the fenced write holds it around the saver's own cursor()
+
+        @contextlib.contextmanager
+        def _fenced(self, config):
+            if LEASE_KEY not in config["configurable"]:
+                yield
+                return
+            faults.point("checkpoint.write", run_id=config["configurable"][LEASE_KEY][0])
+            with self.lock:
+                _begin_immediate(self.conn)  # the write lock first: a takeover commits before or after us
+                try:
+                    _check_lease(self.conn, config, postgres=False)
+                    yield  # the saver's cursor() commits
+                except BaseException:
+                    self.conn.rollback()
+                    raise
+
+        def put(self, config, checkpoint, metadata, new_versions):
+            with self._fenced(config):
+                return super().put(config, checkpoint, metadata, new_versions)
+
+        def put_writes(self, config, writes, task_id, task_path=""):
+            with self._fenced(config):
+                return super().put_writes(config, writes, task_id, task_path)
+
+    return FencedSqliteSaver(connection)
+
+
+class _OneByOne:
+    """A cursor whose ``executemany`` runs one statement at a time. psycopg pipelines ``executemany``, and a process
+    stopped mid-pipeline leaves its server session waiting for the pipeline's end, which no idle-in-transaction
+    timeout ends; between whole statements it does (see ``end_stalled_transactions``)."""
+
+    def __init__(self, cursor: Any):
+        self._cursor = cursor
+
+    def executemany(self, query: str, params_seq) -> None:
+        for params in params_seq:
+            self._cursor.execute(query, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+def _fenced_postgres_saver(pool: Any) -> BaseCheckpointSaver:
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg.rows import dict_row
+
+    class FencedPostgresSaver(PostgresSaver):
+        """Writes of a driver's config (``LEASE_KEY``) run in one transaction with a check of its lease, which
+        locks the run's row until they commit."""
+
+        def __init__(self, conn):
+            super().__init__(conn)
+            self._local = threading.local()  # .connection: this thread's fenced transaction
+
+        @contextlib.contextmanager
+        def _fenced(self, config):
+            if LEASE_KEY not in config["configurable"]:
+                yield
+                return
+            faults.point("checkpoint.write", run_id=config["configurable"][LEASE_KEY][0])
+            with self.conn.connection() as connection, connection.transaction():
+                _check_lease(connection, config, postgres=True)
+                self._local.connection = connection
+                try:
+                    yield
+                finally:
+                    self._local.connection = None
+
+        @contextlib.contextmanager
+        def _cursor(self, *, pipeline: bool = False):
+            connection = getattr(self._local, "connection", None)
+            if connection is None:
+                with super()._cursor(pipeline=pipeline) as cursor:
+                    yield cursor
+                return
+            with connection.cursor(binary=True, row_factory=dict_row) as cursor:
+                yield _OneByOne(cursor)
+
+        def put(self, config, checkpoint, metadata, new_versions):
+            with self._fenced(config):
+                return super().put(config, checkpoint, metadata, new_versions)
+
+        def put_writes(self, config, writes, task_id, task_path=""):
+            with self._fenced(config):
+                return super().put_writes(config, writes, task_id, task_path)
+
+    return FencedPostgresSaver(pool)
+
+
+def _open_sqlite(path: Path) -> Database:
     path.parent.mkdir(parents=True, exist_ok=True)
     # check_same_thread=False is safe: every use holds the saver's lock.
     connection = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -148,21 +268,26 @@ def _open_sqlite(path: Path) -> Database:
     # In WAL mode NORMAL loses no integrity, only the last commits on a power cut (not on a process crash), and
     # spares an fsync per commit.
     connection.execute("PRAGMA synchronous=NORMAL")  # (the busy timeout is connect()'s timeout)
-    saver = SqliteSaver(connection)
+    saver = _fenced_sqlite_saver(connection)
     saver.setup()
     return Database(f"sqlite:///{path}", saver, "sqlite", _sqlite=connection, _lock=saver.lock)
 
 
 def _open_postgres(url: str) -> Database:
-    from langgraph.checkpoint.postgres import PostgresSaver
     from psycopg.rows import dict_row, tuple_row
     from psycopg_pool import ConnectionPool
 
     # The saver needs dict rows; run records use their own pool with plain tuples.
 
+    def end_stalled_transactions(connection) -> None:
+        # A driver stopped inside a fenced write would hold its run's row lock, and with it every takeover, for as
+        # long as it stays stopped: the server ends such a transaction instead.
+        connection.execute(f"SET idle_in_transaction_session_timeout = '{FENCE_STALL_S}s'")
+
     saver_pool = ConnectionPool(url, kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-                                min_size=1, max_size=8, check=ConnectionPool.check_connection, open=True)
-    saver = PostgresSaver(saver_pool)
+                                configure=end_stalled_transactions, min_size=1, max_size=8,
+                                check=ConnectionPool.check_connection, open=True)
+    saver = _fenced_postgres_saver(saver_pool)
     saver.setup()
     records_pool = ConnectionPool(url, kwargs={"autocommit": True, "row_factory": tuple_row}, min_size=1, max_size=8,
                                   check=ConnectionPool.check_connection, open=True)

@@ -24,11 +24,13 @@ from typing import Any, Iterator
 from langgraph.types import Command
 
 from models.errors import Cancelled, DeadlineExceeded, MGMFlowError
-from orchestrator.checkpoint import open_database
+from orchestrator.checkpoint import LEASE_KEY, RunLeaseLost, open_database
 from orchestrator.dispatch import Dispatcher
 from orchestrator.records import TERMINAL, RunInfo, RunStore
 from orchestrator.runtime import ANY_FINISHED, RUN_REF, FINISHED, RunContext
 from orchestrator.workflow import get_workflow
+from workers import faults
+from workers.records import owner_gone
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class Orchestrator:
         self._sweeper: threading.Thread | None = None
         self._resent: dict[str, tuple[int, float]] = {}  # run id -> (times re-dispatched, not again before)
         self._sweeping = threading.Lock()
+        self._recovered = False
         self._stop = threading.Event()
 
     # Dispatch.
@@ -82,15 +85,35 @@ class Orchestrator:
         owner = f"{self.owner}:{threading.get_ident()}"
         run = self.runs.get(run_id)
         while (force and run.status == "running") or self.ready(run):
-            force = False
-            if not self.runs.acquire(run_id, owner, self.lease_s):
+            if not self._acquire(run_id, owner, wait=force):
                 return  # another process drives it; it re-checks readiness after releasing
+            force = False
             try:
                 with self._heartbeat(run_id, owner) as lost:
                     self._step(self.runs.get(run_id), owner, lost)
             finally:
                 self.runs.release(run_id, owner)
             run = self.runs.get(run_id)
+
+    def _acquire(self, run_id: str, owner: str, *, wait: bool) -> bool:
+        """Take the run's lease, or take it over from a holder that is gone (a process of this machine that died,
+        e.g. a Ctrl-C'd embedded run, whose lease has not lapsed yet). ``wait``: while a live holder keeps it, try
+        again until a lease length has passed (a forced drive must not be dropped because a driver was just
+        finishing); then leave the run to that holder, which re-checks readiness when it lets go."""
+        deadline = time.monotonic() + (self.lease_s + 1 if wait else 0)
+        while True:
+            if self.runs.acquire(run_id, owner, self.lease_s):
+                return True
+            holder = self.runs.lease_holder(run_id)
+            if holder and owner_gone(holder):
+                logger.warning("run %s: its driver %s is gone; taking its lease over", run_id, holder)
+                if self.runs.acquire(run_id, owner, self.lease_s, replacing=holder):
+                    return True
+            if time.monotonic() >= deadline:
+                if wait:
+                    logger.warning("run %s: driven by %s; leaving it to that driver", run_id, holder)
+                return False
+            time.sleep(0.2)
 
     def ready(self, run: RunInfo) -> bool:
         """Whether ``run`` can make progress now."""
@@ -134,6 +157,9 @@ class Orchestrator:
         workflow = get_workflow(run.workflow)
         graph = self._graph(workflow)
         config = {"configurable": {"thread_id": run.thread_id}, "metadata": {"run_id": run.run_id}}
+        # Every checkpoint write of this drive is fenced on the lease: a stalled driver that wakes after another
+        # took the run over cannot add a checkpoint (which would fork the thread's history).
+        fenced = {**config, "configurable": {**config["configurable"], LEASE_KEY: (run.run_id, owner)}}
         snapshot = graph.get_state(config)
         if (snapshot.metadata or {}).get("run_id") != run.run_id:
             command: Any = workflow.validate_input(run.input).model_dump(mode="json")
@@ -153,10 +179,10 @@ class Orchestrator:
         elif not _ended(snapshot):
             command = None  # a driver died mid-step: continue from the last checkpoint
         else:
-            return self._finish(run, "success", owner)
+            return self._finish(run, "success", owner, ended=snapshot)
         context = self._context(run)
         try:
-            for namespace, mode, chunk in graph.stream(command, config, context=context, durability="sync",
+            for namespace, mode, chunk in graph.stream(command, fenced, context=context, durability="sync",
                                                         stream_mode=["tasks", "checkpoints"], subgraphs=True):
                 if lost.is_set():  # another driver took the run over: it continues from the checkpoints
                     logger.warning("run %s: lease lost to another driver; this one stops", run.run_id)
@@ -165,6 +191,9 @@ class Orchestrator:
                     self._node_event(run, namespace, chunk)
                 else:
                     self._checkpoint_event(run, namespace, chunk)
+        except RunLeaseLost:
+            logger.warning("run %s: lease lost to another driver; its checkpoint write was refused", run.run_id)
+            return
         except Cancelled as error:
             return self._finish(run, "cancelled", owner, error)
         except DeadlineExceeded as error:
@@ -188,21 +217,26 @@ class Orchestrator:
                                 resume_value=None):
                 self._publish(run, "run", {"status": "interrupted", "interrupt": approvals})
         elif awaited:
-            self.runs.update(run.run_id, owner=owner, status="running", interrupt=None, awaited=awaited,
-                             resume_value=None)
+            if self.runs.update(run.run_id, owner=owner, status="running", interrupt=None, awaited=awaited,
+                                resume_value=None):
+                faults.point("driver.parked", run_id=run.run_id, awaited=awaited)
         elif not _ended(snapshot):
             self.runs.update(run.run_id, owner=owner, status="running", awaited=[], resume_value=None)
         else:
-            self._finish(run, "success", owner)
+            self._finish(run, "success", owner, ended=snapshot)
 
-    def _finish(self, run: RunInfo, status: str, owner: str, error: BaseException | None = None) -> None:
-        """Record the end (unless another driver holds the run now: it decides) and start what waited for it."""
+    def _finish(self, run: RunInfo, status: str, owner: str, error: BaseException | None = None, *,
+                ended: Any = None) -> None:
+        """Record the end (unless another driver holds the run now: it decides) and start what waited for it.
+        ``ended``: the snapshot the run ended with (its outputs are read there)."""
         detail = None
         if error is not None:
             detail = {"code": getattr(error, "code", "internal"), "message": str(error) or type(error).__name__}
-        if self.runs.update(run.run_id, owner=owner, status=status, error=detail, awaited=[], interrupt=None,
-                            resume_value=None):
-            self._publish(run, "run", {"status": status, **({"error": detail} if detail else {})})
+        checkpoint = ended.config["configurable"].get("checkpoint_id") if ended is not None else None
+        if not self.runs.update(run.run_id, owner=owner, status=status, error=detail, awaited=[], interrupt=None,
+                                resume_value=None, ended_checkpoint=checkpoint):
+            return  # a stale driver: the one holding the run decides its end, and its steps are not ours to cancel
+        self._publish(run, "run", {"status": status, **({"error": detail} if detail else {})})
         if status != "success":
             self.client.cancel(run.run_id)  # stop its other tasks
         self.start_next(run.thread_id)
@@ -276,10 +310,18 @@ class Orchestrator:
         stop, lost = threading.Event(), threading.Event()
 
         def renew() -> None:
+            held_until = time.monotonic() + self.lease_s
             while not stop.wait(self.lease_s / 3):
-                if not self.runs.renew(run_id, owner, self.lease_s):
-                    lost.set()
-                    return
+                try:
+                    if not self.runs.renew(run_id, owner, self.lease_s):
+                        lost.set()
+                        return
+                    held_until = time.monotonic() + self.lease_s
+                except Exception:  # a database hiccup: retry until the lease would have lapsed, never die silently
+                    logger.warning("run %s: cannot renew the lease", run_id, exc_info=True)
+                    if time.monotonic() >= held_until:
+                        lost.set()  # it may have been taken over by now: stop driving
+                        return
 
         thread = threading.Thread(target=renew, name=f"lease-{run_id}", daemon=True)
         thread.start()
@@ -288,6 +330,23 @@ class Orchestrator:
         finally:
             stop.set()
             thread.join()
+
+    def recover(self) -> list[str]:
+        """Pick up every unfinished run nobody drives: its lease is free, lapsed or held by a process of this machine
+        that is gone (an embedded server or CLI restarted on the same home). Each is driven once, forced, so that
+        steps lost with the dead process are sent again at once. Once per process; returns their ids."""
+        with self._sweeping:
+            if self._recovered:
+                return []
+            self._recovered = True
+        now = time.time()
+        orphans = [run_id for run_id, holder, expires in self.runs.leases(("pending", "running"))
+                   if holder is None or expires < now or owner_gone(holder)]
+        for run_id in orphans:
+            self.dispatch(run_id, force=True)
+        if orphans:
+            logger.info("picked up %d unfinished run(s): %s", len(orphans), ", ".join(orphans))
+        return orphans
 
     # The sweeper.
     def sweep(self) -> list[str]:
@@ -322,11 +381,10 @@ class Orchestrator:
 
     def _backlog(self) -> int:
         """Messages waiting in the orchestration queue (0 when the broker cannot tell)."""
-        from workers.app import get_app
+        from workers.app import queue_depth
 
         try:
-            with get_app(self.settings).connection_for_read() as connection:
-                return connection.default_channel.queue_declare(QUEUE, passive=True).message_count
+            return queue_depth(self.settings, QUEUE)
         except Exception:  # an unreachable broker: sweep as if idle (the re-dispatch fails the same way)
             logger.warning("sweeper: cannot read the %s queue's length", QUEUE, exc_info=True)
             return 0

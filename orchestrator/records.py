@@ -66,6 +66,8 @@ class RunInfo:
     previews: int = 0  # store a diffusion preview every N denoising steps (0: none)
     webhook: str | None = None  # POSTed the finished run; delivery state in the webhook_* columns
     webhook_status: str | None = None  # pending | delivered | failed (None: no webhook)
+    # The checkpoint the run ended with: its outputs are read there, never from whatever is latest on its thread.
+    ended_checkpoint: str | None = None
 
     @property
     def done(self) -> bool:
@@ -78,7 +80,7 @@ class RunInfo:
 _COLUMNS = (
     "run_id", "thread_id", "workflow", "status", "scope", "input", "approve", "priority", "idempotency_key",
     "awaited", "interrupt", "error", "metadata", "created_at", "updated_at", "resume_value", "previews", "webhook",
-    "webhook_status",
+    "webhook_status", "ended_checkpoint",
 )
 _JSON = {"input", "awaited", "interrupt", "error", "metadata", "resume_value"}
 
@@ -110,6 +112,7 @@ _ADDED = {
     # The next delivery attempt (epoch s); while one process delivers, when its claim lapses.
     "webhook_next_at": "DOUBLE PRECISION NOT NULL DEFAULT 0",
     "webhook_error": "TEXT",  # the last attempt's failure
+    "ended_checkpoint": "TEXT",
 }
 # Only runs whose webhook is still to be delivered, in the order they are due: the delivery loop's one query.
 _AFTER_ADDED = (
@@ -366,13 +369,24 @@ class RunStore:
         return dict(zip(("url", "status", "attempts", "next_at", "error"), rows[0]))
 
     # The lease: one process drives a run at a time; a dead holder's lease expires.
-    def acquire(self, run_id: str, owner: str, ttl: float) -> bool:
+    def acquire(self, run_id: str, owner: str, ttl: float, *, replacing: str | None = None) -> bool:
+        """Take the lease if it is free, ours or lapsed; ``replacing``: also from that holder (known to be gone)."""
         now = time.time()
         return self.db.changed(
             "UPDATE mgmflow_runs SET lease_owner = ?, lease_expires = ? WHERE run_id = ?"
-            " AND (lease_owner IS NULL OR lease_owner = ? OR lease_expires < ?)",
-            (owner, now + ttl, run_id, owner, now),
+            " AND (lease_owner IS NULL OR lease_owner = ? OR lease_owner = ? OR lease_expires < ?)",
+            (owner, now + ttl, run_id, owner, replacing or owner, now),
         ) == 1
+
+    def leases(self, statuses: tuple[str, ...]) -> list[tuple[str, str | None, float]]:
+        """``(run_id, lease owner, lease expiry)`` of every run in ``statuses``, oldest first."""
+        return [tuple(row) for row in self.db.execute(
+            f"SELECT run_id, lease_owner, lease_expires FROM mgmflow_runs WHERE status IN "
+            f"({', '.join('?' for _ in statuses)}) ORDER BY created_at", statuses)]
+
+    def lease_holder(self, run_id: str) -> str | None:
+        rows = self.db.execute("SELECT lease_owner FROM mgmflow_runs WHERE run_id = ?", (run_id,))
+        return rows[0][0] if rows else None
 
     def renew(self, run_id: str, owner: str, ttl: float) -> bool:
         return self.db.changed(

@@ -34,8 +34,10 @@ class RunService:
         self.settings = self.orchestrator.settings
         self.runs = self.orchestrator.runs
         if self.settings.embedded:
-            # No orchestration worker exists elsewhere: this process drives runs and sweeps for lost ones.
+            # No orchestration worker exists elsewhere: this process drives runs and sweeps for lost ones, starting
+            # with those an earlier process of this home left unfinished (a restarted server picks them up).
             self.orchestrator.start_sweeper()
+            self.orchestrator.recover()
 
     # Threads.
     def create_thread(self, *, scope: str = DEFAULT_SCOPE, thread_id: str | None = None,
@@ -233,5 +235,9 @@ class RunService:
         return self.orchestrator.context_for(run)
 
     def output_values(self, run: RunInfo) -> dict[str, Any]:
-        """The final state values of a finished run (its thread's state right after it)."""
-        return self.thread_state(run.thread_id)
+        """The state values a finished run ended with: read at the checkpoint its driver recorded with its end,
+        never whatever is latest on its thread (a later run, or a stale driver's write, may follow it)."""
+        if run.ended_checkpoint is None:  # ended before its driver recorded where (older records, cancels)
+            return self.thread_state(run.thread_id)
+        config = {"configurable": {"thread_id": run.thread_id, "checkpoint_id": run.ended_checkpoint}}
+        return dict(self.orchestrator.graph(run.workflow).get_state(config).values)

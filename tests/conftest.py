@@ -16,3 +16,13 @@ def mgmflow_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("mgmflow-home")
     os.environ["MGMFLOW_HOME"] = str(home)
     return home
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (``CI`` set) a test of real services may not skip: a skipped durability test is a failure there."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") and item.get_closest_marker("services") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome, report.longrepr = "failed", f"a services test may not skip in CI: {reason}"

@@ -74,3 +74,15 @@ def queue_for(kind: str, model: str | None) -> str:
     """``vlm.chat`` on ``mgm-7b`` → ``vlm.mgm-7b``; kinds of other families go to the family's queue."""
     family = kind.partition(".")[0]
     return f"{family}.{model}" if family in MODEL_FAMILIES and model else family
+
+
+def queue_depth(settings: Settings, queue: str) -> int:
+    """Messages waiting in ``queue`` (Redis: every priority level). 0 for a queue the broker does not have (nothing
+    ever waited there, or it is empty: Redis drops empty lists); an unreachable broker raises."""
+    from amqp.exceptions import ChannelError
+
+    with get_app(settings).connection_for_read() as connection:
+        try:
+            return connection.default_channel.queue_declare(queue, passive=True).message_count
+        except ChannelError:
+            return 0

@@ -19,9 +19,11 @@ from workers.affinity import Affinity
 from workers.app import default_model, get_app, queue_for
 from workers.artifacts import ArtifactStore, open_store
 from workers.events import Event, open_events
+from workers import faults
 from workers.records import StepHeader, TaskRecord, open_records, redis_client
 from workers.settings import Settings, get_settings
 from workers.steps import STEPS
+from workers.watch import LOST_AFTER_S
 
 MAX_PAYLOAD_BYTES = 4096
 _sent_here: set[str] = set()  # embedded: steps this process has sent
@@ -74,10 +76,15 @@ class TaskClient:
         if size > MAX_PAYLOAD_BYTES:
             raise InvalidInputError(f"the step message is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}: "
                                     "put images and long texts in the artifact store and pass their ids")
-        if not self.records.register(header, resend_after_s=self._resend_after(task_id)):
+        # The record keeps the message (to its model's public queue) for the watcher, which sends it again if it
+        # is lost on the way or its worker is gone (workers.watch).
+        message = {"body": body, "queue": self._public_queue(kind, model), "priority": priority}
+        if not self.records.register(header, resend_after_s=self._resend_after(task_id), message=message,
+                                     watch_after_s=LOST_AFTER_S):
             return
         if self._embedded is not None:
             self._embedded.refresh()
+        faults.point("submit.registered", task_id=task_id)  # a process dying here leaves a record, no message
         self.app.send_task(kind, kwargs=body, task_id=task_id, queue=self._queue(kind, model, payload),
                            priority=priority)
 
@@ -93,11 +100,16 @@ class TaskClient:
             _sent_here.add(task_id)
         return 0.0 if fresh else float("inf")
 
-    def _queue(self, kind: str, model: str | None, payload: dict) -> str:
+    def _public_queue(self, kind: str, model: str | None) -> str:
         if self.settings.embedded:  # one worker serves the default queues and loads any model on demand
             return queue_for(kind, default_model(self.settings, kind))
-        queue = queue_for(kind, model)
-        return self.affinity.route(payload.get("thread_id"), queue) if kind == "vlm.chat" else queue
+        return queue_for(kind, model)
+
+    def _queue(self, kind: str, model: str | None, payload: dict) -> str:
+        queue = self._public_queue(kind, model)
+        if kind == "vlm.chat" and not self.settings.embedded:
+            return self.affinity.route(payload.get("thread_id"), queue)
+        return queue
 
     def get(self, task_id: str) -> TaskRecord | None:
         return self.records.get(task_id)

@@ -6,8 +6,15 @@ A record is keyed by the caller's deterministic task id for (run, step) and live
                                                        ↘ quarantined (started max_deliveries times, never finished)
 
 The lease makes redelivery safe: a second copy of a step whose lease is live waits for it; a copy of a finished
-step returns the stored result; a lapsed lease (its worker died) is taken over atomically. ``deliveries`` counts
-executions started (the Redis transport keeps no delivery count), ``executions`` counts completed ones.
+step returns the stored result; a lapsed lease (its worker died) is taken over atomically, or taken back by its own
+worker when it wakes from a stall before anyone else took it. ``deliveries`` counts acquisitions (the Redis
+transport keeps no delivery count; they quarantine a step that keeps killing its workers), ``executions`` counts
+starts of the step's work, incremented where they happen (what "ran once" is asserted on).
+
+Every unfinished step is watched (``watch_due``): a record keeps the message that sends it (``message``, its
+public queue and priority), so a step whose message was lost (queued, never delivered) or whose worker is gone
+(running under a lapsed lease) is sent again by ``workers.watch`` without waiting for the broker's visibility
+timeout.
 
 Two implementations with one interface: Redis (Lua scripts make each transition atomic) for deployments, SQLite
 under ``MGMFLOW_HOME`` (``BEGIN IMMEDIATE`` transactions) for the embedded mode, so a rerun of an interrupted main
@@ -32,6 +39,7 @@ FINAL = frozenset({DONE, FAILED, CANCELLED, TIMED_OUT, QUARANTINED})
 
 # acquire() outcomes
 ACQUIRED, BUSY, FINISHED = "acquired", "busy", "final"
+WATCH_KEY = "mgmflow:watch"  # Redis: sorted set of unfinished task ids, scored by when to look at them next
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class TaskRecord:
     owner: str | None = None
     deliveries: int = 0
     executions: int = 0
+    resends: int = 0  # copies of its message the watcher sent again
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -87,7 +96,8 @@ _LUA_PRELUDE = """
 local FINAL = {done=true, failed=true, cancelled=true, timed_out=true, quarantined=true}
 """
 
-# KEYS: task, lease, run set. ARGV: task_id, kind, run_id, scope, notify, now, ttl, resend_after
+# KEYS: task, lease, run set, watch. ARGV: task_id, kind, run_id, scope, notify, now, ttl, resend_after, message,
+# watch_at
 _REGISTER = _LUA_PRELUDE + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status then
@@ -98,17 +108,20 @@ if status then
     local created = tonumber(redis.call('HGET', KEYS[1], 'updated_at'))
     if tonumber(ARGV[6]) - created < tonumber(ARGV[8]) then return 0 end
   end
+  if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'message', ARGV[9]) end
   return 1
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'kind', ARGV[2], 'run_id', ARGV[3], 'scope', ARGV[4],
-  'notify', ARGV[5], 'created_at', ARGV[6], 'updated_at', ARGV[6], 'deliveries', 0, 'executions', 0)
+  'notify', ARGV[5], 'created_at', ARGV[6], 'updated_at', ARGV[6], 'deliveries', 0, 'executions', 0,
+  'message', ARGV[9])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[3], ARGV[7])
+redis.call('ZADD', KEYS[4], ARGV[10], ARGV[1])
 return 1
 """
 
-# KEYS: task, lease, run set. ARGV: task_id, kind, run_id, scope, notify, now, ttl, owner, lease_ms,
+# KEYS: task, lease, run set, watch. ARGV: task_id, kind, run_id, scope, notify, now, ttl, owner, lease_ms,
 # max_deliveries, quarantine error (JSON, for when deliveries exceed the maximum; %d = deliveries)
 _ACQUIRE = _LUA_PRELUDE + """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -127,32 +140,63 @@ redis.call('EXPIRE', KEYS[1], ARGV[7])
 if deliveries > tonumber(ARGV[10]) then
   redis.call('HSET', KEYS[1], 'status', 'quarantined', 'error', string.format(ARGV[11], deliveries - 1),
     'updated_at', ARGV[6])
+  redis.call('ZREM', KEYS[4], ARGV[1])
   redis.call('PUBLISH', 'mgmflow:done:' .. ARGV[1], 'quarantined')
   return {'quarantined', deliveries}
 end
 redis.call('SET', KEYS[2], ARGV[8], 'PX', ARGV[9])
 redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[8], 'updated_at', ARGV[6])
+redis.call('ZADD', KEYS[4], tonumber(ARGV[6]) + tonumber(ARGV[9]) / 1000, ARGV[1])
 return {'acquired', deliveries}
 """
 
-# KEYS: task, lease. ARGV: task_id, owner, status, result, error, now, ttl
+# KEYS: task, lease, watch. ARGV: task_id, owner, status, result, error, now, ttl
 _FINISH = _LUA_PRELUDE + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status or FINAL[status] then return 'final' end
+if status and FINAL[status] then return 'final' end
 local holder = redis.call('GET', KEYS[2])
-if holder ~= ARGV[2] and (holder or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2]) then return 'lost' end
+-- a record that expired (or was evicted) under its running step still gets the outcome: never dropped
+if status and holder ~= ARGV[2] and (holder or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2]) then
+  return 'lost'
+end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'result', ARGV[4], 'error', ARGV[5], 'updated_at', ARGV[6])
-if ARGV[3] == 'done' then redis.call('HINCRBY', KEYS[1], 'executions', 1) end
 redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('PUBLISH', 'mgmflow:done:' .. ARGV[1], ARGV[3])
 return 'ok'
 """
 
-# KEYS: lease. ARGV: owner, lease_ms
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+# KEYS: lease, task. ARGV: owner, lease_ms. A worker waking from a stall past its lease takes the step back if
+# nobody took it over meanwhile (its record still names it, unfinished): the step is never left orphaned.
+_HOLD = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not holder and redis.call('HGET', KEYS[2], 'status') == 'running'
+    and redis.call('HGET', KEYS[2], 'owner') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
 return 0
+"""
+_RENEW = "local function hold()" + _HOLD + "end\nreturn hold()"
+# The same, and count one start of the step's work when the lease is ours: the count is exact across processes.
+_START = "local function hold()" + _HOLD + "end\nif hold() == 0 then return 0 end\n" \
+    "return redis.call('HINCRBY', KEYS[2], 'executions', 1)"
+
+# KEYS: watch. ARGV: now, limit, recheck_s — claim the watched steps that are due (others skip them until then)
+_CLAIM_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, task_id in ipairs(due) do redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), task_id) end
+return due
+"""
+
+# KEYS: task, watch. ARGV: task_id, now, next check — a copy of the step's message was sent again
+_RESENT = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('HSET', KEYS[1], 'updated_at', ARGV[2]) end
+redis.call('HINCRBY', KEYS[1], 'resends', 1)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
 """
 
 # KEYS: task, lease. ARGV: owner, now — give a step back to the queue (retry later), uncounted
@@ -220,21 +264,27 @@ class RedisRecords:
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._finish = self.redis.register_script(_FINISH)
         self._renew = self.redis.register_script(_RENEW)
+        self._start = self.redis.register_script(_START)
         self._release = self.redis.register_script(_RELEASE)
         self._cancel_run = self.redis.register_script(_CANCEL_RUN)
+        self._claim_due = self.redis.register_script(_CLAIM_DUE)
+        self._resent = self.redis.register_script(_RESENT)
 
     @staticmethod
     def _keys(task_id: str, run_id: str = "") -> list[str]:
-        return [f"mgmflow:task:{task_id}", f"mgmflow:lease:{task_id}", f"mgmflow:run:{run_id}:tasks"]
+        return [f"mgmflow:task:{task_id}", f"mgmflow:lease:{task_id}", f"mgmflow:run:{run_id}:tasks", WATCH_KEY]
 
     def _header_args(self, header: StepHeader) -> list:
         return [header.task_id, header.kind, header.run_id, header.scope, json.dumps(header.notify),
                 time.time(), self.ttl_s]
 
-    def register(self, header: StepHeader, *, resend_after_s: float) -> bool:
-        """Create the record if new. True when the caller must send the step's message."""
+    def register(self, header: StepHeader, *, resend_after_s: float, message: dict | None = None,
+                 watch_after_s: float = 0.0) -> bool:
+        """Create the record if new, keeping ``message`` (what sends it: ``{"body", "queue", "priority"}``) for
+        the watcher, which first looks at it after ``watch_after_s``. True when the caller must send the message."""
         return bool(self._register(keys=self._keys(header.task_id, header.run_id),
-                                   args=[*self._header_args(header), resend_after_s]))
+                                   args=[*self._header_args(header), resend_after_s, _dumps(message),
+                                         time.time() + watch_after_s]))
 
     def acquire(self, header: StepHeader, owner: str, *, lease_s: float, max_deliveries: int) -> tuple[str, int]:
         outcome, deliveries = self._acquire(
@@ -244,13 +294,43 @@ class RedisRecords:
         return outcome, int(deliveries)
 
     def renew(self, task_id: str, owner: str, lease_s: float) -> bool:
-        return bool(self._renew(keys=[f"mgmflow:lease:{task_id}"], args=[owner, int(lease_s * 1000)]))
+        """Extend ``owner``'s lease (or take it back after a stall, if nobody took the step over)."""
+        task, lease = self._keys(task_id)[:2]
+        return bool(self._renew(keys=[lease, task], args=[owner, int(lease_s * 1000)]))
+
+    def start(self, task_id: str, owner: str, lease_s: float) -> bool:
+        """Renew ``owner``'s lease and count one start of the step's work, atomically; False (nothing counted)
+        when the step is no longer ``owner``'s."""
+        task, lease = self._keys(task_id)[:2]
+        return bool(self._start(keys=[lease, task], args=[owner, int(lease_s * 1000)]))
 
     def finish(self, task_id: str, owner: str, status: str, *, result: dict | None = None,
                error: dict | None = None) -> str:
         """Record the outcome if ``owner`` still holds the step: 'ok', 'lost' (taken over) or 'final'."""
-        return self._finish(keys=self._keys(task_id)[:2],
+        task, lease, _, watch = self._keys(task_id)
+        return self._finish(keys=[task, lease, watch],
                             args=[task_id, owner, status, _dumps(result), _dumps(error), time.time(), self.ttl_s])
+
+    # The watcher's view: unfinished steps, each due for a look at a time; one process takes each look.
+    def watch_due(self, *, limit: int, recheck_s: float) -> list[str]:
+        """Claim up to ``limit`` watched steps that are due; each is due again after ``recheck_s`` unless rescheduled."""
+        return self._claim_due(keys=[WATCH_KEY], args=[time.time(), limit, recheck_s])
+
+    def watch_later(self, task_id: str, at: float) -> None:
+        self.redis.zadd(WATCH_KEY, {task_id: at})
+
+    def unwatch(self, task_id: str) -> None:
+        self.redis.zrem(WATCH_KEY, task_id)
+
+    def lease_held(self, task_id: str) -> bool:
+        return bool(self.redis.exists(f"mgmflow:lease:{task_id}"))
+
+    def message(self, task_id: str) -> dict | None:
+        return _loads(self.redis.hget(f"mgmflow:task:{task_id}", "message"))
+
+    def resent(self, task_id: str, *, next_check: float) -> None:
+        """Note a copy of the step's message sent again (a queued step's wait restarts now)."""
+        self._resent(keys=[f"mgmflow:task:{task_id}", WATCH_KEY], args=[task_id, time.time(), next_check])
 
     def release(self, task_id: str, owner: str) -> None:
         self._release(keys=self._keys(task_id)[:2], args=[owner, time.time()])
@@ -292,6 +372,8 @@ class RedisRecords:
         keys = [key for task_id in task_ids for key in self._keys(task_id)[:2]]
         keys += [f"mgmflow:cancel:task:{task_id}" for task_id in task_ids]
         self.redis.delete(run_key, f"mgmflow:cancel:run:{run_id}", *keys)
+        if task_ids:
+            self.redis.zrem(WATCH_KEY, *task_ids)
 
 
 def _dumps(value) -> str:
@@ -304,7 +386,7 @@ def _record(task_id: str, fields: dict) -> TaskRecord:
         error=_loads(fields.get("error")), kind=fields.get("kind", ""), run_id=fields.get("run_id", ""),
         scope=fields.get("scope", ""), notify=_loads(fields.get("notify")), owner=fields.get("owner") or None,
         deliveries=int(fields.get("deliveries") or 0), executions=int(fields.get("executions") or 0),
-        created_at=float(fields.get("created_at") or 0), updated_at=float(fields.get("updated_at") or 0))
+        resends=int(fields.get("resends") or 0), created_at=float(fields.get("created_at") or 0), updated_at=float(fields.get("updated_at") or 0))
 
 
 # ---------------------------------------------------------------------------------------------- SQLite
@@ -317,6 +399,8 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_run ON tasks(run_id);
 CREATE TABLE IF NOT EXISTS cancels (key TEXT PRIMARY KEY);
 """
+# Columns added since the first release (existing files get them when opened): the watcher's.
+_ADDED = {"message": "TEXT", "resends": "INTEGER DEFAULT 0", "watch_at": "REAL"}
 
 
 @dataclass
@@ -334,6 +418,13 @@ class SqliteRecords:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        for name in _ADDED.keys() - present:
+            try:
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {_ADDED[name]}")
+            except sqlite3.OperationalError:  # another process added it just now
+                pass
+        self._db.execute("CREATE INDEX IF NOT EXISTS tasks_watch ON tasks(watch_at)")
 
     def _transaction(self, work):
         with self._lock:
@@ -353,21 +444,27 @@ class SqliteRecords:
     def _row(self, db, task_id):
         return db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
 
-    def _insert(self, db, header: StepHeader, now: float) -> None:
-        db.execute("INSERT INTO tasks (task_id, kind, run_id, scope, notify, status, created_at, updated_at) "
-                   "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-                   (header.task_id, header.kind, header.run_id, header.scope, json.dumps(header.notify), now, now))
+    def _insert(self, db, header: StepHeader, now: float, message: dict | None = None,
+                watch_at: float | None = None) -> None:
+        db.execute("INSERT INTO tasks (task_id, kind, run_id, scope, notify, status, created_at, updated_at, "
+                   "message, watch_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                   (header.task_id, header.kind, header.run_id, header.scope, json.dumps(header.notify), now, now,
+                    _dumps(message), watch_at))
 
-    def register(self, header: StepHeader, *, resend_after_s: float) -> bool:
+    def register(self, header: StepHeader, *, resend_after_s: float, message: dict | None = None,
+                 watch_after_s: float = 0.0) -> bool:
         def work(db):
             now = time.time()
             row = self._row(db, header.task_id)
             if row is None:
-                self._insert(db, header, now)
+                self._insert(db, header, now, message, now + watch_after_s)
                 return True
             if row["status"] in FINAL or _lease_live(row, now):
                 return False
-            return row["status"] != QUEUED or now - row["updated_at"] >= resend_after_s
+            send = row["status"] != QUEUED or now - row["updated_at"] >= resend_after_s
+            if send and message is not None:
+                db.execute("UPDATE tasks SET message = ? WHERE task_id = ?", (_dumps(message), header.task_id))
+            return send
 
         return self._transaction(work)
 
@@ -388,7 +485,8 @@ class SqliteRecords:
                            (QUARANTINED, json.dumps(quarantine_error(deliveries - 1)), deliveries, now, header.task_id))
                 return QUARANTINED, deliveries
             db.execute("UPDATE tasks SET status = 'running', owner = ?, lease_until = ?, deliveries = ?, "
-                       "updated_at = ? WHERE task_id = ?", (owner, now + lease_s, deliveries, now, header.task_id))
+                       "updated_at = ?, watch_at = ? WHERE task_id = ?",
+                       (owner, now + lease_s, deliveries, now, now + lease_s, header.task_id))
             return ACQUIRED, deliveries
 
         outcome = self._transaction(work)
@@ -397,6 +495,7 @@ class SqliteRecords:
         return outcome
 
     def renew(self, task_id: str, owner: str, lease_s: float) -> bool:
+        """Extend ``owner``'s lease; one that lapsed is taken back while the record still names ``owner``."""
         def work(db):
             now = time.time()
             return db.execute("UPDATE tasks SET lease_until = ? WHERE task_id = ? AND owner = ? AND status = ?",
@@ -404,17 +503,28 @@ class SqliteRecords:
 
         return self._transaction(work)
 
+    def start(self, task_id: str, owner: str, lease_s: float) -> bool:
+        def work(db):
+            return db.execute("UPDATE tasks SET lease_until = ?, executions = executions + 1 "
+                              "WHERE task_id = ? AND owner = ? AND status = ?",
+                              (time.time() + lease_s, task_id, owner, RUNNING)).rowcount > 0
+
+        return self._transaction(work)
+
     def finish(self, task_id: str, owner: str, status: str, *, result: dict | None = None,
                error: dict | None = None) -> str:
         def work(db):
             row = self._row(db, task_id)
-            if row is None or row["status"] in FINAL:
+            if row is not None and row["status"] in FINAL:
                 return FINISHED
-            if row["owner"] != owner:
+            if row is not None and row["owner"] != owner:
                 return "lost"
+            if row is None:  # the record was removed under its running step: the outcome is still kept
+                db.execute("INSERT INTO tasks (task_id, status, owner, created_at) VALUES (?, ?, ?, ?)",
+                           (task_id, RUNNING, owner, time.time()))
             db.execute("UPDATE tasks SET status = ?, result = ?, error = ?, lease_until = NULL, updated_at = ?, "
-                       "executions = executions + ? WHERE task_id = ?",
-                       (status, _dumps(result), _dumps(error), time.time(), int(status == DONE), task_id))
+                       "watch_at = NULL WHERE task_id = ?",
+                       (status, _dumps(result), _dumps(error), time.time(), task_id))
             return "ok"
 
         outcome = self._transaction(work)
@@ -440,6 +550,41 @@ class SqliteRecords:
                 return record
             with self._changed:  # woken by this process's writers; another process's by the re-read
                 self._changed.wait(min(left, 0.5))
+
+    # The watcher's view (see RedisRecords).
+    def watch_due(self, *, limit: int, recheck_s: float) -> list[str]:
+        def work(db):
+            now = time.time()
+            due = [row[0] for row in db.execute(
+                "SELECT task_id FROM tasks WHERE watch_at <= ? AND status IN ('queued', 'running') "
+                "ORDER BY watch_at LIMIT ?", (now, limit))]
+            db.executemany("UPDATE tasks SET watch_at = ? WHERE task_id = ?", [(now + recheck_s, t) for t in due])
+            return due
+
+        return self._transaction(work)
+
+    def watch_later(self, task_id: str, at: float) -> None:
+        self._transaction(lambda db: db.execute("UPDATE tasks SET watch_at = ? WHERE task_id = ?", (at, task_id)))
+
+    def unwatch(self, task_id: str) -> None:
+        self._transaction(lambda db: db.execute("UPDATE tasks SET watch_at = NULL WHERE task_id = ?", (task_id,)))
+
+    def lease_held(self, task_id: str) -> bool:
+        with self._lock:
+            row = self._row(self._db, task_id)
+        return row is not None and _lease_live(row, time.time())
+
+    def message(self, task_id: str) -> dict | None:
+        with self._lock:
+            row = self._row(self._db, task_id)
+        return None if row is None else _loads(row["message"])
+
+    def resent(self, task_id: str, *, next_check: float) -> None:
+        now = time.time()
+        self._transaction(lambda db: db.execute(
+            "UPDATE tasks SET resends = resends + 1, watch_at = ?, "
+            "updated_at = CASE WHEN status = 'queued' THEN ? ELSE updated_at END WHERE task_id = ?",
+            (next_check, now, task_id)))
 
     def cancel_run(self, run_id: str) -> None:
         def work(db):
@@ -471,19 +616,23 @@ class SqliteRecords:
 def _lease_live(row, now: float) -> bool:
     """A lease is live until it lapses, or at once when its owner process (on this machine) is gone: an
     interrupted embedded run is taken over by the next one without waiting for the lease."""
-    if (row["lease_until"] or 0) <= now:
-        return False
-    host, _, rest = (row["owner"] or "").partition(":")
+    return (row["lease_until"] or 0) > now and not owner_gone(row["owner"] or "")
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the process named by a lease owner ``"host:pid:…"`` is known to be gone: it ran on this machine and
+    no longer exists. An owner on another machine is never known to be gone (its lease lapses instead)."""
+    host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit():
-        return True
+        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
         return True
-    return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 Records = RedisRecords | SqliteRecords

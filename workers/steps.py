@@ -28,6 +28,7 @@ from celery import shared_task
 from pydantic import BaseModel, ValidationError
 
 from models.errors import Cancelled, DeadlineExceeded, MGMFlowError, ResourceExhaustedError
+from workers import faults
 from workers import records as rec
 from workers.affinity import Affinity
 from workers.artifacts import ArtifactStore, open_store
@@ -35,6 +36,7 @@ from workers.batching import Batcher
 from workers.events import open_events
 from workers.model_cache import ModelCache
 from workers.settings import Settings
+from workers.watch import StepWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,11 @@ class LeaseKeeper:
         with self._lock:
             self._held.pop(task_id, None)
 
+    def _holds(self, task_id: str, owner: str) -> bool:
+        """Still running here (not finished and dropped since the renewal began)."""
+        with self._lock:
+            return self._held.get(task_id) == owner
+
     def lost(self, owner: str) -> bool:
         return owner in self._lost
 
@@ -76,7 +83,7 @@ class LeaseKeeper:
                 held = list(self._held.items())
             for task_id, owner in held:
                 try:
-                    if not self.records.renew(task_id, owner, self.lease_s):
+                    if not self.records.renew(task_id, owner, self.lease_s) and self._holds(task_id, owner):
                         logger.warning("lost the lease of step %s; another worker has taken it over", task_id)
                         self._lost.add(owner)
                 except Exception:  # noqa: BLE001 — a store hiccup; the next round retries before the lease lapses
@@ -94,6 +101,7 @@ class Runtime:
     models: ModelCache
     leases: LeaseKeeper
     affinity: Affinity
+    watcher: StepWatcher
     batchers: dict[tuple, Batcher] = field(default_factory=dict)
     # Set when this process exits mid-step (Ctrl-C of an embedded run): steps stop at their next check without
     # recording anything, so that the next run takes them over instead of finding them cancelled.
@@ -107,7 +115,7 @@ class Runtime:
                             ttl_s=settings.affinity_ttl_s, alive_s=settings.lease_s)
         return cls(settings=settings, records=records, events=open_events(settings), store=open_store(settings),
                    models=ModelCache.from_settings(settings), leases=LeaseKeeper(records, settings.lease_s),
-                   affinity=affinity)
+                   affinity=affinity, watcher=StepWatcher(records, settings).start())
 
     def batcher(self, key: tuple, run: Callable, *, max_size: int) -> Batcher:
         """The batcher for ``key`` (e.g. ("vlm.chat", model)), created on first use."""
@@ -241,11 +249,15 @@ def execute(task, handler: Callable, payload_model: type[BaseModel], header: rec
         _notify(task, header)
         return
     runtime.leases.hold(header.task_id, owner)
+    faults.point("step.acquired", task_id=header.task_id)
     ctx = StepContext(header, owner, runtime)
     result, error = None, None
     try:
-        ctx.publish("task.started", {"kind": header.kind, "owner": owner})
         ctx.check()
+        # A stall since acquiring may have cost the lease (the step is someone else's now): counted only if not.
+        if not runtime.records.start(header.task_id, owner, runtime.settings.lease_s):
+            raise LeaseLost()
+        ctx.publish("task.started", {"kind": header.kind, "owner": owner})
         result = handler(ctx, payload_model.model_validate(payload))
         status = rec.DONE
     except LeaseLost:
@@ -264,6 +276,7 @@ def execute(task, handler: Callable, payload_model: type[BaseModel], header: rec
     if runtime.records.finish(header.task_id, owner, status, result=result, error=error) != "ok":
         return  # another worker took the step over and records its outcome
     ctx.publish("task.finished", {"kind": header.kind, "status": status})
+    faults.point("step.finished", task_id=header.task_id)
     _notify(task, header)
 
 

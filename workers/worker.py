@@ -32,6 +32,46 @@ class WorkerStartError(MGMFlowError):
     code = "worker_start_failed"
 
 
+class WorkerStoppedError(MGMFlowError):
+    """Celery's worker stopped although nobody asked it to (an unrecoverable error in its consumer): the command
+    exits non-zero so that a supervisor (compose ``restart:``, systemd ``Restart=``) starts it again."""
+
+    code = "worker_stopped"
+
+
+def survive_broker_restarts() -> None:
+    """Work around kombu's Redis transport stopping the worker after a broker restart: a step that was running
+    while the connection dropped acks its message, once done, on the old channel, whose connection is gone; kombu
+    then builds a client from it and fails (``AttributeError: 'NoneType' object has no attribute 'client'`` or
+    ``... 'hostname'``, celery/kombu#970, #582), inside the consumer's loop, and Celery stops the worker with status
+    0. Restoring unacknowledged messages over that channel fails the same way. An ack or restore that cannot reach
+    the broker is dropped here instead: the message stays in the broker's unacked set, whose visibility sweep
+    delivers it again later; a finished step's copy only returns its recorded outcome (``workers.records``), and
+    the step watcher sends any unfinished step sooner."""
+    from kombu.transport import redis as kombu_redis
+
+    qos = kombu_redis.QoS
+    if getattr(qos, "survives_closed_connections", False):
+        return
+
+    def guarded(method):
+        def call(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except AttributeError:
+                connection = self.channel.connection
+                if connection is not None and connection.client is not None:
+                    raise  # not the closed-connection case
+                logger.warning("broker connection closed under %s; the message is left to the visibility sweep",
+                               method.__name__)
+
+        return call
+
+    for name in ("ack", "reject", "restore_unacked"):
+        setattr(qos, name, guarded(getattr(qos, name)))
+    qos.survives_closed_connections = True
+
+
 def resolve_queues(settings: Settings, queues: list[str], models: dict[str, str]) -> list[str]:
     """``["vlm", "edit"]`` with ``{"vlm": "mgm-7b"}`` → ``["vlm.mgm-7b", "edit.tiny", "edit.tiny-ip2p"]``."""
     resolved = []
@@ -102,10 +142,22 @@ def run_worker(settings: Settings, *, queues: list[str], models: dict[str, str],
     logger.info("serving %s with %d threads", ", ".join(served + private), threads)
     app = get_app(settings)
     app.set_default()  # pool threads look tasks up on the process's default app (see workers.embedded)
-    app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={threads}", f"--queues={','.join(served + private)}",
-        f"--hostname={name}@%h", "--without-mingle", "--without-gossip", f"--loglevel={loglevel}",
-    ])
+    survive_broker_restarts()
+    stop_signals = []
+    from celery.signals import worker_shutting_down
+
+    worker_shutting_down.connect(lambda sig=None, **_: stop_signals.append(sig), weak=False)
+    try:
+        app.worker_main([
+            "worker", "--pool=threads", f"--concurrency={threads}", f"--queues={','.join(served + private)}",
+            f"--hostname={name}@%h", "--without-mingle", "--without-gossip", f"--loglevel={loglevel}",
+        ])
+    except SystemExit as exit_:
+        if stop_signals or exit_.code not in (0, None):
+            raise
+    if not stop_signals:
+        raise WorkerStoppedError("the worker stopped although nobody asked it to (see the log above); "
+                                 "its supervisor should start it again")
 
 
 def run_per_gpu(argv: list[str], gpus: list[str], name: str) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 
@@ -15,9 +17,9 @@ def postgres_available() -> bool:
         return False
 
 
-@pytest.fixture
-def postgres_url():
-    """A fresh schema in the machine's PostgreSQL (db ``test``), dropped afterwards."""
+@contextlib.contextmanager
+def postgres_schema():
+    """A fresh schema in the machine's PostgreSQL (db ``test``), dropped afterwards: its URL."""
     import uuid
 
     import psycopg
@@ -28,8 +30,21 @@ def postgres_url():
     base = "postgresql://postgres@127.0.0.1:5432/test"
     with psycopg.connect(base, autocommit=True) as connection:
         connection.execute(f"CREATE SCHEMA {schema}")
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(base, autocommit=True) as connection:
-        connection.execute(f"DROP SCHEMA {schema} CASCADE")
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base, autocommit=True) as connection:
+            connection.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+@pytest.fixture
+def postgres_url():
+    with postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_postgres_url():
+    """``postgres_url`` shared by a module's tests (one long-lived stack of workers)."""
+    with postgres_schema() as url:
+        yield url

@@ -57,12 +57,13 @@ def test_story_survives_kill_9_of_orchestration_and_gpu_workers(services, postgr
     final = service.wait(run.run_id, timeout=240)
     assert final.status == "success", final.error
 
-    # no finished step ran twice: each step executed to completion exactly once, the killed one included
+    # no finished step ran twice: the work of each started once, counted where it starts, except the step killed
+    # mid-work, which started again on the other worker
     started = {event.data["task_id"] for event in service.all_events(run.run_id) if event.type == "task.started"}
     assert killed_task in started
     records = {task_id: client.get(task_id) for task_id in started}
-    assert all(record.status == "done" and record.executions == 1 for record in records.values()), {
-        task_id: (record.status, record.executions) for task_id, record in records.items()}
+    assert {task_id: (record.status, record.executions) for task_id, record in records.items()} == {
+        task_id: ("done", 2 if task_id == killed_task else 1) for task_id in records}
     assert records[killed_task].deliveries >= 2  # it was redelivered after the kill
     values = service.output_values(final)
     assert sorted(values["chosen"]) == ["page-01", "page-02"]

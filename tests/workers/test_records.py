@@ -31,6 +31,7 @@ def test_lifecycle_idempotent_submit_and_exactly_one_completion(records):
     assert records.get(h.task_id).status == rec.QUEUED
     assert records.acquire(h, "w1", lease_s=5, max_deliveries=3) == (rec.ACQUIRED, 1)
     assert records.acquire(h, "w2", lease_s=5, max_deliveries=3) == (rec.BUSY, 0)  # a duplicate waits
+    assert records.start(h.task_id, "w2", 5) is False and records.start(h.task_id, "w1", 5) is True
     assert records.register(h, resend_after_s=0) is False  # running under a live lease
     assert records.finish(h.task_id, "w2", rec.DONE, result={"x": 2}) == "lost"
     assert records.finish(h.task_id, "w1", rec.DONE, result={"x": 1}) == "ok"
@@ -48,9 +49,54 @@ def test_a_lapsed_lease_is_taken_over_and_the_old_owner_cannot_finish(records):
     assert records.register(h, resend_after_s=60) is True  # its message may be lost: send a copy
     assert records.acquire(h, "w2", lease_s=5, max_deliveries=3) == (rec.ACQUIRED, 2)
     assert records.renew(h.task_id, "w1", 5) is False and records.renew(h.task_id, "w2", 5) is True
+    assert records.start(h.task_id, "w1", 5) is False and records.start(h.task_id, "w2", 5) is True
     assert records.finish(h.task_id, "w1", rec.DONE, result={}) == "lost"
     assert records.finish(h.task_id, "w2", rec.DONE, result={}) == "ok"
     assert records.get(h.task_id).executions == 1
+
+
+def test_a_worker_waking_past_its_lease_takes_the_step_back_when_nobody_else_did(records):
+    h = header()
+    records.register(h, resend_after_s=60)
+    records.acquire(h, "w1", lease_s=0.2, max_deliveries=3)
+    time.sleep(0.3)  # stalled past its lease; no copy took the step over
+    assert records.renew(h.task_id, "w1", 5) is True and records.lease_held(h.task_id)
+    assert records.acquire(h, "w2", lease_s=5, max_deliveries=3) == (rec.BUSY, 0)
+    assert records.finish(h.task_id, "w1", rec.DONE, result={"x": 1}) == "ok"
+
+
+def test_executions_count_every_start_of_the_work(records):
+    h = header()
+    records.acquire(h, "w1", lease_s=0.2, max_deliveries=3)
+    assert records.start(h.task_id, "w1", 0.2)
+    time.sleep(0.3)  # its worker died mid-step: the next one starts the work again, and that is counted
+    records.acquire(h, "w2", lease_s=5, max_deliveries=3)
+    assert records.start(h.task_id, "w2", 5)
+    records.finish(h.task_id, "w2", rec.DONE, result={})
+    assert records.get(h.task_id).executions == 2
+
+
+def test_an_outcome_is_kept_even_when_the_record_vanished_under_its_step(records):
+    h = header()
+    records.acquire(h, "w1", lease_s=5, max_deliveries=3)
+    records.delete_run("run")  # (as an expiry or an eviction would)
+    assert records.finish(h.task_id, "w1", rec.DONE, result={"x": 1}) == "ok"
+    assert (records.get(h.task_id).status, records.get(h.task_id).result) == (rec.DONE, {"x": 1})
+
+
+def test_unfinished_steps_are_watched_once_each_until_they_end(records):
+    h = header()
+    message = {"body": {"header": h.to_dict(), "payload": {}}, "queue": "q", "priority": 5}
+    records.register(h, resend_after_s=60, message=message, watch_after_s=0)
+    assert records.watch_due(limit=10, recheck_s=60) == [h.task_id]
+    assert records.watch_due(limit=10, recheck_s=60) == []  # claimed: another process skips it
+    assert records.message(h.task_id) == message
+    records.resent(h.task_id, next_check=time.time() - 1)
+    assert records.get(h.task_id).resends == 1 and records.watch_due(limit=10, recheck_s=60) == [h.task_id]
+    records.acquire(h, "w1", lease_s=5, max_deliveries=3)
+    records.finish(h.task_id, "w1", rec.DONE, result={})
+    time.sleep(0.01)
+    assert records.watch_due(limit=10, recheck_s=60) == []  # finished: no longer watched
 
 
 def test_quarantine_after_max_deliveries(records):

@@ -1,0 +1,48 @@
+"""Fault injection at hooked instants (``workers.faults``): arm points in a process's environment, wait until the
+process reaches one (it then stops itself, or blocks the arriving thread), and act on it: SIGKILL, SIGSTOP-length
+stalls, SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from testkit import wait_for
+
+
+class FaultLog:
+    def __init__(self, folder: Path):
+        self.path = folder / "faults.log"
+        self.path.touch()
+
+    def env(self, points: str) -> dict[str, str]:
+        """Variables arming ``points`` (``"step.acquired=stop,driver.parked=block@2"``) in a process."""
+        return {"MGMFLOW_FAULTS": points, "MGMFLOW_FAULTS_LOG": str(self.path)}
+
+    def arrivals(self, point: str) -> list[tuple[int, dict]]:
+        lines = [line.split(" ", 2) for line in self.path.read_text().splitlines()]
+        return [(int(pid), json.loads(info)) for name, pid, info in lines if name == point]
+
+    def arrivals_any(self) -> list[int]:
+        """The pids of every arrival so far, at any point."""
+        return [int(line.split(" ", 2)[1]) for line in self.path.read_text().splitlines()]
+
+    def wait(self, point: str, timeout: float = 240, check=None) -> tuple[int, dict]:
+        """(pid, info) of the first process to reach ``point``; ``check()`` may raise meanwhile (a process died)."""
+        def reached():
+            if check is not None:
+                check()
+            return self.arrivals(point)
+
+        return wait_for(reached, timeout, f"a process at fault point {point}", interval=0.05)[0]
+
+
+def stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (state T): a process that stopped itself at a fault point."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def resume(pid: int) -> None:
+    os.kill(pid, signal.SIGCONT)
