@@ -45,16 +45,11 @@ class ScriptedClient:
         if not self.hold:
             self.release()
 
-    def release(self, only: Callable[[str], bool] = lambda task_id: True) -> None:
-        """Finish the queued tasks (those whose id ``only`` accepts); the others stay queued."""
-        held = []
+    def release(self) -> None:
         for task_id, kind, payload in getattr(self, "_pending", []):
-            if not only(task_id):
-                held.append((task_id, kind, payload))
-                continue
             step = task_id.split(":", 1)[1]
             self.records[task_id] = Record(task_id, "done", self.script(kind, payload, step))
-        self._pending = held
+        self._pending = []
 
     def get(self, task_id):
         return self.records.get(task_id)
@@ -73,12 +68,10 @@ def scripted_context(client: ScriptedClient, *, store: Any = None, approve: bool
 
 
 def drive(graph, state: dict, client: ScriptedClient, *, context: RunContext | None = None, approve: bool = False,
-          answers: list | None = None, max_parks: int = 100,
-          releasing: Callable[[str], bool] = lambda task_id: True) -> dict:
+          answers: list | None = None, max_parks: int = 100) -> dict:
     """Run a graph to its end like the driver does: on each park, release the tasks and resume.
 
-    ``answers`` are resume values for approval interrupts, in order; ``releasing`` picks the tasks that finish at
-    each park (a hook on the order steps finish in). Returns the final state values.
+    ``answers`` are resume values for approval interrupts, in order. Returns the final state values.
     """
     compiled = graph.compile(checkpointer=InMemorySaver())
     config = {"configurable": {"thread_id": "t"}}
@@ -95,7 +88,7 @@ def drive(graph, state: dict, client: ScriptedClient, *, context: RunContext | N
             if pending.value["kind"] == "approval":
                 resume[pending.id] = answers.pop(0)
             else:
-                client.release(releasing)
+                client.release()
                 resume[pending.id] = {}
         command = Command(resume=resume)
     raise AssertionError("graph did not finish")
