@@ -96,7 +96,7 @@ def main() -> None:
         try:
             for queues in (GPU, GPU, DRIVER, DRIVER):
                 soak.start(queues)
-            from orchestrator.runs import RunService
+            from mgmflow.orchestrator.runs import RunService
 
             service = RunService(soak.services.settings(soak.redis, **SETTINGS))
             baseline_run = service.wait(service.create_run("story", STORY).run_id, timeout=600)

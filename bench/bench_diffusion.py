@@ -27,7 +27,7 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from models.diffusion import (  # noqa: E402
+from mgmflow.models.diffusion import (  # noqa: E402
     DiffusionEngine,
     Img2ImgRequest,
     InstructEditRequest,

@@ -140,8 +140,8 @@ def _vision_weights(raw: dict):
     import torch
     from transformers import CLIPVisionConfig
 
-    from models.mgm.configuration import MGMConfig
-    from models.mgm.modeling import MGMForCausalLM
+    from mgmflow.models.mgm.configuration import MGMConfig
+    from mgmflow.models.mgm.modeling import MGMForCausalLM
 
     config = MGMConfig.from_dict(raw)
     config.vision_config = CLIPVisionConfig(num_hidden_layers=TOWER_LAYERS, **CLIP_L_336)
@@ -237,8 +237,8 @@ def check_model(name: str, llm_layers: int, decode_steps: int) -> dict:
     import torch
     from PIL import Image
 
-    from models.mgm import IMAGE_TOKEN_INDEX, load_pretrained
-    from models.mgm.conversation import template_for_config
+    from mgmflow.models.mgm import IMAGE_TOKEN_INDEX, load_pretrained
+    from mgmflow.models.mgm.conversation import template_for_config
 
     family = name.removesuffix("-hd")
     with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:

@@ -10,7 +10,7 @@ do. Each part is measured on its own, with repetitions interleaved and medians r
   prefix) over the same turn without them (goal <= 0.2x);
 - top-p sampling cost per token for a batch of 8 at a 128k vocabulary (LLaMA-3's 128256), the per-row host
   path this project had before (kept below as the reference, ``_before_top_p``) against the batched sampler
-  of ``models.mgm.generation`` (goal >= 10x cheaper), on the same logits. Two distributions: a peaked one, as a
+  of ``mgmflow.models.mgm.generation`` (goal >= 10x cheaper), on the same logits. Two distributions: a peaked one, as a
   trained model's (nucleus of a few hundred tokens), and a flat one, as a random model's or a high temperature's
   (nucleus of most of the vocabulary: the batched path then sorts the vocabulary too).
 
@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models.mgm import ChatRequest, MGMEngine, Message  # noqa: E402
-from models.mgm.generation import SamplingParams, _Row, _Sampler  # noqa: E402
+from mgmflow.models.mgm import ChatRequest, MGMEngine, Message  # noqa: E402
+from mgmflow.models.mgm.generation import SamplingParams, _Row, _Sampler  # noqa: E402
 
 NEW_TOKENS = 64
 BATCH = 8

@@ -113,8 +113,8 @@ def main() -> None:
             wait_for_text(log, " ready.", process, 600)
 
         os.environ.update(env)
-        from orchestrator.runs import RunService
-        from workers.settings import Settings
+        from mgmflow.orchestrator.runs import RunService
+        from mgmflow.workers.settings import Settings
 
         service = RunService(Settings())
         results = []

@@ -5,7 +5,7 @@ import os
 from celery import Celery
 from pydantic import BaseModel
 
-from workers.steps import StepContext, step
+from mgmflow.workers.steps import StepContext, step
 
 
 class NoopInput(BaseModel):

@@ -91,8 +91,8 @@ def main() -> None:
         wait_until(lambda: ready(ours_log) and ready(bare_log), 120)
 
         from bench_tasks import bare_noop
-        from workers.client import TaskClient
-        from workers.settings import Settings
+        from mgmflow.workers.client import TaskClient
+        from mgmflow.workers.settings import Settings
 
         client = TaskClient(Settings(broker_url=url, home=home))
         # Bare Celery twice: .get() at its default interval (0.5 s) and at its fastest (1 ms), the fair baseline.
@@ -146,8 +146,8 @@ def broker_bytes(client, url: str) -> None:
 
 def vlm_throughput(processes, env, folder: Path, url: str, home: Path, requests: int) -> None:
     """8 client threads, each submitting describe requests one after the other; batched vs unbatched worker."""
-    from workers.client import TaskClient
-    from workers.settings import Settings
+    from mgmflow.workers.client import TaskClient
+    from mgmflow.workers.settings import Settings
     from payloads import inputs
 
     logs = {}

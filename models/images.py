@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.errors import InvalidImageError
+from mgmflow.models.errors import InvalidImageError
 
 # 40 megapixels: above any camera a user is likely to upload, far below what exhausts memory when decoded.
 MAX_IMAGE_PIXELS = 40_000_000

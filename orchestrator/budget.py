@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from models.errors import InvalidInputError
+from mgmflow.models.errors import InvalidInputError
 
 # The chat template around the text (the longest default system prompt, role markers, BOS, the ``<image>``
 # placeholders, the `` <GEN>`` suffix), in tokens; tests check it against every template.
@@ -65,7 +65,7 @@ class PromptBudget:
 
 def budget_for(model: str) -> PromptBudget:
     """The budget of the VLM ``model`` (a preset name, a hub id or a checkpoint folder), read without loading it."""
-    from models.mgm import presets
+    from mgmflow.models.mgm import presets
 
     name = presets.ALIASES.get(model.lower(), model.lower())
     if name in presets.TINY_PRESETS:
@@ -88,7 +88,7 @@ def run_budget(state: dict[str, Any]) -> PromptBudget:
     """The run's budget: the one recorded in its state, else the configured VLM's (call from graph nodes)."""
     if state.get("prompt_budget"):
         return PromptBudget.from_state(state["prompt_budget"])
-    from orchestrator.runtime import get_run_context
+    from mgmflow.orchestrator.runtime import get_run_context
 
     settings = get_run_context().settings
     return budget_for(settings.vlm_model if settings is not None else "tiny")

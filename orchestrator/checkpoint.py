@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-from models.errors import InvalidInputError
-from workers import faults
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.workers import faults
 
 SQLITE_FILE = "checkpoints.sqlite"
 BUSY_TIMEOUT_MS = 30_000  # several processes (CLI, orchestration workers) may share one SQLite file

@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import click  # noqa: E402
 
-from models.errors import MGMFlowError, ModelNotFoundError  # noqa: E402
+from mgmflow.models.errors import MGMFlowError, ModelNotFoundError  # noqa: E402
 
 
 class _Group(click.Group):
@@ -51,11 +51,11 @@ def serve(host: str | None, port: int, log_level: str, workers: int, insecure_op
 
     import uvicorn
 
-    from orchestrator.api import create_app
-    from orchestrator.api.logs import configure_logging
-    from orchestrator.api.origin import LOOPBACK_HOSTS
-    from orchestrator.api.server import check_reachable, default_host, uvicorn_options
-    from orchestrator.api.settings import ApiSettings
+    from mgmflow.orchestrator.api import create_app
+    from mgmflow.orchestrator.api.logs import configure_logging
+    from mgmflow.orchestrator.api.origin import LOOPBACK_HOSTS
+    from mgmflow.orchestrator.api.server import check_reachable, default_host, uvicorn_options
+    from mgmflow.orchestrator.api.settings import ApiSettings
 
     settings = ApiSettings()
     check_reachable(settings)
@@ -77,14 +77,14 @@ def serve(host: str | None, port: int, log_level: str, workers: int, insecure_op
     # The processes add up their metrics through files (prometheus_client's multiprocess mode), fresh each start.
     settings.home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="metrics-", dir=settings.home))
-    uvicorn.run("orchestrator.api:create_app", factory=True, workers=workers, **options)
+    uvicorn.run("mgmflow.orchestrator.api:create_app", factory=True, workers=workers, **options)
 
 
 @main.command()
 def models() -> None:
     """List the model presets and where their weights are expected (nothing is downloaded)."""
-    from models.diffusion.presets import list_presets as diffusion_presets
-    from models.mgm.presets import list_presets as mgm_presets
+    from mgmflow.models.diffusion.presets import list_presets as diffusion_presets
+    from mgmflow.models.mgm.presets import list_presets as mgm_presets
 
     rows = [("mini-gemini", p.name, p.kind, p.available, p.location) for p in mgm_presets()]
     rows += [(f"diffusion ({p.task})", p.name, p.family, p.available, p.location) for p in diffusion_presets()]
@@ -114,7 +114,7 @@ def _parse_device_map(ctx: click.Context, param: click.Parameter, value: str | N
 
     from pydantic import ValidationError
 
-    from workers.settings import Settings
+    from mgmflow.workers.settings import Settings
 
     if value is None:
         return None
@@ -163,7 +163,7 @@ def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: in
     """Ask Mini-Gemini a QUESTION about images; the answer streams as it is written."""
     import json
 
-    from models.errors import IncompleteOutputError, InvalidInputError
+    from mgmflow.models.errors import IncompleteOutputError, InvalidInputError
 
     for image in images:
         _check_image("--image", image)
@@ -186,8 +186,8 @@ def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: in
     if gen and result.image_prompt is None:
         click.echo("no image: the model wrote no <h>…</h> prompt")
     elif gen:  # as the official CLI: draw what the model asked for, with MGM's negative prompt
-        from models.diffusion import TextToImageRequest
-        from models.mgm import NEGATIVE_PROMPT
+        from mgmflow.models.diffusion import TextToImageRequest
+        from mgmflow.models.mgm import NEGATIVE_PROMPT
 
         click.echo(f"image prompt: {result.image_prompt}")
         request = TextToImageRequest(prompts=[result.image_prompt], seeds=None if seed is None else [seed],
@@ -202,7 +202,7 @@ def chat(question: str, images: tuple[Path, ...], model: str, max_new_tokens: in
 @click.option("--broker", default=None, help="Broker URL (default: MGMFLOW_BROKER_URL; unset: embedded).")
 def demo(out: Path, pages: int, broker: str | None) -> None:
     """The main job: a fixed premise becomes a storyboard (embedded by default: tiny models, no Redis, SQLite)."""
-    from orchestrator.workflow import get_workflow
+    from mgmflow.orchestrator.workflow import get_workflow
 
     _run_workflow(get_workflow("story"), {"premise": DEMO_PREMISE, "pages": pages, "seed": 7}, out=out,
                   broker=broker)
@@ -212,8 +212,8 @@ def _stream_chat(model: str, question: str, images: list, placement: dict, **opt
     """One chat turn printed as it streams; returns its ``ChatResult``."""
     from transformers.utils import logging as transformers_logging
 
-    from models.images import load_image
-    from models.mgm import ChatRequest, MGMEngine, Message
+    from mgmflow.models.images import load_image
+    from mgmflow.models.mgm import ChatRequest, MGMEngine, Message
 
     transformers_logging.set_verbosity_error()
     # Bad images and options fail before the model loads.
@@ -248,7 +248,7 @@ def _draw_options(command):
 def generate(prompt: str, negative, seed, steps, guidance, width, height, model, loras, out) -> None:
     """Draw an image from a text prompt into a PNG that records its parameters."""
     loras = _check_draw_arguments(out, loras)
-    from models.diffusion import TextToImageRequest
+    from mgmflow.models.diffusion import TextToImageRequest
 
     request = TextToImageRequest(prompts=[prompt], seeds=None if seed is None else [seed], negative_prompt=negative,
                                  steps=steps, guidance_scale=guidance, width=width, height=height)
@@ -270,7 +270,7 @@ def edit(image: Path, instruction, prompt, strength, mask, negative, seed, steps
     for flag, path in (("--image", image), ("--mask", mask)):
         if path is not None:
             _check_image(flag, path)
-    from models.diffusion import Img2ImgRequest, InpaintRequest, InstructEditRequest
+    from mgmflow.models.diffusion import Img2ImgRequest, InpaintRequest, InstructEditRequest
 
     if (instruction is None) == (prompt is None):
         raise click.UsageError("give either --instruction, or --prompt with --strength or --mask")
@@ -312,8 +312,8 @@ def _check_draw_arguments(out: Path, loras: tuple[str, ...]) -> list[tuple[str, 
 
 def _check_image(flag: str, path: Path) -> None:
     """Decode an image argument now, so a bad file is named before any model loads."""
-    from models.errors import InvalidImageError
-    from models.images import load_image
+    from mgmflow.models.errors import InvalidImageError
+    from mgmflow.models.images import load_image
 
     try:
         load_image(path)
@@ -332,8 +332,8 @@ def _draw_to_file(request, model: str, loras: list[tuple[str, float]], out: Path
     # Through the workers: in-process without a broker, on the deployment's workers with MGMFLOW_BROKER_URL.
     import uuid
 
-    from workers.client import TaskClient
-    from workers.tasks.diffusion import task_for
+    from mgmflow.workers.client import TaskClient
+    from mgmflow.workers.tasks.diffusion import task_for
 
     client, run_id = TaskClient(_settings(None)), f"cli-{uuid.uuid4().hex}"
     kind, payload = task_for(request, client.store, scope="cli", model=model, loras=loras)
@@ -391,8 +391,8 @@ def worker(queues: str, models: tuple[str, ...], broker: str | None, concurrency
     """
     import logging
 
-    from workers.settings import Settings, get_settings
-    from workers.worker import parse_models, run_per_gpu, run_worker, use_gpu
+    from mgmflow.workers.settings import Settings, get_settings
+    from mgmflow.workers.worker import parse_models, run_per_gpu, run_worker, use_gpu
 
     quantization = _quantization(load_4bit, load_8bit)
     gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
@@ -411,7 +411,7 @@ def worker(queues: str, models: tuple[str, ...], broker: str | None, concurrency
     settings = Settings(**({"broker_url": broker} if broker else {}),
                         **{key: value for key, value in placement.items() if value is not None})
     if not settings.embedded and (not queue_list or "orchestrator" in queue_list):
-        from orchestrator.driver import serve as serve_orchestration
+        from mgmflow.orchestrator.driver import serve as serve_orchestration
 
         serve_orchestration(settings)  # registers the orchestration tasks and starts the sweeper
     run_worker(settings, queues=queue_list, models=parse_models(list(models), queue_list),
@@ -428,12 +428,12 @@ class _WorkflowGroup(click.Group):
     """``mgmflow run <workflow>``: one subcommand per workflow of the ``mgmflow.workflows`` entry points."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        from orchestrator.workflow import load_workflows
+        from mgmflow.orchestrator.workflow import load_workflows
 
         return sorted(load_workflows())
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        from orchestrator.workflow import get_workflow
+        from mgmflow.orchestrator.workflow import get_workflow
 
         try:
             return _workflow_command(get_workflow(name))
@@ -523,8 +523,8 @@ class _JsonItems(click.ParamType):
 
 def _settings(broker: str | None):
     """The settings a command runs with; a broker or database that does not answer fails now, in one line."""
-    from orchestrator.api.server import check_reachable
-    from workers.settings import Settings, get_settings
+    from mgmflow.orchestrator.api.server import check_reachable
+    from mgmflow.workers.settings import Settings, get_settings
 
     settings = Settings(broker_url=broker) if broker else get_settings()
     check_reachable(settings)
@@ -533,8 +533,8 @@ def _settings(broker: str | None):
 
 def _known_run(settings, run_id: str):
     """The record of ``run_id``, read before anything starts (an unknown id fails at once)."""
-    from orchestrator.checkpoint import open_database
-    from orchestrator.records import RunStore
+    from mgmflow.orchestrator.checkpoint import open_database
+    from mgmflow.orchestrator.records import RunStore
 
     return RunStore(open_database(settings)).get(run_id)
 
@@ -545,7 +545,7 @@ def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None
     import hashlib
     import json
 
-    from orchestrator.runs import RunService
+    from mgmflow.orchestrator.runs import RunService
 
     settings = _settings(broker)
     requested, given = given, _upload_local_files(workflow, given, settings)
@@ -573,8 +573,8 @@ def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None
 
 def _upload_local_files(workflow, given: dict, settings) -> dict:
     """Image paths given as flags become artifacts of the store the run will read (the workers never read a path)."""
-    from orchestrator.references import store_file, upload_local_files
-    from workers.artifacts import open_store
+    from mgmflow.orchestrator.references import store_file, upload_local_files
+    from mgmflow.workers.artifacts import open_store
 
     store = open_store(settings)
     return upload_local_files(given, workflow.input_model.model_json_schema(),
@@ -596,7 +596,7 @@ def _follow(service, run_id: str, out: Path | None, *, quiet: bool = False) -> N
 
     from tqdm import tqdm
 
-    from orchestrator.records import TERMINAL
+    from mgmflow.orchestrator.records import TERMINAL
 
     bar = tqdm(total=0, unit="item", file=sys.stderr, disable=quiet, dynamic_ncols=True, leave=True)
     after, checked = None, 0.0
@@ -635,7 +635,7 @@ PREVIEW_FILE = "preview.png"
 
 def _write_preview(service, run_id: str, artifact_id: str, path: Path) -> None:
     """Replace ``path`` with the preview ``artifact_id`` (short-lived: one that expired already is skipped)."""
-    from workers.artifacts import ArtifactNotFound
+    from mgmflow.workers.artifacts import ArtifactNotFound
 
     try:
         data = service.orchestrator.store.get(artifact_id, scope=service.get_run(run_id).scope)
@@ -648,8 +648,8 @@ def _write_preview(service, run_id: str, artifact_id: str, path: Path) -> None:
 def _finish(service, run, out: Path | None) -> None:
     import json
 
-    from orchestrator.runtime import TaskFailedError
-    from orchestrator.workflow import get_workflow
+    from mgmflow.orchestrator.runtime import TaskFailedError
+    from mgmflow.orchestrator.workflow import get_workflow
 
     if run.status == "interrupted":
         for pending in run.interrupt or []:
@@ -697,7 +697,7 @@ main.add_command(_WorkflowGroup("run", help="Run a workflow: mgmflow run <workfl
 def resume(run_id: str, approve: bool, prompts: tuple[str, ...], prompt_all: str | None, reject: bool,
            out: Path | None, broker: str | None, quiet: bool) -> None:
     """Resume RUN_ID: answer its approval point, or continue it from its checkpoint."""
-    from orchestrator.runs import RunService
+    from mgmflow.orchestrator.runs import RunService
 
     if reject and (approve or prompts or prompt_all):
         raise click.UsageError("--reject takes neither --approve nor a prompt")
@@ -745,7 +745,7 @@ def _approval(run, approve: bool, prompts: tuple[str, ...], prompt_all: str | No
 @click.option("--broker", default=None, help="Broker URL (default: MGMFLOW_BROKER_URL).")
 def cancel(run_id: str, broker: str | None) -> None:
     """Cancel RUN_ID and its model tasks."""
-    from orchestrator.runs import RunService
+    from mgmflow.orchestrator.runs import RunService
 
     settings = _settings(broker)
     _known_run(settings, run_id)
@@ -760,14 +760,14 @@ def gc(grace_s: float | None) -> None:
     """Delete threads past MGMFLOW_RUN_RETENTION_S, expired artifacts and the stored bytes no artifact references
     any more (the stores of the settings: SQLite or PostgreSQL, folder or S3). Every API process also does it every
     MGMFLOW_GC_INTERVAL_S."""
-    from orchestrator.api.retention import sweep
-    from orchestrator.api.settings import ApiSettings
-    from workers.artifacts import open_store
+    from mgmflow.orchestrator.api.retention import sweep
+    from mgmflow.orchestrator.api.settings import ApiSettings
+    from mgmflow.workers.artifacts import open_store
 
     settings = ApiSettings()
     runs = None
     if settings.run_retention_s is not None:  # the run service only when runs are to be deleted
-        from orchestrator.runs import RunService
+        from mgmflow.orchestrator.runs import RunService
 
         runs = RunService(settings)
     threads, expired, blobs = sweep(runs, open_store(settings), run_retention_s=settings.run_retention_s,
@@ -791,7 +791,7 @@ def submit(batch_file: Path, workflow: str, server: str, api_key: str | None, co
     """Send a batch (a JSON list or JSON Lines of inputs) to a server, show its progress, download the results."""
     from tqdm import tqdm
 
-    from orchestrator.api.client import ApiClient, check_batch_file, check_out_dir, server_id
+    from mgmflow.orchestrator.api.client import ApiClient, check_batch_file, check_out_dir, server_id
 
     check_batch_file(batch_file)
     if out_dir is not None:

@@ -23,14 +23,14 @@ from typing import Any, Iterator
 
 from langgraph.types import Command
 
-from models.errors import Cancelled, DeadlineExceeded, MGMFlowError
-from orchestrator.checkpoint import LEASE_KEY, RunLeaseLost, open_database
-from orchestrator.dispatch import Dispatcher
-from orchestrator.records import TERMINAL, RunInfo, RunStore
-from orchestrator.runtime import RUN_REF, FINISHED, RunContext
-from orchestrator.workflow import get_workflow
-from workers import faults
-from workers.records import owner_gone
+from mgmflow.models.errors import Cancelled, DeadlineExceeded, MGMFlowError
+from mgmflow.orchestrator.checkpoint import LEASE_KEY, RunLeaseLost, open_database
+from mgmflow.orchestrator.dispatch import Dispatcher
+from mgmflow.orchestrator.records import TERMINAL, RunInfo, RunStore
+from mgmflow.orchestrator.runtime import RUN_REF, FINISHED, RunContext
+from mgmflow.orchestrator.workflow import get_workflow
+from mgmflow.workers import faults
+from mgmflow.workers.records import owner_gone
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ class Orchestrator:
     """The per-process driver: run records, checkpoints, the task client, compiled graphs, the sweeper."""
 
     def __init__(self, settings: Any) -> None:
-        from workers.app import get_app
-        from workers.artifacts import open_store
-        from workers.client import TaskClient
+        from mgmflow.workers.app import get_app
+        from mgmflow.workers.artifacts import open_store
+        from mgmflow.workers.client import TaskClient
 
         self.settings = settings
         # Before the client: in embedded mode it starts the in-process worker, which only knows the tasks
@@ -372,7 +372,7 @@ class Orchestrator:
 
     def _backlog(self) -> int:
         """Messages waiting in the orchestration queue (0 when the broker cannot tell)."""
-        from workers.app import queue_depth
+        from mgmflow.workers.app import queue_depth
 
         try:
             return queue_depth(self.settings, QUEUE)
@@ -429,7 +429,7 @@ _orchestrators_lock = threading.Lock()
 def get_orchestrator(settings: Any = None) -> Orchestrator:
     """The process's :class:`Orchestrator` for ``settings`` (default: from the environment)."""
     if settings is None:
-        from workers.settings import get_settings
+        from mgmflow.workers.settings import get_settings
 
         settings = get_settings()
     key = settings.model_dump_json()

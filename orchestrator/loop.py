@@ -15,12 +15,12 @@ from typing import Any, Literal, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 
-from orchestrator.budget import PromptBudget, fit, run_budget
-from orchestrator.runtime import TaskSpec, VLMRequest, await_tasks, emit, request_approval, vlm_json_many
-from orchestrator.schemas import Critique, Plan
-from orchestrator.seeds import derive_seed
-from orchestrator.state import ArtifactRef, RunState
-from orchestrator.state import Critique as CritiqueRecord
+from mgmflow.orchestrator.budget import PromptBudget, fit, run_budget
+from mgmflow.orchestrator.runtime import TaskSpec, VLMRequest, await_tasks, emit, request_approval, vlm_json_many
+from mgmflow.orchestrator.schemas import Critique, Plan
+from mgmflow.orchestrator.seeds import derive_seed
+from mgmflow.orchestrator.state import ArtifactRef, RunState
+from mgmflow.orchestrator.state import Critique as CritiqueRecord
 
 Route = Literal["accept", "refine", "edit", "exhausted"]
 DEFAULT_BUDGET = 3  # rounds, when the workflow's state carries none

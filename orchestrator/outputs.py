@@ -13,8 +13,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from models.errors import InvalidInputError
-from orchestrator.workflow import get_workflow
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.orchestrator.workflow import get_workflow
 
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: no build time in the bytes
 _STORED = (".png", ".jpg", ".jpeg", ".webp", ".zip")  # compressed already

@@ -18,8 +18,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from models.errors import InvalidInputError
-from orchestrator.checkpoint import Database
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.orchestrator.checkpoint import Database
 
 DEFAULT_SCOPE = "default"  # the open server's and the CLI's
 ACTIVE = ("pending", "running", "interrupted")

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, WithJsonSchema
 
-from models.images import load_image
+from mgmflow.models.images import load_image
 
 ARTIFACT_ID_FORMAT = "mgmflow-artifact-id"
 _ARTIFACT_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")

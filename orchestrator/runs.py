@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from models.errors import InvalidInputError, MGMFlowError
-from orchestrator.driver import get_orchestrator
-from orchestrator.records import ACTIVE, DEFAULT_SCOPE, TERMINAL, RunInfo, RunNotFound
-from orchestrator.workflow import get_workflow
+from mgmflow.models.errors import InvalidInputError, MGMFlowError
+from mgmflow.orchestrator.driver import get_orchestrator
+from mgmflow.orchestrator.records import ACTIVE, DEFAULT_SCOPE, TERMINAL, RunInfo, RunNotFound
+from mgmflow.orchestrator.workflow import get_workflow
 
 MAX_PREVIEWS = 1000  # the most denoising steps between two previews
 

@@ -20,13 +20,13 @@ from langgraph.runtime import get_runtime
 from langgraph.types import interrupt
 from pydantic import ValidationError
 
-from models.errors import Cancelled, DeadlineExceeded, MGMFlowError
-from orchestrator.schemas import VLMSchema
+from mgmflow.models.errors import Cancelled, DeadlineExceeded, MGMFlowError
+from mgmflow.orchestrator.schemas import VLMSchema
 
 if TYPE_CHECKING:
-    from workers.artifacts import ArtifactStore
-    from workers.client import TaskClient
-    from workers.settings import Settings
+    from mgmflow.workers.artifacts import ArtifactStore
+    from mgmflow.workers.client import TaskClient
+    from mgmflow.workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 

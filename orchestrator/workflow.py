@@ -3,7 +3,7 @@
 A user's package registers a new workflow in its own ``pyproject.toml``::
 
     [project.entry-points."mgmflow.workflows"]
-    story = "workflows.story:workflow"
+    story = "mgmflow.workflows.story:workflow"
 
 where ``workflow`` is a :class:`Workflow`. Its ``input_model`` fields are the flags of ``mgmflow run <name>`` and
 the input of an HTTP run.
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from models.errors import InvalidInputError
+from mgmflow.models.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from langgraph.graph import StateGraph
 
-    from orchestrator.runtime import RunContext
+    from mgmflow.orchestrator.runtime import RunContext
 
 logger = logging.getLogger(__name__)
 

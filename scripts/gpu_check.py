@@ -62,7 +62,7 @@ def reset_vram(device: torch.device) -> None:
 
 
 def check_parity(device: torch.device, fixtures: Path | None) -> str:
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     cases = []  # (name, folder, (input_ids, images, images_aux), reference logits)
     if fixtures is not None:
@@ -103,7 +103,7 @@ def check_parity(device: torch.device, fixtures: Path | None) -> str:
 
 
 def check_batch(device: torch.device) -> str:
-    from models.mgm import ChatRequest, MGMEngine, Message
+    from mgmflow.models.mgm import ChatRequest, MGMEngine, Message
 
     engine = MGMEngine.from_pretrained("tiny", device=device, visual_cache_bytes=0, prefix_cache_bytes=0)
     requests = [ChatRequest([Message("user", f"Describe picture {i} in detail.", [picture(i)])], max_new_tokens=32)
@@ -130,7 +130,7 @@ def check_batch(device: torch.device) -> str:
 
 
 def check_diffusion(device: torch.device) -> str:
-    from models.diffusion import (
+    from mgmflow.models.diffusion import (
         DiffusionEngine,
         Img2ImgRequest,
         InpaintRequest,
@@ -172,7 +172,7 @@ def check_diffusion(device: torch.device) -> str:
 
 
 def check_multi_gpu() -> str:
-    from models.mgm import ChatRequest, MGMEngine, Message, load_pretrained
+    from mgmflow.models.mgm import ChatRequest, MGMEngine, Message, load_pretrained
 
     split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
              "model.norm": 1, "lm_head": 1}

@@ -1,4 +1,4 @@
-"""Fault injection at hooked instants (``workers.faults``): arm points in a process's environment, wait until the
+"""Fault injection at hooked instants (``mgmflow.workers.faults``): arm points in a process's environment, wait until the
 process reaches one (it then stops itself, or blocks the arriving thread), and act on it: SIGKILL, SIGSTOP-length
 stalls, SIGINT."""
 

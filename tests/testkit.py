@@ -34,7 +34,7 @@ def script_mgm_answers(monkeypatch, text: str) -> None:
     """
     from transformers import LlamaForCausalLM
 
-    from models.mgm.tokenizer import load_tiny_tokenizer
+    from mgmflow.models.mgm.tokenizer import load_tiny_tokenizer
 
     tokenizer = load_tiny_tokenizer()
     script = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]

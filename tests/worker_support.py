@@ -111,7 +111,7 @@ class Services:
         return worker
 
     def settings(self, redis: RedisServer | None = None, **overrides):
-        from workers.settings import Settings
+        from mgmflow.workers.settings import Settings
 
         return Settings(broker_url=redis.url if redis else None, home=self.home, **{**FAST, **overrides})
 

@@ -5,7 +5,7 @@
                                         {"type": "image", "base64": b64, "mime_type": "image/png"}])])
 
 Image content blocks may carry base64 data, a data URL (``image_url`` blocks too) or an artifact id
-(``file_id``); data is validated by :func:`models.images.load_image` and stored as an artifact, since task messages
+(``file_id``); data is validated by :func:`mgmflow.models.images.load_image` and stored as an artifact, since task messages
 carry references only. With ``generate_images``, a reply whose ``<h>…</h>`` prompt MGM wrote is drawn by the
 diffusion worker and comes back as an image content block (``file_id`` = artifact id, plus base64 PNG).
 Streaming follows the worker's token events for the request's task. Tool calling (``bind_tools``, so the model
@@ -31,9 +31,9 @@ from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.errors import InvalidInputError
-from models.images import load_image
-from tools.tasks import ToolTaskError, check_image
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.images import load_image
+from mgmflow.tools.tasks import ToolTaskError, check_image
 
 ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "user"}
 INLINE_LIMIT = 3000  # bytes of a payload; its biggest parts travel as artifacts until it fits (task messages ≤ 4 KB)

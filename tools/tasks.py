@@ -24,8 +24,8 @@ from typing import Annotated, Any, ClassVar
 from langchain_core.tools import BaseTool, ToolException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.errors import InvalidInputError, MGMFlowError
-from models.images import load_image
+from mgmflow.models.errors import InvalidInputError, MGMFlowError
+from mgmflow.models.images import load_image
 
 MAX_TEXT = 2000  # characters of a prompt, question or instruction (task messages are capped at 4 KB)
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
@@ -106,7 +106,7 @@ class TaskTool(BaseTool):
 
 def check_image(store: Any, scope: str, artifact_id: str, *, argument: str = "image") -> Any:
     """The stored image ``artifact_id`` in ``scope`` (its ``Artifact``); a clear error if it is not one."""
-    from workers.artifacts import ArtifactNotFound
+    from mgmflow.workers.artifacts import ArtifactNotFound
 
     try:
         artifact = store.info(artifact_id, scope=scope)

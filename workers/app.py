@@ -2,7 +2,7 @@
 
 Queues are ``vlm.<model>``, ``diffusion.<model>``, ``edit.<model>`` and ``orchestrator`` (whose tasks the
 orchestrator registers on this app through :func:`get_app`). With no broker configured the app runs over
-Celery's in-memory transport and an in-process worker (``workers.embedded``): the same dispatch path.
+Celery's in-memory transport and an in-process worker (``mgmflow.workers.embedded``): the same dispatch path.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import threading
 
 from celery import Celery
 
-from workers.settings import MODEL_FAMILIES, ORCHESTRATOR_QUEUE, Settings, get_settings
+from mgmflow.workers.settings import MODEL_FAMILIES, ORCHESTRATOR_QUEUE, Settings, get_settings
 
 # Our step tasks; imported by every app so that workers and clients know the same kinds.
-TASK_MODULES = ("workers.tasks.vlm", "workers.tasks.diffusion")
+TASK_MODULES = ("mgmflow.workers.tasks.vlm", "mgmflow.workers.tasks.diffusion")
 
 _apps: dict[str, Celery] = {}
 _apps_lock = threading.Lock()

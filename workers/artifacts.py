@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from models.errors import InvalidInputError
-from workers.settings import Settings
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.workers.settings import Settings
 
 # Ids are url-safe random tokens; anything else (a path, "..") is refused before it reaches a backend.
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.errors import Cancelled
+from mgmflow.models.errors import Cancelled
 
 logger = logging.getLogger(__name__)
 

@@ -14,16 +14,16 @@ import json
 import threading
 import time
 
-from models.errors import InvalidInputError
-from workers.affinity import Affinity
-from workers.app import default_model, get_app, queue_for
-from workers.artifacts import ArtifactStore, open_store
-from workers.events import Event, open_events
-from workers import faults
-from workers.records import StepHeader, TaskRecord, open_records, redis_client
-from workers.settings import Settings, get_settings
-from workers.steps import STEPS
-from workers.watch import LOST_AFTER_S
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.workers.affinity import Affinity
+from mgmflow.workers.app import default_model, get_app, queue_for
+from mgmflow.workers.artifacts import ArtifactStore, open_store
+from mgmflow.workers.events import Event, open_events
+from mgmflow.workers import faults
+from mgmflow.workers.records import StepHeader, TaskRecord, open_records, redis_client
+from mgmflow.workers.settings import Settings, get_settings
+from mgmflow.workers.steps import STEPS
+from mgmflow.workers.watch import LOST_AFTER_S
 
 MAX_PAYLOAD_BYTES = 4096
 _sent_here: set[str] = set()  # embedded: steps this process has sent
@@ -42,7 +42,7 @@ class TaskClient:
         self._store: ArtifactStore | None = None
         self._embedded = None
         if self.settings.embedded:
-            from workers.embedded import ensure_embedded
+            from mgmflow.workers.embedded import ensure_embedded
 
             self._embedded = ensure_embedded(self.settings)
 

@@ -14,9 +14,9 @@ import threading
 
 from celery.worker import WorkController
 
-from workers.app import get_app
-from workers.settings import MODEL_FAMILIES, ORCHESTRATOR_QUEUE, Settings
-from workers.steps import STEPS, start_runtime
+from mgmflow.workers.app import get_app
+from mgmflow.workers.settings import MODEL_FAMILIES, ORCHESTRATOR_QUEUE, Settings
+from mgmflow.workers.steps import STEPS, start_runtime
 
 logger = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ def open_events(settings) -> RedisEvents | MemoryEvents:
     """A Redis stream per run when a broker is configured, else the process's in-memory streams."""
     global _memory_events
     if not settings.embedded:
-        from workers.records import redis_client
+        from mgmflow.workers.records import redis_client
 
         return RedisEvents(redis_client(settings.records_url), maxlen=settings.events_maxlen,
                            ttl_s=settings.events_ttl_s)

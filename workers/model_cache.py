@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from models.errors import ResourceExhaustedError
-from workers.settings import Settings
+from mgmflow.models.errors import ResourceExhaustedError
+from mgmflow.workers.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,10 @@ def load_engine(engine: str, name: str, loras: Loras = (), *, vlm_placement: dic
     (``Settings.vlm_placement``).
     """
     if engine == "mgm":
-        from models.mgm.engine import MGMEngine
+        from mgmflow.models.mgm.engine import MGMEngine
 
         return MGMEngine.from_pretrained(name, **(vlm_placement or {}))
-    from models.diffusion import DiffusionEngine, LoraSpec
+    from mgmflow.models.diffusion import DiffusionEngine, LoraSpec
 
     return DiffusionEngine.from_pretrained(name, loras=[LoraSpec(path, weight) for path, weight in loras])
 

@@ -13,7 +13,7 @@ starts of the step's work, incremented where they happen (what "ran once" is ass
 
 Every unfinished step is watched (``watch_due``): a record keeps the message that sends it (``message``, its
 public queue and priority), so a step whose message was lost (queued, never delivered) or whose worker is gone
-(running under a lapsed lease) is sent again by ``workers.watch`` without waiting for the broker's visibility
+(running under a lapsed lease) is sent again by ``mgmflow.workers.watch`` without waiting for the broker's visibility
 timeout.
 
 Two implementations with one interface: Redis (Lua scripts make each transition atomic) for deployments, SQLite

@@ -27,16 +27,16 @@ from typing import Any
 from celery import shared_task
 from pydantic import BaseModel, ValidationError
 
-from models.errors import Cancelled, DeadlineExceeded, MGMFlowError, ResourceExhaustedError
-from workers import faults
-from workers import records as rec
-from workers.affinity import Affinity
-from workers.artifacts import ArtifactStore, open_store
-from workers.batching import Batcher
-from workers.events import open_events
-from workers.model_cache import ModelCache
-from workers.settings import Settings
-from workers.watch import StepWatcher
+from mgmflow.models.errors import Cancelled, DeadlineExceeded, MGMFlowError, ResourceExhaustedError
+from mgmflow.workers import faults
+from mgmflow.workers import records as rec
+from mgmflow.workers.affinity import Affinity
+from mgmflow.workers.artifacts import ArtifactStore, open_store
+from mgmflow.workers.batching import Batcher
+from mgmflow.workers.events import open_events
+from mgmflow.workers.model_cache import ModelCache
+from mgmflow.workers.settings import Settings
+from mgmflow.workers.watch import StepWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _notify(task, header: rec.StepHeader) -> None:
         name, kwargs = header.notify
         # Our app, not ``task.app``: a shared task's bound ``self`` may belong to Celery's default app, whose
         # broker and routes are not ours (the notice would be lost).
-        from workers.app import get_app
+        from mgmflow.workers.app import get_app
 
         get_app(get_runtime().settings).send_task(name, kwargs={**kwargs, "task_id": header.task_id})
 

@@ -9,7 +9,7 @@ copy of the message their record keeps when
 - the step is queued, has waited ``LOST_AFTER_S`` and its queue is empty (nothing is in front of it: the message
   is lost), or has waited ``BACKLOG_AFTER_S`` whatever the queue holds (it may sit in a dead worker's unacked set);
 - the step is running and its lease lapsed (a killed or stalled worker; the copy takes it over, see
-  ``workers.records``: a stalled worker that wakes stops, or finishes first and the copy returns its outcome).
+  ``mgmflow.workers.records``: a stalled worker that wakes stops, or finishes first and the copy returns its outcome).
 
 Copies are harmless (records make each step run once, and a copy of a finished step only repeats its notice), so
 the watcher errs towards sending; each step that stays stuck waits twice as long before its next copy.
@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from workers import records as rec
+from mgmflow.workers import records as rec
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class StepWatcher:
         return True
 
     def _send(self, kind: str, task_id: str, message: dict) -> None:
-        from workers.app import get_app
+        from mgmflow.workers.app import get_app
 
         get_app(self.settings).send_task(kind, kwargs=message["body"], task_id=task_id, queue=message["queue"],
                                          priority=message["priority"])
@@ -97,7 +97,7 @@ class StepWatcher:
     def _depth(self, queue: str, depths: dict[str, int]) -> int:
         """Messages waiting in ``queue``, read once per pass (0 when the broker cannot tell: a copy is harmless)."""
         if queue not in depths:
-            from workers.app import queue_depth
+            from mgmflow.workers.app import queue_depth
 
             try:
                 depths[queue] = queue_depth(self.settings, queue)

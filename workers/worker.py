@@ -17,10 +17,10 @@ import signal
 import subprocess
 import sys
 
-from models.errors import MGMFlowError
-from workers.app import get_app
-from workers.settings import MODEL_FAMILIES, ORCHESTRATOR_QUEUE, Settings
-from workers.steps import start_runtime
+from mgmflow.models.errors import MGMFlowError
+from mgmflow.workers.app import get_app
+from mgmflow.workers.settings import MODEL_FAMILIES, ORCHESTRATOR_QUEUE, Settings
+from mgmflow.workers.steps import start_runtime
 
 logger = logging.getLogger(__name__)
 ALL_QUEUES = (*MODEL_FAMILIES, ORCHESTRATOR_QUEUE)
@@ -46,7 +46,7 @@ def survive_broker_restarts() -> None:
     ``... 'hostname'``, celery/kombu#970, #582), inside the consumer's loop, and Celery stops the worker with status
     0. Restoring unacknowledged messages over that channel fails the same way. An ack or restore that cannot reach
     the broker is dropped here instead: the message stays in the broker's unacked set, whose visibility sweep
-    delivers it again later; a finished step's copy only returns its recorded outcome (``workers.records``), and
+    delivers it again later; a finished step's copy only returns its recorded outcome (``mgmflow.workers.records``), and
     the step watcher sends any unfinished step sooner."""
     from kombu.transport import redis as kombu_redis
 

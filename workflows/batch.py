@@ -18,10 +18,10 @@ from typing import Any, Literal, TypedDict
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field, field_validator
 
-from models.errors import InvalidInputError
-from orchestrator.records import TERMINAL
-from orchestrator.runtime import await_runs, emit, get_run_context
-from orchestrator.workflow import Workflow, get_workflow
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.orchestrator.records import TERMINAL
+from mgmflow.orchestrator.runtime import await_runs, emit, get_run_context
+from mgmflow.orchestrator.workflow import Workflow, get_workflow
 
 MAX_ITEMS = 10_000
 
@@ -61,7 +61,7 @@ class BatchState(TypedDict, total=False):
 
 def launch(state: BatchState) -> dict[str, Any]:
     """Record the children that ended, then start items until ``concurrency`` run at once."""
-    from orchestrator.runs import RunService
+    from mgmflow.orchestrator.runs import RunService
 
     context = get_run_context()
     service = RunService(context.settings)

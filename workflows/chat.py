@@ -21,11 +21,11 @@ from typing import Any, Literal
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
 
-from orchestrator.references import ArtifactId
-from orchestrator.runtime import RunContext, TaskSpec, await_tasks, emit, get_run_context
-from orchestrator.state import RunState
-from orchestrator.workflow import Workflow
-from workflows.inputs import clip, resolve_images, stage_messages
+from mgmflow.orchestrator.references import ArtifactId
+from mgmflow.orchestrator.runtime import RunContext, TaskSpec, await_tasks, emit, get_run_context
+from mgmflow.orchestrator.state import RunState
+from mgmflow.orchestrator.workflow import Workflow
+from mgmflow.workflows.inputs import clip, resolve_images, stage_messages
 
 HISTORY_TURNS = 8  # messages of the thread the VLM sees
 HISTORY_IMAGES = 4  # the most recent images among them

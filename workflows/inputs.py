@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.budget import clip  # noqa: F401  (the workflows' one way to clip a text)
-from orchestrator.runtime import get_run_context
-from tools.tasks import check_image
+from mgmflow.orchestrator.budget import clip  # noqa: F401  (the workflows' one way to clip a text)
+from mgmflow.orchestrator.runtime import get_run_context
+from mgmflow.tools.tasks import check_image
 
 
 def resolve_images(references: list[str]) -> list[str]:
     """The input's image artifact ids, each checked in the run's scope (``InvalidInputError`` naming the first
-    missing one). Inputs hold ids only (``orchestrator.references.ArtifactId``): the CLI uploads local files before
+    missing one). Inputs hold ids only (``mgmflow.orchestrator.references.ArtifactId``): the CLI uploads local files before
     it submits, and nothing here reads a path."""
     context = get_run_context()
     return [check_image(context.store, context.scope, reference, argument=f"images[{index}]").id

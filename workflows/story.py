@@ -7,7 +7,7 @@ The VLM cuts the premise into one scene per page (``SceneList``) and writes a ch
 (``CharacterSheet``); every page then goes through the shared refine loop at once: a prompt per page through
 MGM's ``<GEN>`` path, drafts generated in parallel (one task per draft, one join for all pages), the VLM checks each
 draft against its scene and the sheet (``Critique``), and outliers are re-prompted or edited within the budget.
-``write_output`` turns the final state into the storyboard folder (see :mod:`workflows.storyboard`).
+``write_output`` turns the final state into the storyboard folder (see :mod:`mgmflow.workflows.storyboard`).
 
 Reproducibility: every seed is ``derive_seed(seed, page index, round, draft)`` and every task step is named by
 page, round and draft, so neither the number of workers nor a redelivery changes which image a page gets.
@@ -23,14 +23,14 @@ from typing import Any
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field, field_validator
 
-from orchestrator.budget import PromptBudget, fit, run_budget
-from orchestrator.loop import LoopItem, LoopState, build_refine_loop
-from orchestrator.runtime import RunContext, VLMRequest, emit, vlm_json_many
-from orchestrator.schemas import CharacterSheet, SceneList
-from orchestrator.state import lineage
-from orchestrator.workflow import Workflow
-from workflows.inputs import clip, stage_messages
-from workflows.storyboard import write_storyboard
+from mgmflow.orchestrator.budget import PromptBudget, fit, run_budget
+from mgmflow.orchestrator.loop import LoopItem, LoopState, build_refine_loop
+from mgmflow.orchestrator.runtime import RunContext, VLMRequest, emit, vlm_json_many
+from mgmflow.orchestrator.schemas import CharacterSheet, SceneList
+from mgmflow.orchestrator.state import lineage
+from mgmflow.orchestrator.workflow import Workflow
+from mgmflow.workflows.inputs import clip, stage_messages
+from mgmflow.workflows.storyboard import write_storyboard
 
 MAX_PREMISE_BYTES = 8 * 1024
 MAX_PAGES = 64

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from models.images import load_image
+from mgmflow.models.images import load_image
 
 MANIFEST = "manifest.json"
 INDEX = "index.html"

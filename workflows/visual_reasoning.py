@@ -18,15 +18,15 @@ from typing import Any
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
 
-from orchestrator.references import ArtifactId
-from orchestrator.runtime import (
+from mgmflow.orchestrator.references import ArtifactId
+from mgmflow.orchestrator.runtime import (
     RunContext, TaskSpec, VLMRequest, await_tasks, emit, get_run_context, vlm_json_many,
 )
-from orchestrator.schemas import Plan, Regions
-from orchestrator.state import RunState
-from orchestrator.workflow import Workflow
-from tools.tasks import crop_region
-from workflows.inputs import clip, resolve_images, stage_messages
+from mgmflow.orchestrator.schemas import Plan, Regions
+from mgmflow.orchestrator.state import RunState
+from mgmflow.orchestrator.workflow import Workflow
+from mgmflow.tools.tasks import crop_region
+from mgmflow.workflows.inputs import clip, resolve_images, stage_messages
 
 MAX_REGIONS = 8  # crops inspected per question, over all images
 # Room for the longest answer each schema allows (a random model fills every field to its bound).

@@ -1,12 +1,12 @@
 """Diffusion and editing models on diffusers pipelines: text-to-image, img2img, instruction editing, inpainting.
 
-    from models.diffusion import DiffusionEngine, TextToImageRequest, read_parameters
+    from mgmflow.models.diffusion import DiffusionEngine, TextToImageRequest, read_parameters
 
     engine = DiffusionEngine.from_pretrained("tiny")  # or "sdxl-base", a folder, a .safetensors file
     [image] = engine.text_to_image(TextToImageRequest(prompts=["a red house at sunset"], seeds=[42]))
     read_parameters(image.png)["seed"]  # 42
 
-The names below load lazily, so importing this package (or ``models.diffusion.defaults``) does not import torch.
+The names below load lazily, so importing this package (or ``mgmflow.models.diffusion.defaults``) does not import torch.
 """
 
 import importlib

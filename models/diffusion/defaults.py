@@ -1,6 +1,6 @@
 """Defaults per model family and the limits every request is checked against.
 
-Light on purpose (no torch, no diffusers): ``models.mgm`` and the workers import ``NEGATIVE_PROMPT`` from here.
+Light on purpose (no torch, no diffusers): ``mgmflow.models.mgm`` and the workers import ``NEGATIVE_PROMPT`` from here.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ object and its own scheduler instance: schedulers and pipelines carry per-call s
 Reproducibility: one CPU ``torch.Generator`` per image, seeded with that image's seed, so an image is the same
 whether drawn alone or in a batch, and the same seed and settings give the same PNG bytes on a CPU.
 
-Every PNG records its parameters (``models.diffusion.metadata``): ``task``, ``prompt``, ``negative_prompt``,
+Every PNG records its parameters (``mgmflow.models.diffusion.metadata``): ``task``, ``prompt``, ``negative_prompt``,
 ``seed``, ``steps``, ``guidance_scale``, ``width``, ``height``, ``model``, ``model_hash`` (single files),
 ``scheduler`` (the diffusers class) with ``sampler`` / ``schedule_type`` (AUTOMATIC1111's names), ``loras``
 (name, weight, sha256, A1111 hash) and, per task, ``strength``, ``image_guidance_scale``, ``image_sha256``, ``mask_sha256``.
@@ -38,11 +38,11 @@ from diffusers import (
 )
 from PIL import Image
 
-from models.diffusion import loading, presets
-from models.diffusion.defaults import FAMILY_DEFAULTS, ModelDefaults
-from models.diffusion.loading import LoraSpec
-from models.diffusion.metadata import a1111_sampler, encode_png
-from models.diffusion.requests import (
+from mgmflow.models.diffusion import loading, presets
+from mgmflow.models.diffusion.defaults import FAMILY_DEFAULTS, ModelDefaults
+from mgmflow.models.diffusion.loading import LoraSpec
+from mgmflow.models.diffusion.metadata import a1111_sampler, encode_png
+from mgmflow.models.diffusion.requests import (
     Img2ImgRequest,
     InpaintRequest,
     InstructEditRequest,
@@ -51,8 +51,8 @@ from models.diffusion.requests import (
     check_size,
     random_seeds,
 )
-from models.errors import InvalidImageError, InvalidInputError, ResourceExhaustedError
-from models.images import load_image
+from mgmflow.models.errors import InvalidImageError, InvalidInputError, ResourceExhaustedError
+from mgmflow.models.images import load_image
 
 logger = logging.getLogger(__name__)
 

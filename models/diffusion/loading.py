@@ -24,8 +24,8 @@ from diffusers import (
 )
 from safetensors import SafetensorError, safe_open
 
-from models.diffusion import presets
-from models.errors import InvalidInputError, ModelNotFoundError
+from mgmflow.models.diffusion import presets
+from mgmflow.models.errors import InvalidInputError, ModelNotFoundError
 
 # Single-file checkpoints: (family, UNet input channels) -> the pipeline class and the preset whose diffusers
 # folder supplies the component configs (a single file holds weights only; diffusers needs configs offline).

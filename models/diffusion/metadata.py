@@ -24,7 +24,7 @@ import re
 
 from PIL import Image, PngImagePlugin
 
-from models.errors import InvalidImageError
+from mgmflow.models.errors import InvalidImageError
 
 PARAMETERS_CHUNK = "parameters"
 JSON_CHUNK = "mgmflow"
@@ -67,7 +67,7 @@ _NEGATIVE = "Negative prompt:"
 
 
 def encode_png(image: Image.Image, parameters: dict) -> bytes:
-    """``image`` as PNG bytes carrying ``parameters`` (see ``models.diffusion.engine`` for the keys)."""
+    """``image`` as PNG bytes carrying ``parameters`` (see ``mgmflow.models.diffusion.engine`` for the keys)."""
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_CHUNK, infotext(parameters))  # tEXt, or iTXt when the prompt is not Latin-1
     info.add_text(JSON_CHUNK, json.dumps(parameters, sort_keys=True, ensure_ascii=True, separators=(",", ":")))

@@ -3,7 +3,7 @@
 ``resolve(name_or_path)`` turns a preset name, a diffusers folder, a single-file ``.safetensors`` checkpoint or a
 hub id into a local path:
 
-- tiny presets are built from seeded random weights (``models.diffusion.tiny``) once per machine, atomically, into
+- tiny presets are built from seeded random weights (``mgmflow.models.diffusion.tiny``) once per machine, atomically, into
   ``$MGMFLOW_HOME/presets/diffusion/<name>-<hash>/`` (the hash covers the builder, the vocabulary and the library
   versions, so a change builds a new folder instead of reusing a stale one);
 - real presets are looked for in ``$MGMFLOW_MODELS_DIR/<name>`` (default ``$MGMFLOW_HOME/models``), then in the
@@ -20,9 +20,9 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from models.diffusion.defaults import SD, SDXL, ModelDefaults
-from models.errors import ModelNotFoundError
-from models.paths import hub_cache, mgmflow_home, models_dir
+from mgmflow.models.diffusion.defaults import SD, SDXL, ModelDefaults
+from mgmflow.models.errors import ModelNotFoundError
+from mgmflow.models.paths import hub_cache, mgmflow_home, models_dir
 
 TASKS = ("text_to_image", "img2img", "instruct_edit", "inpaint")
 
@@ -174,7 +174,7 @@ def _build_tiny(preset: Preset) -> Path:
     folder = tiny_presets_dir() / f"{preset.name}-{_tiny_fingerprint(preset.tiny_kind)}"
     if folder.is_dir():
         return folder
-    from models.diffusion.tiny import build_pipeline
+    from mgmflow.models.diffusion.tiny import build_pipeline
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -196,7 +196,7 @@ def _tiny_fingerprint(kind: str) -> str:
     import torch
     import transformers
 
-    from models.diffusion import tiny
+    from mgmflow.models.diffusion import tiny
 
     versions = [kind, torch.__version__, diffusers.__version__, transformers.__version__]
     digest = hashlib.sha256(json.dumps(versions).encode())

@@ -1,7 +1,7 @@
 """Typed requests of the diffusion engine, checked when built.
 
 One request is one batch: ``prompts[i]`` gets ``seeds[i]``, every other setting is shared, and the engine draws
-all of them in one pipeline call. Fields left ``None`` take the model's defaults (``models.diffusion.defaults``).
+all of them in one pipeline call. Fields left ``None`` take the model's defaults (``mgmflow.models.diffusion.defaults``).
 What these checks cannot know without the model (its native size, its schedulers) the engine checks.
 
 Workers that collect several requests can batch those with the same ``batch_key`` through ``combine``.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from models.diffusion.defaults import (
+from mgmflow.models.diffusion.defaults import (
     MAX_BATCH,
     MAX_GUIDANCE,
     MAX_PIXELS,
@@ -29,8 +29,8 @@ from models.diffusion.defaults import (
     MIN_SIDE,
     SIZE_MULTIPLE,
 )
-from models.errors import InvalidInputError
-from models.images import ImageSource
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.images import ImageSource
 
 
 @dataclass(frozen=True, kw_only=True)

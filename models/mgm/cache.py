@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 import torch
 from PIL import Image
 
-from models.mgm.generation import PastKV
+from mgmflow.models.mgm.generation import PastKV
 
 Value = TypeVar("Value")
 # One prompt position group: a token id, or an image's content hash standing for all its visual tokens.

@@ -17,8 +17,8 @@ from typing import Any
 
 from transformers import CLIPVisionConfig, GemmaConfig, LlamaConfig, MistralConfig, MixtralConfig, PretrainedConfig
 
-from models.errors import InvalidInputError
-from models.mgm.hf_logging import quiet_transformers
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.mgm.hf_logging import quiet_transformers
 
 BACKBONES: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,

@@ -15,7 +15,7 @@ import llguidance.hf
 import torch
 from llguidance.torch import fill_next_token_bitmask
 
-from models.errors import InvalidInputError
+from mgmflow.models.errors import InvalidInputError
 
 # Compact JSON: with flexible whitespace a weak model can emit blanks until it runs out of tokens.
 _JSON_OPTIONS = {"whitespace_flexible": False}

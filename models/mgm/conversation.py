@@ -3,7 +3,7 @@
 The strings reproduce what the released checkpoints were trained on (see mgm-official §6), quirks included:
 ChatML without newlines after ``<|im_end|>`` and the LLaMA-3 assistant header that literally says "system".
 A prompt is laid out as spans that keep template text apart from message text, so that only the template can
-produce control tokens and image placeholders (tokenization: ``models.mgm.tokenizer``).
+produce control tokens and image placeholders (tokenization: ``mgmflow.models.mgm.tokenizer``).
 The template is chosen from the checkpoint's config (backbone and vocabulary), never from a folder name.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from models.errors import InvalidInputError
+from mgmflow.models.errors import InvalidInputError
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200

@@ -21,18 +21,18 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from models.errors import InvalidInputError, ModelNotFoundError
-from models.images import ImageSource, load_image
-from models.mgm.cache import PrefixCache, PromptItem, VisualFeatureCache, image_digest
-from models.mgm.constrained import GrammarCompiler
-from models.mgm.conversation import (
+from mgmflow.models.errors import InvalidInputError, ModelNotFoundError
+from mgmflow.models.images import ImageSource, load_image
+from mgmflow.models.mgm.cache import PrefixCache, PromptItem, VisualFeatureCache, image_digest
+from mgmflow.models.mgm.constrained import GrammarCompiler
+from mgmflow.models.mgm.conversation import (
     IMAGE_TOKEN_INDEX,
     ConversationTemplate,
     Turn,
     template_for_config,
 )
-from models.mgm.gen_protocol import GEN_SUFFIX, gen_grammar, split_image_prompt
-from models.mgm.generation import OnToken, Prompt, SamplingParams, generate
+from mgmflow.models.mgm.gen_protocol import GEN_SUFFIX, gen_grammar, split_image_prompt
+from mgmflow.models.mgm.generation import OnToken, Prompt, SamplingParams, generate
 
 Role = Literal["system", "user", "assistant"]
 _ROLES = ("system", "user", "assistant")
@@ -189,7 +189,7 @@ class MGMEngine:
     ) -> MGMEngine:
         """Load a preset name (``tiny``, ``mgm-7b``…) or a checkpoint folder; ``device_map`` / ``quantization``
         (``"4bit"`` / ``"8bit"``) place the LLM as ``load_pretrained`` does."""
-        from models.mgm import load_pretrained, presets
+        from mgmflow.models.mgm import load_pretrained, presets
 
         model, processor = load_pretrained(
             presets.resolve(name_or_path), device=device, dtype=dtype, device_map=device_map, quantization=quantization

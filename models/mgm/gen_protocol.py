@@ -9,8 +9,8 @@ one complete block (for workflows that must draw). The split never invents a pro
 
 from __future__ import annotations
 
-from models.diffusion.defaults import NEGATIVE_PROMPT  # MGM's fixed negative prompt, kept in one place
-from models.errors import InvalidInputError
+from mgmflow.models.diffusion.defaults import NEGATIVE_PROMPT  # MGM's fixed negative prompt, kept in one place
+from mgmflow.models.errors import InvalidInputError
 
 __all__ = ["GEN_SUFFIX", "NEGATIVE_PROMPT", "gen_grammar", "split_image_prompt"]
 

@@ -24,7 +24,7 @@ import torch
 from llguidance.torch import allocate_token_bitmask
 from transformers.cache_utils import Cache, DynamicLayer
 
-from models.errors import InvalidInputError
+from mgmflow.models.errors import InvalidInputError
 
 # Per layer (keys, values), each [1, kv_heads, length, head_dim]: one row's KV cache.
 PastKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]

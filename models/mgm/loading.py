@@ -25,15 +25,15 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
-from models.errors import InvalidInputError, ModelNotFoundError
-from models.mgm.configuration import MGMConfig
-from models.mgm.convnext import ConvNeXtTrunk
-from models.mgm.hf_logging import quiet_transformers
-from models.mgm.modeling import CHECKPOINT_PREFIXES, MGMForCausalLM, from_checkpoint_name, to_checkpoint_name
-from models.mgm.presets import resolve
-from models.paths import hub_cache
-from models.mgm.processing import MGMProcessor
-from models.mgm.tokenizer import load_tokenizer
+from mgmflow.models.errors import InvalidInputError, ModelNotFoundError
+from mgmflow.models.mgm.configuration import MGMConfig
+from mgmflow.models.mgm.convnext import ConvNeXtTrunk
+from mgmflow.models.mgm.hf_logging import quiet_transformers
+from mgmflow.models.mgm.modeling import CHECKPOINT_PREFIXES, MGMForCausalLM, from_checkpoint_name, to_checkpoint_name
+from mgmflow.models.mgm.presets import resolve
+from mgmflow.models.paths import hub_cache
+from mgmflow.models.mgm.processing import MGMProcessor
+from mgmflow.models.mgm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

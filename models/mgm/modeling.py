@@ -31,10 +31,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from models.errors import InvalidInputError
-from models.mgm.configuration import MGMConfig
-from models.mgm.convnext import ConvNeXtTrunk
-from models.mgm.hf_logging import quiet_transformers
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.mgm.configuration import MGMConfig
+from mgmflow.models.mgm.convnext import ConvNeXtTrunk
+from mgmflow.models.mgm.hf_logging import quiet_transformers
 
 IMAGE_TOKEN_INDEX = -200
 

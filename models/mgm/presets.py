@@ -20,8 +20,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models.errors import ModelNotFoundError
-from models.paths import hub_cache, mgmflow_home, models_dir
+from mgmflow.models.errors import ModelNotFoundError
+from mgmflow.models.paths import hub_cache, mgmflow_home, models_dir
 
 # Bump when the build procedure changes: the content hash (and so the folder) changes with it.
 BUILD_VERSION = 1
@@ -159,7 +159,7 @@ def _released_folder(name: str) -> Path:
 
 
 def _tiny_folder(name: str) -> Path:
-    from models.mgm.tokenizer import VOCAB_FILE
+    from mgmflow.models.mgm.tokenizer import VOCAB_FILE
 
     recipe = {
         "spec": asdict(TINY_PRESETS[name]),
@@ -193,11 +193,11 @@ def build_tiny(spec: TinySpec, folder: Path) -> None:
     """Write a random preset (config, weights, tokenizer) into ``folder``; same spec -> same bytes."""
     from transformers import CLIPVisionConfig
 
-    from models.mgm.configuration import BACKBONES, MGMConfig
-    from models.mgm.hf_logging import quiet_transformers
-    from models.mgm.initialization import init_deterministic_
-    from models.mgm.modeling import MGMForCausalLM
-    from models.mgm.tokenizer import load_tiny_tokenizer
+    from mgmflow.models.mgm.configuration import BACKBONES, MGMConfig
+    from mgmflow.models.mgm.hf_logging import quiet_transformers
+    from mgmflow.models.mgm.initialization import init_deterministic_
+    from mgmflow.models.mgm.modeling import MGMForCausalLM
+    from mgmflow.models.mgm.tokenizer import load_tiny_tokenizer
 
     tokenizer = load_tiny_tokenizer("gemma" if spec.backbone == "gemma" else "llama")
     with quiet_transformers():

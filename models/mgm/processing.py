@@ -7,8 +7,8 @@
    HD (grid 2): cut into a row-major 2x2 grid of crops, followed by a global view (bilinear to 336):
    ``images`` [N, 5, 3, 336, 336]. Normal: ``images`` [N, 3, 336, 336].
 
-Every image goes through :func:`models.images.load_image` first (the one decoder and validator).
-``processor(text, images)`` also tokenizes a rendered prompt (templates: ``models.mgm.conversation``).
+Every image goes through :func:`mgmflow.models.images.load_image` first (the one decoder and validator).
+``processor(text, images)`` also tokenizes a rendered prompt (templates: ``mgmflow.models.mgm.conversation``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.errors import InvalidInputError
-from models.images import MAX_IMAGE_PIXELS, ImageSource, load_image
-from models.mgm.conversation import Span
-from models.mgm.tokenizer import PromptTokenizer
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.images import MAX_IMAGE_PIXELS, ImageSource, load_image
+from mgmflow.models.mgm.conversation import Span
+from mgmflow.models.mgm.tokenizer import PromptTokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

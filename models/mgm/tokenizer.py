@@ -33,9 +33,9 @@ from typing import Literal, Protocol
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from models.errors import ModelNotFoundError
-from models.mgm.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Span
-from models.mgm.hf_logging import quiet_transformers
+from mgmflow.models.errors import ModelNotFoundError
+from mgmflow.models.mgm.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Span
+from mgmflow.models.mgm.hf_logging import quiet_transformers
 
 SPIECE_UNDERLINE = "▁"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

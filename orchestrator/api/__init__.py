@@ -1,5 +1,5 @@
 """The HTTP API: Agent-Server-shaped runs and threads, batches, artifacts, OpenAI-compatible chat, a playground."""
 
-from orchestrator.api.main import create_app
+from mgmflow.orchestrator.api.main import create_app
 
 __all__ = ["create_app"]

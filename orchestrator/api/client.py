@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 
-from models.errors import InvalidInputError, MGMFlowError
-from orchestrator.api.schemas import ID_PATTERN
-from orchestrator.api.server import ServiceUnreachable
+from mgmflow.models.errors import InvalidInputError, MGMFlowError
+from mgmflow.orchestrator.api.schemas import ID_PATTERN
+from mgmflow.orchestrator.api.server import ServiceUnreachable
 
 FINISHED = ("success", "error", "timeout", "cancelled")
 DOWNLOAD_ITEM = re.compile(r"item-\d{5,}")
@@ -74,9 +74,9 @@ class ApiClient:
 
     def _with_uploads(self, path: Path, workflow: str) -> bytes:
         """The batch file's content; as JSON Lines with artifact ids when items name local files."""
-        from orchestrator.api.errors import ApiError
-        from orchestrator.api.routes.batches import parse_items
-        from orchestrator.references import artifact_fields, upload_local_files
+        from mgmflow.orchestrator.api.errors import ApiError
+        from mgmflow.orchestrator.api.routes.batches import parse_items
+        from mgmflow.orchestrator.references import artifact_fields, upload_local_files
 
         content = path.read_bytes()
         try:

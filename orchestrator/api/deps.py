@@ -10,19 +10,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Path, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from orchestrator.api.errors import ApiError
-from orchestrator.api.images import ImageIntake
-from orchestrator.api.limits import RateLimiter, RedisRateLimiter
-from orchestrator.api.metrics import ApiMetrics
-from orchestrator.api.quotas import Quotas
-from orchestrator.api.schemas import ID_PATTERN
-from orchestrator.api.settings import ApiSettings
-from orchestrator.records import scoped_thread_id
+from mgmflow.orchestrator.api.errors import ApiError
+from mgmflow.orchestrator.api.images import ImageIntake
+from mgmflow.orchestrator.api.limits import RateLimiter, RedisRateLimiter
+from mgmflow.orchestrator.api.metrics import ApiMetrics
+from mgmflow.orchestrator.api.quotas import Quotas
+from mgmflow.orchestrator.api.schemas import ID_PATTERN
+from mgmflow.orchestrator.api.settings import ApiSettings
+from mgmflow.orchestrator.records import scoped_thread_id
 
 if TYPE_CHECKING:
-    from orchestrator.runs import RunService
-    from orchestrator.workflow import Workflow
-    from workers.client import TaskClient
+    from mgmflow.orchestrator.runs import RunService
+    from mgmflow.orchestrator.workflow import Workflow
+    from mgmflow.workers.client import TaskClient
 
 
 @dataclass

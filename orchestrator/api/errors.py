@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from models.errors import InvalidInputError, MGMFlowError, ModelNotFoundError, ResourceExhaustedError
-from orchestrator.records import RunNotFound
-from workers.artifacts import ArtifactNotFound
+from mgmflow.models.errors import InvalidInputError, MGMFlowError, ModelNotFoundError, ResourceExhaustedError
+from mgmflow.orchestrator.records import RunNotFound
+from mgmflow.workers.artifacts import ArtifactNotFound
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from models.errors import InvalidImageError
-from models.images import check_header, load_image
-from orchestrator.api.errors import ApiError
+from mgmflow.models.errors import InvalidImageError
+from mgmflow.models.images import check_header, load_image
+from mgmflow.orchestrator.api.errors import ApiError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.api.errors import ApiError, error_response
+from mgmflow.orchestrator.api.errors import ApiError, error_response
 
 
 class BodySizeLimit:

@@ -11,22 +11,22 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
-from orchestrator.api.deps import ApiContext
-from orchestrator.api.errors import install_error_handlers
-from orchestrator.api.headers import SecurityHeaders
-from orchestrator.api.images import ImageIntake
-from orchestrator.api.limits import BodyReadTimeout, BodySizeLimit, rate_limiter
-from orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
-from orchestrator.api.openapi import install_openapi
-from orchestrator.api.origin import OpenModeGuard
-from orchestrator.api.quotas import Quotas
-from orchestrator.api.retention import sweep_forever
-from orchestrator.api.routes import (
+from mgmflow.orchestrator.api.deps import ApiContext
+from mgmflow.orchestrator.api.errors import install_error_handlers
+from mgmflow.orchestrator.api.headers import SecurityHeaders
+from mgmflow.orchestrator.api.images import ImageIntake
+from mgmflow.orchestrator.api.limits import BodyReadTimeout, BodySizeLimit, rate_limiter
+from mgmflow.orchestrator.api.metrics import ApiMetrics, BrokerQueueDepths, MetricsMiddleware
+from mgmflow.orchestrator.api.openapi import install_openapi
+from mgmflow.orchestrator.api.origin import OpenModeGuard
+from mgmflow.orchestrator.api.quotas import Quotas
+from mgmflow.orchestrator.api.retention import sweep_forever
+from mgmflow.orchestrator.api.routes import (
     artifacts, assistants, batches, docs, health, openai, outputs, playground, runs, threads,
 )
-from orchestrator.api.server import stop_with_supervisor
-from orchestrator.api.settings import ApiSettings
-from orchestrator.api.webhooks import WebhookSender
+from mgmflow.orchestrator.api.server import stop_with_supervisor
+from mgmflow.orchestrator.api.settings import ApiSettings
+from mgmflow.orchestrator.api.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,10 @@ def _unique_id(route: APIRoute) -> str:
 
 def build_context(settings: ApiSettings) -> ApiContext:
     """Build the run service, task client and artifact store the handlers share."""
-    from orchestrator.runs import RunService
-    from orchestrator.workflow import load_workflows
-    from workers.artifacts import open_store
-    from workers.settings import Settings
+    from mgmflow.orchestrator.runs import RunService
+    from mgmflow.orchestrator.workflow import load_workflows
+    from mgmflow.workers.artifacts import open_store
+    from mgmflow.workers.settings import Settings
 
     # The run service gets the workers' own settings: the in-process driver looks itself up by them.
     runs = RunService(Settings(**settings.model_dump(include=set(Settings.model_fields))))

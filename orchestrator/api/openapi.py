@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from orchestrator.api.settings import ApiSettings
+from mgmflow.orchestrator.api.settings import ApiSettings
 
 DESCRIPTIONS = {
     400: "Malformed JSON, or content the schema cannot judge: an undecodable image, input the workflow refuses",

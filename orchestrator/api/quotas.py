@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.api.errors import ApiError
+from mgmflow.orchestrator.api.errors import ApiError
 
 # What the compute of a run counts when its input leaves a factor unset (the diffusion defaults of the presets).
 DEFAULT_SIDE, DEFAULT_STEPS = 1024, 30

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from orchestrator.api.bounds import Metadata
-from orchestrator.runs import MAX_PREVIEWS
+from mgmflow.orchestrator.api.bounds import Metadata
+from mgmflow.orchestrator.runs import MAX_PREVIEWS
 
 RunStatus = Literal["pending", "running", "interrupted", "success", "error", "timeout", "cancelled"]
 ThreadStatus = Literal["idle", "busy", "interrupted", "error"]

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from models.errors import MGMFlowError
-from orchestrator.api.settings import LOOPBACK, ApiSettings
+from mgmflow.models.errors import MGMFlowError
+from mgmflow.orchestrator.api.settings import LOOPBACK, ApiSettings
 
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
 def uvicorn_options(settings: ApiSettings) -> dict[str, Any]:
     """The options of ``mgmflow serve``'s uvicorn that bound what one client can hold: header deadline,
-    connection cap (the body deadline is :class:`orchestrator.api.limits.BodyReadTimeout`, in the app)."""
+    connection cap (the body deadline is :class:`mgmflow.orchestrator.api.limits.BodyReadTimeout`, in the app)."""
     return {
         "http": functools.partial(HeaderTimeoutProtocol, header_timeout_s=settings.header_timeout_s),
         "limit_concurrency": settings.max_connections,

@@ -10,16 +10,16 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from orchestrator.api.allowlist import entry_origin
-from orchestrator.api.quotas import KeyPolicy
-from workers.artifacts import GC_GRACE_S
-from workers.settings import Settings
+from mgmflow.orchestrator.api.allowlist import entry_origin
+from mgmflow.orchestrator.api.quotas import KeyPolicy
+from mgmflow.workers.artifacts import GC_GRACE_S
+from mgmflow.workers.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 
 
 class ApiSettings(Settings):
-    """What the API adds to :class:`workers.settings.Settings`; every field is ``MGMFLOW_<NAME>`` in the env."""
+    """What the API adds to :class:`mgmflow.workers.settings.Settings`; every field is ``MGMFLOW_<NAME>`` in the env."""
 
     # Bearer keys, comma-separated. None configured: open, single-user, loopback by default.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -14,12 +14,12 @@ from typing import Any
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import ApiContext
-from orchestrator.api.errors import ApiError
-from orchestrator.api.schemas import RunPublic
-from orchestrator.api.stream_modes import ModeStream, parse_modes
-from orchestrator.outputs import has_files
-from orchestrator.records import public_thread_id
+from mgmflow.orchestrator.api.deps import ApiContext
+from mgmflow.orchestrator.api.errors import ApiError
+from mgmflow.orchestrator.api.schemas import RunPublic
+from mgmflow.orchestrator.api.stream_modes import ModeStream, parse_modes
+from mgmflow.orchestrator.outputs import has_files
+from mgmflow.orchestrator.records import public_thread_id
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _order(event_id: str) -> tuple[int, int]:
 def stream_response(context: ApiContext, run: Any, scope: str, *, last_event_id: str | None = None,
                     cancel_on_disconnect: bool = False, stream_mode: str | list[str] | None = None,
                     subgraphs: bool = False) -> EventSourceResponse:
-    """The run's events as SSE (in ``stream_mode``, see :mod:`orchestrator.api.stream_modes`); ``Location`` tells
+    """The run's events as SSE (in ``stream_mode``, see :mod:`mgmflow.orchestrator.api.stream_modes`); ``Location`` tells
     ``langgraph-sdk`` where to reconnect after a drop."""
     after = check_event_id(last_event_id)
     modes = parse_modes(stream_mode)

@@ -8,14 +8,14 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.allowlist import allowed, url_origin
-from orchestrator.api.bounds import MAX_JSON_DEPTH, json_depth
-from orchestrator.api.deps import ApiContext
-from orchestrator.api.errors import ApiError, not_found
-from orchestrator.api.schemas import RunCreate
-from orchestrator.records import RunNotFound
-from orchestrator.references import artifact_values
-from workers.artifacts import ArtifactNotFound
+from mgmflow.orchestrator.api.allowlist import allowed, url_origin
+from mgmflow.orchestrator.api.bounds import MAX_JSON_DEPTH, json_depth
+from mgmflow.orchestrator.api.deps import ApiContext
+from mgmflow.orchestrator.api.errors import ApiError, not_found
+from mgmflow.orchestrator.api.schemas import RunCreate
+from mgmflow.orchestrator.records import RunNotFound
+from mgmflow.orchestrator.references import artifact_values
+from mgmflow.workers.artifacts import ArtifactNotFound
 
 
 def check_limits(value: Any, settings, where: str = "input") -> None:

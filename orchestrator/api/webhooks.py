@@ -31,11 +31,11 @@ from typing import Any
 import httpx
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import ApiContext
-from orchestrator.api.errors import ApiError, redact
-from orchestrator.api.streaming import run_public
-from orchestrator.api.submission import check_webhook
-from orchestrator.records import PendingWebhook
+from mgmflow.orchestrator.api.deps import ApiContext
+from mgmflow.orchestrator.api.errors import ApiError, redact
+from mgmflow.orchestrator.api.streaming import run_public
+from mgmflow.orchestrator.api.submission import check_webhook
+from mgmflow.orchestrator.records import PendingWebhook
 
 logger = logging.getLogger(__name__)
 

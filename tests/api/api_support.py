@@ -9,8 +9,8 @@ from testkit import free_port
 
 
 def make_app(**overrides):
-    from orchestrator.api import create_app
-    from orchestrator.api.settings import ApiSettings
+    from mgmflow.orchestrator.api import create_app
+    from mgmflow.orchestrator.api.settings import ApiSettings
 
     # TestClient sends "Host: testserver": an open app answers it as it answers a loopback name.
     return create_app(ApiSettings(**{"allowed_hosts": ["testserver"], **overrides}))

@@ -16,7 +16,7 @@ def api_env(mgmflow_home):
     """One embedded deployment for the session (the in-process driver finds it by the environment)."""
     for name in [n for n in os.environ if n.startswith("MGMFLOW_") and n != "MGMFLOW_HOME"]:
         del os.environ[name]
-    from workers.settings import get_settings
+    from mgmflow.workers.settings import get_settings
 
     get_settings.cache_clear()
     register_echo()

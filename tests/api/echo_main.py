@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from echo_workflow import register_echo  # noqa: E402
 
-from orchestrator.cli import main  # noqa: E402
+from mgmflow.orchestrator.cli import main  # noqa: E402
 
 register_echo()
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from typing_extensions import TypedDict  # (typing.TypedDict has no JSON schema 
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
 
-from orchestrator.runtime import emit
-from orchestrator.workflow import Workflow, register
+from mgmflow.orchestrator.runtime import emit
+from mgmflow.orchestrator.workflow import Workflow, register
 
 
 class EchoInput(BaseModel):

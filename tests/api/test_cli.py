@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from testkit import free_port
 
-from orchestrator.cli import main
+from mgmflow.orchestrator.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -96,7 +96,7 @@ def test_bad_arguments_fail_in_one_line_before_any_model_loads(tmp_path):
     script = f"""
 import json, sys
 from click.testing import CliRunner
-from orchestrator.cli import main
+from mgmflow.orchestrator.cli import main
 results = [(lambda r: (r.exit_code, r.output))(CliRunner().invoke(main, args)) for args, _ in {cases!r}]
 print(json.dumps({{"results": results, "loaded": [m for m in ("diffusers", "transformers") if m in sys.modules]}}))
 """
@@ -225,7 +225,7 @@ def test_a_hostile_output_zip_writes_nothing_outside_its_folder(tmp_path):
     import io
     import zipfile
 
-    from orchestrator.api.client import ServerError, _extract
+    from mgmflow.orchestrator.api.client import ServerError, _extract
 
     for name in ("../escaped.txt", "/etc/escaped.txt", "a/../../escaped.txt"):
         buffer = io.BytesIO()
@@ -246,7 +246,7 @@ def test_submit_uploads_local_images_and_sends_their_ids(live_server, tmp_path):
     Image.new("RGB", (24, 16), "red").save(tmp_path / "red.png")
     batch = tmp_path / "questions.jsonl"
     batch.write_text('{"question": "what colour?", "images": ["red.png"]}\n')
-    from orchestrator.api.client import ApiClient
+    from mgmflow.orchestrator.api.client import ApiClient
 
     client = ApiClient(live_server.url)
     (item,) = [json.loads(line) for line in client._with_uploads(batch, "visual_reasoning").decode().splitlines()]
@@ -259,10 +259,10 @@ def test_run_uploads_image_paths_before_it_submits(api_env, tmp_path):
     """`mgmflow run chat --images PATH`: the file becomes an artifact of the CLI's scope; the input holds its id."""
     from PIL import Image
 
-    from orchestrator.cli import _upload_local_files
-    from orchestrator.workflow import get_workflow
-    from workers.artifacts import open_store
-    from workers.settings import Settings
+    from mgmflow.orchestrator.cli import _upload_local_files
+    from mgmflow.orchestrator.workflow import get_workflow
+    from mgmflow.workers.artifacts import open_store
+    from mgmflow.workers.settings import Settings
 
     Image.new("RGB", (20, 10), "blue").save(tmp_path / "blue.png")
     settings = Settings()

@@ -12,8 +12,8 @@ import click
 import pytest
 import yaml
 
-from orchestrator.api.settings import ApiSettings
-from orchestrator.cli import main
+from mgmflow.orchestrator.api.settings import ApiSettings
+from mgmflow.orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -57,7 +57,7 @@ def test_log_lines_carry_the_run_and_task_ids():
     import io
     import logging
 
-    from orchestrator.api.logs import FORMAT, RunTagFilter, current_run, current_task
+    from mgmflow.orchestrator.api.logs import FORMAT, RunTagFilter, current_run, current_task
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

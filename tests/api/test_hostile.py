@@ -13,8 +13,8 @@ from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel
 from testkit import wait_for
 
-from orchestrator.runtime import request_approval
-from orchestrator.workflow import Workflow, register
+from mgmflow.orchestrator.runtime import request_approval
+from mgmflow.orchestrator.workflow import Workflow, register
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from testkit import wait_for
 
-from orchestrator.cli import main
+from mgmflow.orchestrator.cli import main
 
 pytestmark = pytest.mark.timeout(600)
 

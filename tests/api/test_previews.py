@@ -13,8 +13,8 @@ from langgraph.graph import END, START, StateGraph
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from orchestrator.runtime import TaskSpec, await_tasks
-from orchestrator.workflow import Workflow, register
+from mgmflow.orchestrator.runtime import TaskSpec, await_tasks
+from mgmflow.orchestrator.workflow import Workflow, register
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -107,8 +107,8 @@ def test_previews_are_bounded(keyed):
 def test_the_cli_keeps_the_latest_preview_while_the_run_draws(keyed, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from orchestrator import cli
-    from orchestrator.runs import RunService
+    from mgmflow.orchestrator import cli
+    from mgmflow.orchestrator.runs import RunService
 
     written = []
 

@@ -26,7 +26,7 @@ def _png(size=(16, 16), mode="RGB") -> bytes:
 
 
 def _scope(key: str) -> str:
-    from orchestrator.api.settings import ApiSettings
+    from mgmflow.orchestrator.api.settings import ApiSettings
 
     return ApiSettings(api_keys=[key]).scope_of(key)
 
@@ -110,7 +110,7 @@ def _chat(server, key: str, images_per_message: list[list[bytes]]) -> httpx.Resp
 
 
 def test_image_limits_apply_before_decoding_and_nothing_is_stored(keyed, monkeypatch):
-    import orchestrator.api.images
+    from mgmflow.orchestrator.api import images
 
     small, bomb = _png((8, 8)), _sixteen_bit_bomb()
     assert len(bomb) < 200_000
@@ -119,7 +119,7 @@ def test_image_limits_apply_before_decoding_and_nothing_is_stored(keyed, monkeyp
         raise AssertionError("an image was decoded")
 
     with monkeypatch.context() as patch:  # the server runs in this process: a decode would answer 500
-        patch.setattr(orchestrator.api.images, "load_image", no_decoding)
+        patch.setattr(images, "load_image", no_decoding)
         # 17 images over several messages: refused by count, none decoded or stored.
         response = _chat(keyed, CAROL, [[small] * 9, [], [small] * 8])
         assert response.status_code == 413 and response.json()["error"]["code"] == "too_many_images", response.text
@@ -168,7 +168,7 @@ def test_open_mode_answers_only_loopback_hosts_and_same_origin_changes(open_serv
 def test_serve_refuses_an_open_server_on_a_public_address(monkeypatch):
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from mgmflow.orchestrator.cli import main
     from testkit import free_port
 
     monkeypatch.delenv("MGMFLOW_API_KEYS", raising=False)
@@ -308,7 +308,7 @@ def test_priority_is_capped_per_key_and_compute_per_run(policed, keyed):
 
 
 def test_metrics_scrape_reads_only_runs_ended_since_the_last_and_may_need_a_key(api_env, monkeypatch):
-    from orchestrator.records import RunStore
+    from mgmflow.orchestrator.records import RunStore
 
     scraper = "sec-metrics-key"
     app = make_app(api_keys=[GRACE], metrics_key=scraper, unauthenticated_per_second=0.01, unauthenticated_burst=4)
@@ -391,9 +391,9 @@ def test_the_sweeper_removes_deleted_and_expired_artifacts_and_unreferenced_blob
 def test_mgmflow_gc_removes_what_nothing_references(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
-    from workers.artifacts import open_store
-    from workers.settings import Settings
+    from mgmflow.orchestrator.cli import main
+    from mgmflow.workers.artifacts import open_store
+    from mgmflow.workers.settings import Settings
 
     monkeypatch.setenv("MGMFLOW_STORE_URL", (tmp_path / "store").as_uri())
     store = open_store(Settings())
@@ -435,7 +435,7 @@ def test_chat_completions_in_flight_are_counted_across_api_processes(tmp_path):
     """Distributed: every API process sees the chat completions another one is answering (the count is in Redis)."""
     import asyncio
 
-    from orchestrator.api.quotas import ChatsInFlight
+    from mgmflow.orchestrator.api.quotas import ChatsInFlight
     from worker_support import RedisServer
 
     redis = RedisServer(tmp_path)

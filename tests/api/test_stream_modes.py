@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from orchestrator.api.stream_modes import ModeStream
-from workers.events import Event
+from mgmflow.orchestrator.api.stream_modes import ModeStream
+from mgmflow.workers.events import Event
 
 RUN = SimpleNamespace(run_id="r1", thread_id="t1")
 NS = ["refine:6f1d"]

@@ -1,4 +1,4 @@
-"""models.images.load_image: the one decoder every model uses refuses bad images with a typed error."""
+"""mgmflow.models.images.load_image: the one decoder every model uses refuses bad images with a typed error."""
 
 import io
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.errors import InvalidImageError
-from models.images import load_image
+from mgmflow.models.errors import InvalidImageError
+from mgmflow.models.images import load_image
 
 
 def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -92,7 +92,7 @@ def test_sixteen_bit_conversion_makes_no_float64_copy_of_the_image():
 
 
 def test_decoding_cost_is_checked_from_the_header():
-    from models.images import check_header
+    from mgmflow.models.images import check_header
 
     data = _png(Image.fromarray(np.zeros((300, 400), dtype=np.uint16)))
     assert check_header(data) == 300 * 400 * (2 + 4)  # 16-bit pixels plus the RGB copy

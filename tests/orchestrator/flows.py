@@ -13,10 +13,10 @@ from typing import Annotated, Any
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
 
-from orchestrator.loop import LoopState, build_refine_loop
-from orchestrator.runtime import TaskSpec, await_tasks, emit
-from orchestrator.state import RunState
-from orchestrator.workflow import Workflow, register
+from mgmflow.orchestrator.loop import LoopState, build_refine_loop
+from mgmflow.orchestrator.runtime import TaskSpec, await_tasks, emit
+from mgmflow.orchestrator.state import RunState
+from mgmflow.orchestrator.workflow import Workflow, register
 
 GENERATION = {"width": 64, "height": 64, "steps": 2}
 

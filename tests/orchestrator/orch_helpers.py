@@ -2,7 +2,7 @@
 
 ``ScriptedClient`` stands in for the workers' TaskClient only in the graph-shape tests (routing with scripted
 model outputs): it answers each task from a script, at once or when released, so that park/resume of a graph can
-be driven step by step. Every runtime test of the real dispatch path uses ``workers.client.TaskClient``.
+be driven step by step. Every runtime test of the real dispatch path uses ``mgmflow.workers.client.TaskClient``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 
-from orchestrator.runtime import RunContext
+from mgmflow.orchestrator.runtime import RunContext
 
 
 @dataclass

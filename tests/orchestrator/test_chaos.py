@@ -1,6 +1,6 @@
 """Chaos with real parts: story runs on `mgmflow worker` processes (GPU queues with several threads each, and
 orchestration), a private redis-server with AOF and PostgreSQL, under the settings users run (10 s leases, an
-hour of visibility timeout as with real models). Faults land at hooked instants (``workers.faults``: the process
+hour of visibility timeout as with real models). Faults land at hooked instants (``mgmflow.workers.faults``: the process
 stops itself there and the test acts), never after a sleep:
 
 - kill -9 of a GPU worker between recording a step's outcome and sending its completion notice;
@@ -54,7 +54,7 @@ class Chaos:
         return started
 
     def service(self):
-        from orchestrator.runs import RunService
+        from mgmflow.orchestrator.runs import RunService
 
         return RunService(self.services.settings(self.redis, **self.settings))
 

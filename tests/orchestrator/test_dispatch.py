@@ -9,8 +9,8 @@ import threading
 import pytest
 from worker_support import Services
 
-from orchestrator.dispatch import Dispatcher
-from workers.app import create_app
+from mgmflow.orchestrator.dispatch import Dispatcher
+from mgmflow.workers.app import create_app
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -28,7 +28,7 @@ def _pid(owner: str) -> int:
 
 
 def test_story_survives_kill_9_of_orchestration_and_gpu_workers(services, postgres_url):
-    from orchestrator.runs import RunService
+    from mgmflow.orchestrator.runs import RunService
 
     redis = services.redis()
     database = {"database_url": postgres_url}

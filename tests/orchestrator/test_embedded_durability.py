@@ -1,5 +1,5 @@
 """The main job (embedded, SQLite, the default leases) stopped at exact instants by fault points
-(``workers.faults``), then the same command again: it ends with every page, and a stale driver cannot fork the
+(``mgmflow.workers.faults``), then the same command again: it ends with every page, and a stale driver cannot fork the
 thread's checkpoint history."""
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import json
 import pytest
 from orch_helpers import ScriptedClient, drive
 
-from orchestrator.loop import build_refine_loop, decide
-from orchestrator.seeds import derive_seed
+from mgmflow.orchestrator.loop import build_refine_loop, decide
+from mgmflow.orchestrator.seeds import derive_seed
 
 
 def critic(scores: dict[tuple[str, int, int], tuple[int, str]]):

@@ -9,13 +9,13 @@ import time
 import pytest
 from pydantic import BaseModel, Field
 
-from models.errors import InvalidInputError
-from orchestrator import workflow as registry
-from orchestrator.checkpoint import open_database
-from orchestrator.records import RunInfo, RunNotFound, RunStore
-from orchestrator.schemas import Critique, Regions, SceneList
-from orchestrator.state import lineage, merge_artifacts
-from workers.settings import Settings
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.orchestrator import workflow as registry
+from mgmflow.orchestrator.checkpoint import open_database
+from mgmflow.orchestrator.records import RunInfo, RunNotFound, RunStore
+from mgmflow.orchestrator.schemas import Critique, Regions, SceneList
+from mgmflow.orchestrator.state import lineage, merge_artifacts
+from mgmflow.workers.settings import Settings
 
 
 def test_entry_point_discovery(tmp_path, monkeypatch):
@@ -24,7 +24,7 @@ def test_entry_point_discovery(tmp_path, monkeypatch):
     package.write_text(textwrap.dedent("""
         from pydantic import BaseModel
         from langgraph.graph import StateGraph
-        from orchestrator.workflow import Workflow
+        from mgmflow.orchestrator.workflow import Workflow
 
         class Input(BaseModel):
             text: str

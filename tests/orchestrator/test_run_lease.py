@@ -10,15 +10,15 @@ import pytest
 from flows import register_all
 from testkit import wait_for
 
-from models.errors import MGMFlowError
+from mgmflow.models.errors import MGMFlowError
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def service(mgmflow_home):
-    from orchestrator.runs import RunService
-    from workers.settings import Settings
+    from mgmflow.orchestrator.runs import RunService
+    from mgmflow.workers.settings import Settings
 
     register_all()
     return RunService(Settings(home=mgmflow_home))

@@ -11,16 +11,16 @@ import pytest
 from flows import register_all
 from testkit import wait_for
 
-from models.errors import InvalidInputError
-from orchestrator.records import RunNotFound
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.orchestrator.records import RunNotFound
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def service(mgmflow_home):
-    from orchestrator.runs import RunService
-    from workers.settings import Settings
+    from mgmflow.orchestrator.runs import RunService
+    from mgmflow.workers.settings import Settings
 
     register_all()
     return RunService(Settings(home=mgmflow_home))
@@ -93,10 +93,10 @@ def test_cancel_stops_a_parked_run(service):
 
 
 def test_sweeper_resumes_a_run_whose_completion_notice_was_lost(service, monkeypatch):
-    import workers.steps
+    from mgmflow.workers import steps
 
     dropped = []
-    original = workers.steps._notify
+    original = steps._notify
 
     def lossy(task, header):
         if header.notify and header.notify[1].get("run_id") == run_id and not dropped:
@@ -107,7 +107,7 @@ def test_sweeper_resumes_a_run_whose_completion_notice_was_lost(service, monkeyp
     swept = []
     sweep = service.orchestrator.sweep
     monkeypatch.setattr(service.orchestrator, "sweep", lambda: swept.extend(sweep()) or swept)
-    monkeypatch.setattr(workers.steps, "_notify", lossy)
+    monkeypatch.setattr(steps, "_notify", lossy)
     run_id = None
     run = service.create_run("test-refine", {"request": "a lost message", "budget": 1})
     run_id = run.run_id
@@ -120,7 +120,7 @@ def test_the_sweeper_backs_off_from_a_run_that_stays_idle(service, monkeypatch):
     """A run idle in a backlog is sent again after the grace, then after twice as long each time: not every sweep."""
     import types
 
-    import orchestrator.driver as driver
+    import mgmflow.orchestrator.driver as driver
 
     orchestrator = service.orchestrator
     sent = []

@@ -2,7 +2,7 @@
 
 import pytest
 
-from orchestrator.runtime import InvalidModelOutputError, answer_text
+from mgmflow.orchestrator.runtime import InvalidModelOutputError, answer_text
 
 
 def test_a_cut_answer_is_a_typed_error_even_when_its_text_parses():

@@ -8,8 +8,8 @@ from tool_helpers import png
 
 @pytest.fixture(scope="session")
 def client(mgmflow_home):
-    from workers.client import TaskClient
-    from workers.settings import Settings
+    from mgmflow.workers.client import TaskClient
+    from mgmflow.workers.settings import Settings
 
     return TaskClient(Settings(home=mgmflow_home))
 

@@ -15,9 +15,9 @@ from langgraph.prebuilt import ToolNode, create_react_agent
 from pydantic import BaseModel, Field
 from tool_helpers import png
 
-from models.errors import InvalidInputError
-from tools.chat_model import MGMChatModel
-from tools.tasks import make_tools
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.tools.chat_model import MGMChatModel
+from mgmflow.tools.tasks import make_tools
 
 SCOPE = "agent-test"
 

@@ -14,9 +14,9 @@ from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 from pydantic import BaseModel, Field
 
-from models.errors import InvalidInputError
-from models.images import load_image
-from tools.chat_model import MGMChatModel
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.images import load_image
+from mgmflow.tools.chat_model import MGMChatModel
 
 SCOPE = "chat-test"
 

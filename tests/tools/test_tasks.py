@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from tool_helpers import png
 
-from models.errors import InvalidInputError
-from models.images import load_image
-from tools.tasks import make_tools
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.images import load_image
+from mgmflow.tools.tasks import make_tools
 
 SCOPE = "tools-test"
 

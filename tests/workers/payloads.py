@@ -6,7 +6,7 @@ import io
 
 from PIL import Image
 
-from workers.client import TaskClient
+from mgmflow.workers.client import TaskClient
 
 
 def png(color=(200, 30, 30), mode="RGB") -> bytes:
@@ -39,7 +39,7 @@ def round_trip_payloads(image: str, mask: str) -> dict[str, dict]:
 
 
 def check_result(client: TaskClient, kind: str, result: dict, scope: str = "alice") -> None:
-    from models.diffusion import read_parameters
+    from mgmflow.models.diffusion import read_parameters
 
     if kind.startswith(("diffusion.", "edit.")):
         [image] = result["images"]

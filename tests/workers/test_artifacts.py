@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from workers.artifacts import ArtifactNotFound, ArtifactStore, FolderBackend, S3Backend, open_store
-from workers.settings import Settings
+from mgmflow.workers.artifacts import ArtifactNotFound, ArtifactStore, FolderBackend, S3Backend, open_store
+from mgmflow.workers.settings import Settings
 
 
 class Clock:

@@ -5,8 +5,8 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from orchestrator.cli import main
-from workers.settings import get_settings
+from mgmflow.orchestrator.cli import main
+from mgmflow.workers.settings import get_settings
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -21,7 +21,7 @@ def fresh_settings(monkeypatch):
 
 
 def test_chat_conv_mode_sets_the_template(mgmflow_home, monkeypatch):
-    from models.mgm.engine import MGMEngine
+    from mgmflow.models.mgm.engine import MGMEngine
 
     used = []
     chat = MGMEngine.chat
@@ -34,8 +34,8 @@ def test_chat_conv_mode_sets_the_template(mgmflow_home, monkeypatch):
 
 
 def test_worker_setting_sets_the_engines_template(mgmflow_home, fresh_settings):
-    from workers.model_cache import ModelCache
-    from workers.settings import Settings
+    from mgmflow.workers.model_cache import ModelCache
+    from mgmflow.workers.settings import Settings
 
     fresh_settings.setenv("MGMFLOW_VLM_CONV_MODE", "gemma")
     assert ModelCache.from_settings(Settings()).get("vlm", "tiny").template.name == "gemma"
@@ -43,7 +43,7 @@ def test_worker_setting_sets_the_engines_template(mgmflow_home, fresh_settings):
 
 def test_worker_flag_is_the_setting(fresh_settings):
     seen = []
-    fresh_settings.setattr("workers.worker.run_worker", lambda settings, **k: seen.append(settings.vlm_conv_mode))
+    fresh_settings.setattr("mgmflow.workers.worker.run_worker", lambda settings, **k: seen.append(settings.vlm_conv_mode))
     arguments = ["worker", "--conv-mode", "chatml_direct", "--queues", "vlm", "--broker", "redis://127.0.0.1:1/0"]
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output

@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import worker_test_steps  # noqa: E402,F401 — test-only kinds, served by the embedded worker too
 from payloads import check_result, inputs, round_trip_payloads  # noqa: E402
 
-from workers.client import TaskClient  # noqa: E402
-from workers.settings import Settings  # noqa: E402
+from mgmflow.workers.client import TaskClient  # noqa: E402
+from mgmflow.workers.settings import Settings  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 notified: list[dict] = []
@@ -70,7 +70,7 @@ def test_bad_input_and_cancel_in_process(client):
 def test_deadline_and_oversized_message(client):
     import time
 
-    from models.errors import InvalidInputError
+    from mgmflow.models.errors import InvalidInputError
 
     client.submit("diffusion.text2img", {"prompts": ["slow"], "seeds": [1], "steps": 200}, task_id="edl:a",
                   run_id="edl", scope="alice", deadline=time.time() + 0.5)
@@ -94,8 +94,8 @@ import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job inherits SIG_IGN)
 sys.path.insert(0, r"{Path(__file__).parent}")
 import worker_test_steps
-from workers.client import TaskClient
-from workers.settings import Settings
+from mgmflow.workers.client import TaskClient
+from mgmflow.workers.settings import Settings
 client = TaskClient(Settings(home=r"{client.settings.home}"))
 client.submit("test.echo", {{"value": 1}}, task_id="ctrlc:a", run_id="ctrlc", scope="alice")
 client.wait("ctrlc:a", timeout=60)

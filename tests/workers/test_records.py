@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from workers import records as rec
-from workers.batching import Batcher, BatchItem
-from models.errors import Cancelled
+from mgmflow.workers import records as rec
+from mgmflow.workers.batching import Batcher, BatchItem
+from mgmflow.models.errors import Cancelled
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.client import TaskClient
-from workers.settings import Settings
+from mgmflow.workers.client import TaskClient
+from mgmflow.workers.settings import Settings
 
 pytestmark = pytest.mark.timeout(240)
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}

@@ -18,7 +18,7 @@ from testkit import wait_for  # noqa: E402
 from worker_support import MGMFLOW, Services  # noqa: E402
 from payloads import check_result, inputs, round_trip_payloads  # noqa: E402
 
-from workers.client import TaskClient  # noqa: E402
+from mgmflow.workers.client import TaskClient  # noqa: E402
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 
@@ -85,7 +85,7 @@ def test_concurrent_requests_share_one_batch_each_with_its_own_result(stack):
                       task_id=f"batch:{index}", run_id="batch", scope="alice")
     records = [client.wait(f"batch:{index}", timeout=60) for index in range(4)]
     assert [r.result["batch_size"] for r in records] == [4, 4, 4, 4]
-    from models.diffusion import read_parameters
+    from mgmflow.models.diffusion import read_parameters
 
     for index, record in enumerate(records):
         parameters = read_parameters(client.store.get(record.result["images"][0]["artifact"], scope="alice"))
@@ -256,7 +256,7 @@ def test_mgmflow_generate_runs_on_the_deployment_workers_when_a_broker_is_set(st
                            str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{out} (seed 9)"
-    from models.diffusion import read_parameters
+    from mgmflow.models.diffusion import read_parameters
 
     assert read_parameters(out.read_bytes())["seed"] == 9
     assert f"Task diffusion.text2img[cli-" in worker.text()  # drawn by the worker, not in the CLI process

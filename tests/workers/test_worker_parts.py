@@ -9,10 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.errors import InvalidInputError, ResourceExhaustedError
-from workers.model_cache import ModelCache, engine_bytes
-from workers.settings import Settings
-from workers.worker import WorkerStartError, concurrency_for, parse_models, resolve_queues, run_per_gpu
+from mgmflow.models.errors import InvalidInputError, ResourceExhaustedError
+from mgmflow.workers.model_cache import ModelCache, engine_bytes
+from mgmflow.workers.settings import Settings
+from mgmflow.workers.worker import WorkerStartError, concurrency_for, parse_models, resolve_queues, run_per_gpu
 
 
 class FakeEngine:
@@ -75,8 +75,8 @@ def test_one_process_per_gpu_each_seeing_only_its_gpu(tmp_path):
 
 
 def test_chat_turns_are_laid_out_as_the_templates_were_trained():
-    from models.mgm.conversation import Turn, get_template
-    from workers.tasks.vlm import MessageInput, template_turns
+    from mgmflow.models.mgm.conversation import Turn, get_template
+    from mgmflow.workers.tasks.vlm import MessageInput, template_turns
 
     def turns(*pairs):
         return [MessageInput(role=role, text=text) for role, text in pairs]

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from worker_support import MGMFLOW  # noqa: E402
 
-from orchestrator.cli import main  # noqa: E402
-from workers.client import TaskClient  # noqa: E402
+from mgmflow.orchestrator.cli import main  # noqa: E402
+from mgmflow.workers.client import TaskClient  # noqa: E402
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
 
@@ -63,13 +63,13 @@ def test_bad_placement_flags_are_usage_errors(args, message):
 
 
 def test_gpus_with_a_device_map_is_one_process_over_all_of_them(monkeypatch):
-    import workers.worker
+    from mgmflow.workers import worker
 
     started, spawned = [], []
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after the test: the worker command sets it
-    monkeypatch.setattr(workers.worker, "run_worker", lambda settings, **options: started.append(
+    monkeypatch.setattr(worker, "run_worker", lambda settings, **options: started.append(
         (settings, os.environ["CUDA_VISIBLE_DEVICES"], options["name"])))
-    monkeypatch.setattr(workers.worker, "run_per_gpu", lambda argv, gpus, name: spawned.append((argv, gpus)) or 0)
+    monkeypatch.setattr(worker, "run_per_gpu", lambda argv, gpus, name: spawned.append((argv, gpus)) or 0)
     base = ["worker", "--queues=vlm", "--broker=redis://127.0.0.1:1/0", "--gpus=0,1"]
 
     result = CliRunner().invoke(main, [*base, "--device-map=balanced", "--load-4bit"])

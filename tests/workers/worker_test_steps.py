@@ -7,7 +7,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict
 
-from workers.steps import StepContext, step
+from mgmflow.workers.steps import StepContext, step
 
 
 class EchoInput(BaseModel):
@@ -44,7 +44,7 @@ class OomInput(BaseModel):
 @step("test.oom", OomInput)
 def oom(ctx: StepContext, data: OomInput) -> dict:
     """Runs out of memory the first ``fail_times`` attempts (counted in Redis), then succeeds."""
-    from models.errors import ResourceExhaustedError
+    from mgmflow.models.errors import ResourceExhaustedError
 
     attempt = ctx.runtime.records.redis.incr(f"test:oom:{ctx.header.task_id}")
     if attempt <= data.fail_times:

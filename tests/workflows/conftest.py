@@ -11,8 +11,8 @@ from worker_support import Services
 @pytest.fixture(scope="session")
 def embedded(mgmflow_home):
     """A RunService in the embedded mode (in-process worker, SQLite), shared by the session's tests."""
-    from orchestrator.runs import RunService
-    from workers.settings import Settings
+    from mgmflow.orchestrator.runs import RunService
+    from mgmflow.workers.settings import Settings
 
     return RunService(Settings(home=mgmflow_home))
 
@@ -36,7 +36,7 @@ def services(tmp_path, mgmflow_home):
 @pytest.fixture
 def store(tmp_path):
     """A real artifact store in a private folder."""
-    from workers.artifacts import open_store
-    from workers.settings import Settings
+    from mgmflow.workers.artifacts import open_store
+    from mgmflow.workers.settings import Settings
 
     return open_store(Settings(home=tmp_path))

@@ -8,9 +8,9 @@ from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel
 from typing_extensions import TypedDict
 
-from models.errors import InvalidInputError
-from orchestrator.runtime import TaskSpec, await_tasks
-from orchestrator.workflow import Workflow, get_workflow, register, unregister
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.orchestrator.runtime import TaskSpec, await_tasks
+from mgmflow.orchestrator.workflow import Workflow, get_workflow, register, unregister
 
 
 class DescribeInput(BaseModel):
@@ -110,7 +110,7 @@ def test_run_batch_takes_items_from_a_file_or_inline_json(embedded, echo_workflo
 
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from mgmflow.orchestrator.cli import main
 
     items = [{"text": f"{form} {i}"} for i in range(3)]
     if form == "json-file":
@@ -140,7 +140,7 @@ def test_run_batch_takes_items_from_a_file_or_inline_json(embedded, echo_workflo
 def test_run_batch_refuses_items_it_cannot_read_in_one_line(echo_workflow, tmp_path, value, message):
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from mgmflow.orchestrator.cli import main
 
     result = CliRunner().invoke(main, ["run", "batch", "--workflow", echo_workflow, "--items", value,
                                        "--out", str(tmp_path / "out")], catch_exceptions=False)

@@ -9,11 +9,11 @@ import pytest
 from wf_helpers import TINY, finish
 from PIL import Image
 
-from models.errors import InvalidInputError
-from models.images import load_image
-from orchestrator.references import store_file
-from orchestrator.workflow import get_workflow
-from workflows.chat import referenced_image
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.images import load_image
+from mgmflow.orchestrator.references import store_file
+from mgmflow.orchestrator.workflow import get_workflow
+from mgmflow.workflows.chat import referenced_image
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_run_prints_the_answer_and_where_the_images_are(embedded, tmp_path, monk
     """``mgmflow run visual_reasoning`` / ``run chat`` print the answer itself, not only a folder name."""
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from mgmflow.orchestrator.cli import main
 
     path = tmp_path / "scene.png"
     Image.new("RGB", (96, 64), "green").save(path)

@@ -11,11 +11,11 @@ import pytest
 from wf_helpers import ScriptedClient, drive, scripted_context
 from test_story_graph import png
 
-from models.mgm.conversation import TEMPLATES, Turn
-from models.mgm.gen_protocol import GEN_SUFFIX
-from orchestrator.budget import TEMPLATE_TOKENS, PromptBudget, budget_for, fit
-from orchestrator.schemas import LONG, SHORT
-from workflows import story
+from mgmflow.models.mgm.conversation import TEMPLATES, Turn
+from mgmflow.models.mgm.gen_protocol import GEN_SUFFIX
+from mgmflow.orchestrator.budget import TEMPLATE_TOKENS, PromptBudget, budget_for, fit
+from mgmflow.orchestrator.schemas import LONG, SHORT
+from mgmflow.workflows import story
 
 GEOMETRIES = ["tiny", "tiny-hd", "small", "mgm-2b", "mgm-7b", "mgm-7b-hd", "mgm-8x7b-hd", "mgm-34b-hd"]
 WORKER_DEFAULT_TOKENS = 256  # a VLM payload without max_new_tokens gets the worker's default
@@ -102,7 +102,7 @@ def test_every_story_prompt_fits_the_context_with_room_for_its_answer(model, sto
 def test_the_template_reserve_covers_every_template():
     """TEMPLATE_TOKENS bounds what the chat template adds around the text (four images' placeholders, <GEN>): its
     control tokens are one token each, any other byte at most one."""
-    from models.mgm.tokenizer import load_tiny_tokenizer
+    from mgmflow.models.mgm.tokenizer import load_tiny_tokenizer
 
     controls = sorted([*load_tiny_tokenizer().get_added_vocab(), "<image>"], key=len, reverse=True)
     for template in TEMPLATES.values():
@@ -116,7 +116,7 @@ def test_the_tiny_engine_accepts_every_prompt_of_a_64_page_story(mgmflow_home, s
     """The real tiny engine's own check (the one that refused the 32-page story's sheet) on every prompt."""
     from PIL import Image
 
-    from models.mgm.engine import ChatRequest, Message, MGMEngine
+    from mgmflow.models.mgm.engine import ChatRequest, Message, MGMEngine
 
     engine = MGMEngine.from_pretrained("tiny")
     _, prompts = run_worst_case(store, budget_for("tiny"), longest_premise)

@@ -9,7 +9,7 @@ import json
 import pytest
 from wf_helpers import TINY, finish
 
-from orchestrator.workflow import get_workflow
+from mgmflow.orchestrator.workflow import get_workflow
 
 STORY = {"premise": "A small fox finds a glowing lantern in a snowy forest and follows its light home.",
          "pages": 2, "seed": 1234, "rounds": 1, **TINY}
@@ -57,8 +57,8 @@ def test_story_embedded_writes_a_storyboard_and_repeats_it_byte_for_byte(embedde
 @pytest.mark.services
 @pytest.mark.timeout(500)
 def test_distributed_story_matches_embedded_beside_the_other_workflows(services, reference, tmp_path):
-    from orchestrator.runs import RunService
-    from workers.artifacts import open_store
+    from mgmflow.orchestrator.runs import RunService
+    from mgmflow.workers.artifacts import open_store
 
     redis = services.redis()
     services.worker(redis, "vlm,diffusion,edit,orchestrator").wait_ready()

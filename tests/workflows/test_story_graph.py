@@ -9,12 +9,12 @@ import pytest
 from wf_helpers import ScriptedClient, drive, scripted_context
 from PIL import Image
 
-from models.errors import InvalidInputError
-from orchestrator.budget import budget_for
-from orchestrator.seeds import derive_seed
-from orchestrator.workflow import get_workflow
-from workflows import story
-from workflows.storyboard import MANIFEST, write_storyboard
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.orchestrator.budget import budget_for
+from mgmflow.orchestrator.seeds import derive_seed
+from mgmflow.orchestrator.workflow import get_workflow
+from mgmflow.workflows import story
+from mgmflow.workflows.storyboard import MANIFEST, write_storyboard
 
 
 def png(color: tuple[int, int, int], size: int = 32) -> bytes:

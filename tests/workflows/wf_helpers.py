@@ -1,7 +1,7 @@
 """Helpers of the workflow tests: a scripted-client driver for graph-shape tests, run waiting, tiny sizes.
 
 Graph-shape tests reuse the orchestrator tests' ``ScriptedClient`` (scripted model outputs); every end-to-end test
-goes through ``orchestrator.runs.RunService`` and the real tiny models.
+goes through ``mgmflow.orchestrator.runs.RunService`` and the real tiny models.
 """
 
 from __future__ import annotations

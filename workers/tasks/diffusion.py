@@ -1,6 +1,6 @@
 """Diffusion steps: ``diffusion.text2img``, ``edit.img2img``, ``edit.instruct``, ``edit.inpaint``.
 
-Compatible requests (same model, operation and settings: ``models.diffusion.requests.batch_key``) that arrive
+Compatible requests (same model, operation and settings: ``mgmflow.models.diffusion.requests.batch_key``) that arrive
 together are drawn in one pipeline call; each step stores its own PNGs, their parameters as metadata.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.batching import BatchItem
-from workers.steps import StepContext, get_runtime, step
+from mgmflow.workers.batching import BatchItem
+from mgmflow.workers.steps import StepContext, get_runtime, step
 
 
 class LoraInput(BaseModel):
@@ -70,7 +70,7 @@ class InpaintInput(_DrawInput):
 
 def _draw(ctx: StepContext, family: str, operation: str, data: _DrawInput, request) -> dict:
     """Run ``request`` through the batcher of (operation, model) and store one PNG per image."""
-    from models.diffusion.requests import batch_key, combine
+    from mgmflow.models.diffusion.requests import batch_key, combine
 
     runtime = get_runtime()
     loras = tuple((lora.path, lora.weight) for lora in data.loras)
@@ -109,14 +109,14 @@ def _draw(ctx: StepContext, family: str, operation: str, data: _DrawInput, reque
 
 @step("diffusion.text2img", Text2ImgInput)
 def text2img(ctx: StepContext, data: Text2ImgInput) -> dict:
-    from models.diffusion.requests import TextToImageRequest
+    from mgmflow.models.diffusion.requests import TextToImageRequest
 
     return _draw(ctx, "diffusion", "text_to_image", data, TextToImageRequest(**data.request_fields()))
 
 
 @step("edit.img2img", Img2ImgInput)
 def img2img(ctx: StepContext, data: Img2ImgInput) -> dict:
-    from models.diffusion.requests import Img2ImgRequest
+    from mgmflow.models.diffusion.requests import Img2ImgRequest
 
     request = Img2ImgRequest(image=ctx.read_artifact(data.image), **data.request_fields())
     return _draw(ctx, "edit", "img2img", data, request)
@@ -124,7 +124,7 @@ def img2img(ctx: StepContext, data: Img2ImgInput) -> dict:
 
 @step("edit.instruct", InstructInput)
 def instruct(ctx: StepContext, data: InstructInput) -> dict:
-    from models.diffusion.requests import InstructEditRequest
+    from mgmflow.models.diffusion.requests import InstructEditRequest
 
     request = InstructEditRequest(image=ctx.read_artifact(data.image), **data.request_fields())
     return _draw(ctx, "edit", "instruct_edit", data, request)
@@ -132,7 +132,7 @@ def instruct(ctx: StepContext, data: InstructInput) -> dict:
 
 @step("edit.inpaint", InpaintInput)
 def inpaint(ctx: StepContext, data: InpaintInput) -> dict:
-    from models.diffusion.requests import InpaintRequest
+    from mgmflow.models.diffusion.requests import InpaintRequest
 
     request = InpaintRequest(image=ctx.read_artifact(data.image), mask=ctx.read_artifact(data.mask),
                              **data.request_fields())
@@ -144,7 +144,7 @@ KIND_OF_REQUEST = {"TextToImageRequest": "diffusion.text2img", "Img2ImgRequest":
 
 
 def task_for(request, store, *, scope: str, model: str, loras=()) -> tuple[str, dict]:
-    """The step kind and payload that run ``request`` (a ``models.diffusion`` request) on a worker.
+    """The step kind and payload that run ``request`` (a ``mgmflow.models.diffusion`` request) on a worker.
 
     Its images are checked here and put in ``store`` under ``scope``; the payload carries their ids.
     """
@@ -161,7 +161,7 @@ def task_for(request, store, *, scope: str, model: str, loras=()) -> tuple[str, 
 
 
 def _image_bytes(source) -> bytes:
-    from models.images import load_image
+    from mgmflow.models.images import load_image
 
     image = load_image(source)  # refuses missing, corrupt and oversized images before anything is sent
     if isinstance(source, (str, Path)):

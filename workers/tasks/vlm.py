@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.errors import IncompleteOutputError, InvalidInputError
-from workers.batching import BatchItem
-from workers.steps import StepContext, get_runtime, step
+from mgmflow.models.errors import IncompleteOutputError, InvalidInputError
+from mgmflow.workers.batching import BatchItem
+from mgmflow.workers.steps import StepContext, get_runtime, step
 
 MAX_TEXT = 16_000  # characters of one inline message; longer histories travel as an artifact
 
@@ -103,14 +103,14 @@ CRITIQUE_PROMPT = (
 
 
 def _messages(ctx: StepContext, messages: list[MessageInput]):
-    from models.mgm.engine import Message
+    from mgmflow.models.mgm.engine import Message
 
     return [Message(m.role, m.text, [ctx.read_artifact(image) for image in m.images]) for m in messages]
 
 
 def _chat(ctx: StepContext, params: _ChatParams, messages: list[MessageInput], **options) -> dict:
     """One chat request through this model's batcher; the result as JSON."""
-    from models.mgm.engine import ChatRequest
+    from mgmflow.models.mgm.engine import ChatRequest
 
     runtime = get_runtime()
     request = ChatRequest(_messages(ctx, messages), max_new_tokens=params.max_new_tokens,

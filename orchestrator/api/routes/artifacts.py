@@ -6,9 +6,9 @@ from fastapi import APIRouter, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, CurrentScope, PathId, Store
-from orchestrator.api.images import store_decoded
-from orchestrator.api.schemas import ArtifactPublic
+from mgmflow.orchestrator.api.deps import Context, CurrentScope, PathId, Store
+from mgmflow.orchestrator.api.images import store_decoded
+from mgmflow.orchestrator.api.schemas import ArtifactPublic
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
 

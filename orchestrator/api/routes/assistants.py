@@ -9,10 +9,10 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import PydanticUserError
 
-from orchestrator.api.deps import Context, CurrentScope, PathId
-from orchestrator.api.errors import not_found
-from orchestrator.api.schemas import AssistantPublic, AssistantSchemas, AssistantSearch
-from orchestrator.workflow import Workflow
+from mgmflow.orchestrator.api.deps import Context, CurrentScope, PathId
+from mgmflow.orchestrator.api.errors import not_found
+from mgmflow.orchestrator.api.schemas import AssistantPublic, AssistantSchemas, AssistantSearch
+from mgmflow.orchestrator.workflow import Workflow
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/assistants", tags=["assistants"])

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Form, Header, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, CurrentScope, PathId
-from orchestrator.api.errors import ApiError, not_found
-from orchestrator.api.openapi import errors
-from orchestrator.api.schemas import BatchCreate, BatchItemPublic, BatchPublic, RunCreate
-from orchestrator.api.streaming import TERMINAL, run_public
-from orchestrator.api.submission import admit, check_artifacts
+from mgmflow.orchestrator.api.deps import Context, CurrentScope, PathId
+from mgmflow.orchestrator.api.errors import ApiError, not_found
+from mgmflow.orchestrator.api.openapi import errors
+from mgmflow.orchestrator.api.schemas import BatchCreate, BatchItemPublic, BatchPublic, RunCreate
+from mgmflow.orchestrator.api.streaming import TERMINAL, run_public
+from mgmflow.orchestrator.api.submission import admit, check_artifacts
 
 router = APIRouter(prefix="/batches", tags=["batches"])
 

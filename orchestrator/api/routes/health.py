@@ -12,9 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, bearer_scheme, header_scheme, presented_key, unauthorized
-from orchestrator.api.errors import redact
-from workers.artifacts import ArtifactNotFound
+from mgmflow.orchestrator.api.deps import Context, bearer_scheme, header_scheme, presented_key, unauthorized
+from mgmflow.orchestrator.api.errors import redact
+from mgmflow.workers.artifacts import ArtifactNotFound
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ stored, and returned as a markdown image link, its id in the response's ``artifa
 
 Tool calling as OpenAI has it (``tools``, ``tool_choice`` auto / none / required / a named function, ``tool_calls``
 in the reply, ``tool`` messages in the history, streamed as one tool-call delta): the reply is decoded under a
-grammar built from the tools' schemas (``tools.chat_model.tools_schema``, the same as ``MGMChatModel.bind_tools``),
+grammar built from the tools' schemas (``mgmflow.tools.chat_model.tools_schema``, the same as ``MGMChatModel.bind_tools``),
 so a call always names an offered tool with arguments valid for its schema. Parameters Mini-Gemini cannot honour
 (``stop``, ``logprobs``, penalties, …) are refused by name, never ignored.
 """
@@ -33,16 +33,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from models.diffusion.defaults import NEGATIVE_PROMPT
-from models.errors import InvalidInputError
-from orchestrator.api.allowlist import allowed
-from orchestrator.api.deps import Context, CurrentScope
-from orchestrator.api.errors import ApiError, public_message
-from orchestrator.api.logs import current_run, current_task
-from orchestrator.api.images import store_decoded
-from orchestrator.api.openapi import errors
-from orchestrator.api.quotas import policy_for
-from tools.chat_model import (
+from mgmflow.models.diffusion.defaults import NEGATIVE_PROMPT
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.orchestrator.api.allowlist import allowed
+from mgmflow.orchestrator.api.deps import Context, CurrentScope
+from mgmflow.orchestrator.api.errors import ApiError, public_message
+from mgmflow.orchestrator.api.logs import current_run, current_task
+from mgmflow.orchestrator.api.images import store_decoded
+from mgmflow.orchestrator.api.openapi import errors
+from mgmflow.orchestrator.api.quotas import policy_for
+from mgmflow.tools.chat_model import (
     parse_tool_reply, tool_call_id, tool_call_text, tool_result_header, tools_prompt, tools_schema,
 )
 

@@ -6,10 +6,10 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, CurrentScope, PathId, ThreadId
-from orchestrator.api.errors import ApiError
-from orchestrator.api.openapi import errors
-from orchestrator.outputs import NoOutput, output_archive
+from mgmflow.orchestrator.api.deps import Context, CurrentScope, PathId, ThreadId
+from mgmflow.orchestrator.api.errors import ApiError
+from mgmflow.orchestrator.api.openapi import errors
+from mgmflow.orchestrator.outputs import NoOutput, output_archive
 
 router = APIRouter(prefix="/threads", tags=["runs"])
 

@@ -11,16 +11,16 @@ from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import Context, CurrentScope, PathId, ThreadId
-from orchestrator.api.errors import ApiError, not_found
-from orchestrator.api.logs import current_run
-from orchestrator.api.openapi import errors
-from orchestrator.api.schemas import MAX_OFFSET, RunCreate, RunPublic, RunsCancel, RunStatus, StreamMode
-from orchestrator.api.streaming import (
+from mgmflow.orchestrator.api.deps import Context, CurrentScope, PathId, ThreadId
+from mgmflow.orchestrator.api.errors import ApiError, not_found
+from mgmflow.orchestrator.api.logs import current_run
+from mgmflow.orchestrator.api.openapi import errors
+from mgmflow.orchestrator.api.schemas import MAX_OFFSET, RunCreate, RunPublic, RunsCancel, RunStatus, StreamMode
+from mgmflow.orchestrator.api.streaming import (
     TERMINAL, check_event_id, final_values, run_location, run_public, stream_response, wait_for_end,
 )
-from orchestrator.api.submission import admit, check_limits
-from orchestrator.records import scoped_thread_id
+from mgmflow.orchestrator.api.submission import admit, check_limits
+from mgmflow.orchestrator.records import scoped_thread_id
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ StreamModes = Annotated[list[StreamMode] | None, Query()]  # join-stream: none g
 async def _start(context, body: RunCreate, scope: str, thread_id: str | None, idempotency_key: str | None):
     """Create the run, or resume the thread's interrupted run when the body carries ``command.resume``.
 
-    A ``webhook`` is recorded with the run; ``orchestrator.api.webhooks`` delivers it once the run has ended."""
+    A ``webhook`` is recorded with the run; ``mgmflow.orchestrator.api.webhooks`` delivers it once the run has ended."""
     if body.command is not None and body.command.resume is not None:
         if thread_id is None:  # a new thread has no run waiting for approval
             raise ApiError(409, "command.resume needs the interrupted run's thread: POST /threads/{thread_id}/runs",

@@ -7,14 +7,14 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from orchestrator.api.deps import Context, CurrentScope, PathId, ThreadId
-from orchestrator.api.errors import ApiError, not_found
-from orchestrator.api.openapi import errors
-from orchestrator.api.schemas import (
+from mgmflow.orchestrator.api.deps import Context, CurrentScope, PathId, ThreadId
+from mgmflow.orchestrator.api.errors import ApiError, not_found
+from mgmflow.orchestrator.api.openapi import errors
+from mgmflow.orchestrator.api.schemas import (
     Checkpoint, ThreadCreate, ThreadHistoryRequest, ThreadPublic, ThreadSearch, ThreadStatePublic, ThreadStateRequest,
 )
-from orchestrator.api.streaming import timestamp
-from orchestrator.records import RunNotFound, public_thread_id, scoped_thread_id
+from mgmflow.orchestrator.api.streaming import timestamp
+from mgmflow.orchestrator.records import RunNotFound, public_thread_id, scoped_thread_id
 
 router = APIRouter(prefix="/threads", tags=["threads"])
 

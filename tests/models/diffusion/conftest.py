@@ -9,7 +9,7 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def engines(mgmflow_home):
     """Tiny engines by preset name, loaded on first use and shared by the session."""
-    from models.diffusion import DiffusionEngine
+    from mgmflow.models.diffusion import DiffusionEngine
 
     loaded = {}
 
@@ -53,7 +53,7 @@ def lora_file(tmp_path_factory, mgmflow_home):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from models.diffusion.tiny import build_pipeline
+    from mgmflow.models.diffusion.tiny import build_pipeline
 
     unet = build_pipeline("sdxl").unet
     with torch.random.fork_rng(devices=[]):

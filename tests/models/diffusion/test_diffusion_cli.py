@@ -3,8 +3,8 @@
 import pytest
 from click.testing import CliRunner
 
-from models.diffusion import read_parameters
-from orchestrator.cli import main
+from mgmflow.models.diffusion import read_parameters
+from mgmflow.orchestrator.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,7 @@ import torch
 from diffusion_support import pixels
 from PIL import Image
 
-from models.diffusion import (
+from mgmflow.models.diffusion import (
     NEGATIVE_PROMPT,
     DiffusionEngine,
     Img2ImgRequest,
@@ -20,8 +20,8 @@ from models.diffusion import (
     TextToImageRequest,
     read_parameters,
 )
-from models.diffusion.loading import lora_hash
-from models.errors import (
+from mgmflow.models.diffusion.loading import lora_hash
+from mgmflow.models.errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidImageError,
@@ -263,7 +263,7 @@ def test_a_playground_style_checkpoint_runs_with_its_own_scheduler(tmp_path):
     """Playground v2.5's layout: SDXL architecture, an EDM DPM-Solver scheduler, VAE latents mean/std."""
     from diffusers import DiffusionPipeline, EDMDPMSolverMultistepScheduler
 
-    from models.diffusion import presets
+    from mgmflow.models.diffusion import presets
 
     pipeline = DiffusionPipeline.from_pretrained(presets.resolve("tiny"))
     pipeline.scheduler = EDMDPMSolverMultistepScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,

@@ -5,9 +5,9 @@ import io
 import pytest
 from PIL import Image
 
-from models.diffusion.loading import lora_hash, sha256_of
-from models.diffusion.metadata import a1111_sampler, encode_png, infotext, parse_infotext, read_parameters
-from models.errors import InvalidImageError
+from mgmflow.models.diffusion.loading import lora_hash, sha256_of
+from mgmflow.models.diffusion.metadata import a1111_sampler, encode_png, infotext, parse_infotext, read_parameters
+from mgmflow.models.errors import InvalidImageError
 
 PARAMETERS = {
     "task": "img2img",

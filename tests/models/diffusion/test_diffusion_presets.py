@@ -12,10 +12,10 @@ from diffusion_support import pixels
 from PIL import Image
 from safetensors.torch import save_file
 
-from models.diffusion import presets
-from models.diffusion.loading import display_name, inspect_checkpoint, load_pipeline
-from models.diffusion.tiny import build_pipeline, build_tokenizer
-from models.errors import InvalidInputError, ModelNotFoundError
+from mgmflow.models.diffusion import presets
+from mgmflow.models.diffusion.loading import display_name, inspect_checkpoint, load_pipeline
+from mgmflow.models.diffusion.tiny import build_pipeline, build_tokenizer
+from mgmflow.models.errors import InvalidInputError, ModelNotFoundError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,7 +165,7 @@ def test_a_single_file_checkpoint_loads_offline_with_its_configs(tmp_path, no_re
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from ldm_format import ldm_state_dict
 
-    from models.diffusion import DiffusionEngine, TextToImageRequest
+    from mgmflow.models.diffusion import DiffusionEngine, TextToImageRequest
 
     source = DiffusionPipeline.from_pretrained(presets.resolve("tiny-sd"))
     checkpoint = ldm_state_dict(source)

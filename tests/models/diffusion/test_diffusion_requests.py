@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from models.diffusion.requests import (
+from mgmflow.models.diffusion.requests import (
     Img2ImgRequest,
     InpaintRequest,
     InstructEditRequest,
@@ -11,7 +11,7 @@ from models.diffusion.requests import (
     batch_key,
     combine,
 )
-from models.errors import InvalidInputError
+from mgmflow.models.errors import InvalidInputError
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from models.mgm.tokenizer import load_tiny_tokenizer
+    from mgmflow.models.mgm.tokenizer import load_tiny_tokenizer
 
     return load_tiny_tokenizer()
 
@@ -44,13 +44,13 @@ def oracle_dir():
 @pytest.fixture(scope="session")
 def tiny_mgm(mgmflow_home):
     """(model, processor) of the tiny LLaMA preset, built once per session under a private MGMFLOW_HOME."""
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     return load_pretrained("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_hd_mgm(mgmflow_home):
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     return load_pretrained("tiny-hd")

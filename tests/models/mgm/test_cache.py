@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.mgm import ChatRequest, MGMEngine, Message
-from models.mgm.cache import ByteLRU
+from mgmflow.models.mgm import ChatRequest, MGMEngine, Message
+from mgmflow.models.mgm.cache import ByteLRU
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -104,7 +104,7 @@ def test_visual_cache_holds_no_more_bytes_than_its_budget(mgmflow_home):
     engine = MGMEngine.from_pretrained("tiny", visual_cache_bytes=2 * one_image)
     images = [_image(seed) for seed in range(10, 16)]  # six new images in one request: one encoding batch
     engine.chat([ChatRequest([Message("user", "Compare them.", images)], max_new_tokens=2)])
-    from models.mgm.cache import image_digest
+    from mgmflow.models.mgm.cache import image_digest
 
     kept = [t for t in (engine.visual_cache.get(image_digest(i)) for i in images) if t is not None]
     assert len(kept) == 2
@@ -112,7 +112,7 @@ def test_visual_cache_holds_no_more_bytes_than_its_budget(mgmflow_home):
 
 
 def test_vision_encoders_run_in_chunks_within_their_byte_budget(mgmflow_home, monkeypatch):
-    from models.mgm.engine import vision_bytes_per_image
+    from mgmflow.models.mgm.engine import vision_bytes_per_image
 
     whole = MGMEngine.from_pretrained("tiny")
     per_image = vision_bytes_per_image(whole.model.config, whole.model.dtype)

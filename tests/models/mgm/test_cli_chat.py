@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from orchestrator.cli import main
+from mgmflow.orchestrator.cli import main
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,8 +37,8 @@ def test_chat_with_json_schema_prints_valid_json(mgmflow_home, image_path, tmp_p
 def test_chat_gen_draws_the_image_the_model_asks_for(mgmflow_home, tmp_path, monkeypatch):
     from testkit import script_mgm_answers
 
-    from models.diffusion import read_parameters
-    from models.mgm import NEGATIVE_PROMPT
+    from mgmflow.models.diffusion import read_parameters
+    from mgmflow.models.mgm import NEGATIVE_PROMPT
 
     script_mgm_answers(monkeypatch, "Here is a cat. <h>a ginger cat asleep on a red sofa</h>")
     out = tmp_path / "cat.png"

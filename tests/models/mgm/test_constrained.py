@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.errors import InvalidInputError
-from models.mgm.constrained import GrammarCompiler
-from models.mgm.gen_protocol import gen_grammar, split_image_prompt
-from models.mgm.generation import Prompt, SamplingParams, generate
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.mgm.constrained import GrammarCompiler
+from mgmflow.models.mgm.gen_protocol import gen_grammar, split_image_prompt
+from mgmflow.models.mgm.generation import Prompt, SamplingParams, generate
 
 pytestmark = pytest.mark.timeout(180)
 

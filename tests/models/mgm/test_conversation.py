@@ -4,15 +4,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from models.errors import InvalidInputError
-from models.mgm.conversation import (
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.mgm.conversation import (
     IMAGE_TOKEN_INDEX,
     TEMPLATES,
     Turn,
     get_template,
     template_for_config,
 )
-from models.mgm.tokenizer import PromptTokenizer
+from mgmflow.models.mgm.tokenizer import PromptTokenizer
 
 Q = "What is in the picture?"
 VICUNA_SYSTEM = (

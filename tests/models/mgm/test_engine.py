@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.errors import Cancelled, InvalidImageError, InvalidInputError
-from models.mgm import NEGATIVE_PROMPT, ChatRequest, MGMEngine, Message
+from mgmflow.models.errors import Cancelled, InvalidImageError, InvalidInputError
+from mgmflow.models.mgm import NEGATIVE_PROMPT, ChatRequest, MGMEngine, Message
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -121,7 +121,7 @@ def test_validate_finds_bad_requests_without_running_the_model(engine, request_,
         raise AssertionError("validate ran the model")
 
     monkeypatch.setattr(engine.model, "encode_images", no_model_work)
-    monkeypatch.setattr("models.mgm.engine.generate", no_model_work)
+    monkeypatch.setattr("mgmflow.models.mgm.engine.generate", no_model_work)
     with pytest.raises(InvalidInputError):
         engine.validate(request_)
 

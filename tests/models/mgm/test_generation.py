@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from models.errors import Cancelled, DeadlineExceeded, InvalidInputError
-from models.mgm.generation import Prompt, SamplingParams, TextAssembler, _PreallocatedLayer, generate
+from mgmflow.models.errors import Cancelled, DeadlineExceeded, InvalidInputError
+from mgmflow.models.mgm.generation import Prompt, SamplingParams, TextAssembler, _PreallocatedLayer, generate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -211,7 +211,7 @@ def test_sampling_runs_over_the_whole_batch_at_once_and_keeps_logits_on_the_devi
 
 
 def test_grammar_masks_apply_to_the_whole_batch_at_once(tiny_llama, tiny_tokenizer):
-    from models.mgm.constrained import GrammarCompiler
+    from mgmflow.models.mgm.constrained import GrammarCompiler
 
     compiler = GrammarCompiler(tiny_tokenizer, vocab_size=tiny_llama.config.vocab_size,
                                stop_token_ids=[tiny_tokenizer.eos_token_id])
@@ -286,7 +286,7 @@ class _SameDeviceIndices(torch.overrides.TorchFunctionMode):
 def test_kv_rows_are_selected_and_extracted_on_each_layers_device():
     from transformers.cache_utils import Cache
 
-    from models.mgm.generation import _row_past
+    from mgmflow.models.mgm.generation import _row_past
 
     # Layer 0 with the embeddings (and the mask) on the CPU, layer 1 on another device.
     cache = Cache(layers=[_PreallocatedLayer(8), _PreallocatedLayer(8)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_modeling import picture
 
-from models.mgm.modeling import region_attention
+from mgmflow.models.mgm.modeling import region_attention
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 

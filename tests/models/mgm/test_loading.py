@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.errors import InvalidInputError, ModelNotFoundError
-from models.mgm import MGMConfig, MGMForCausalLM, load_pretrained
-from models.mgm.configuration import detect_backbone
-from models.mgm.loading import resolve_device_dtype
+from mgmflow.models.errors import InvalidInputError, ModelNotFoundError
+from mgmflow.models.mgm import MGMConfig, MGMForCausalLM, load_pretrained
+from mgmflow.models.mgm.configuration import detect_backbone
+from mgmflow.models.mgm.loading import resolve_device_dtype
 
 CLIP_TOWER = "model_zoo/OpenAI/clip-vit-tiny-patch14-84"
 AUX_TOWER = "model_zoo/OpenAI/openclip-convnext-large-d-320-tiny-random"
@@ -220,7 +220,7 @@ def test_tiny_mixtral_round_trip_through_transformers(tmp_path):
     """transformers 5 fuses Mixtral's experts on load; the saved folder keeps the released (unfused) names."""
     from transformers import CLIPVisionConfig, MixtralConfig
 
-    from models.mgm.initialization import init_deterministic_
+    from mgmflow.models.mgm.initialization import init_deterministic_
 
     text_config = MixtralConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

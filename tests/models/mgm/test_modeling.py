@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.errors import InvalidInputError
-from models.mgm import IMAGE_TOKEN_INDEX
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.mgm import IMAGE_TOKEN_INDEX
 
 
 def picture(seed: int, size=(120, 90)) -> Image.Image:

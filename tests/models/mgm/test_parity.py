@@ -19,7 +19,7 @@ INTERMEDIATE_ATOL = 2e-5
 @pytest.fixture(scope="module", params=VARIANTS)
 def oracle(request, oracle_dir, tmp_path_factory):
     """(model, processor, fixture folder), loaded with the working directory somewhere else entirely."""
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     root = oracle_dir / request.param
     cwd = os.getcwd()
@@ -115,7 +115,7 @@ def test_greedy_tokens_match_official(oracle):
 
 def test_gemma_mlp_uses_exact_gelu(oracle_dir):
     """transformers 5 rewrites Gemma's hidden_act "gelu" to tanh-GELU; MGM-2B (transformers 4.38) used erf."""
-    from models.mgm import MGMConfig
+    from mgmflow.models.mgm import MGMConfig
 
     raw = json.loads((oracle_dir / "mgm_gemma" / "checkpoint" / "config.json").read_text())
     config = MGMConfig.from_dict(raw)
@@ -130,7 +130,7 @@ def test_gemma_mlp_uses_exact_gelu(oracle_dir):
 @torch.inference_mode()
 def test_oracle_tells_the_two_gelus_apart(oracle_dir):
     """The pin matters: with tanh-GELU (what transformers 5 would pick) the logits leave the tolerance."""
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
     from transformers.activations import ACT2FN
 
     root = oracle_dir / "mgm_gemma"

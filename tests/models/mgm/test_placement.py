@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_modeling import picture
 
-from models.errors import InvalidInputError
-from models.mgm import ChatRequest, MGMEngine, Message, load_pretrained
-from models.mgm import loading
+from mgmflow.models.errors import InvalidInputError
+from mgmflow.models.mgm import ChatRequest, MGMEngine, Message, load_pretrained
+from mgmflow.models.mgm import loading
 
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
          "model.norm": "cpu", "lm_head": "cpu"}
@@ -84,7 +84,7 @@ def test_mgmflow_chat_takes_the_placement_flags(mgmflow_home, monkeypatch):
 
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from mgmflow.orchestrator.cli import main
 
     ask = ["chat", "hello there", "--max-new-tokens", "6"]
     whole = CliRunner().invoke(main, ask)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import ModelNotFoundError
-from models.mgm import presets
-from models.mgm.tokenizer import VOCAB_FILE, load_tiny_tokenizer, vocabulary_sha256
+from mgmflow.models.errors import ModelNotFoundError
+from mgmflow.models.mgm import presets
+from mgmflow.models.mgm.tokenizer import VOCAB_FILE, load_tiny_tokenizer, vocabulary_sha256
 
 # Changes only when scripts/build_tiny_tokenizer.py is rerun on purpose.
 TINY_VOCABULARY_SHA256 = "acf259fabf8d85a1592eb4040ad7efe41861c7692ca5eb680b0813c3ebeea451"
@@ -77,7 +77,7 @@ def test_concurrent_builds_end_with_one_complete_folder(tmp_path, monkeypatch):
     assert len(outputs) == 1
     entries = list((tmp_path / "presets").iterdir())
     assert [e.name for e in entries] == [Path(outputs.pop()).name]  # no staging folder left behind
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     load_pretrained(entries[0])  # complete and loadable
 

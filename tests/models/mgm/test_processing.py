@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.errors import InvalidImageError, InvalidInputError
-from models.mgm.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, MGMProcessor
+from mgmflow.models.errors import InvalidImageError, InvalidInputError
+from mgmflow.models.mgm.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, MGMProcessor
 
 NORMAL = MGMProcessor(image_size=84, image_size_aux=192)
 HD = MGMProcessor(image_size=84, image_size_aux=384, image_grid=2, image_global=True)

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPVisionConfig
 
 from bench.bench_geometry import CLIP_L_336, CONVNEXT_L_DIMS, FAMILIES, MODELS, released_config
-from models.mgm.configuration import MGMConfig
-from models.mgm.conversation import template_for_config
-from models.mgm.modeling import MGMForCausalLM
+from mgmflow.models.mgm.configuration import MGMConfig
+from mgmflow.models.mgm.conversation import template_for_config
+from mgmflow.models.mgm.modeling import MGMForCausalLM
 
 
 def meta_model(name: str) -> MGMForCausalLM:

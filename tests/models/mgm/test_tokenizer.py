@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import ModelNotFoundError
-from models.mgm.conversation import IMAGE_TOKEN_INDEX, Turn, get_template
-from models.mgm.tokenizer import load_tokenizer
+from mgmflow.models.errors import ModelNotFoundError
+from mgmflow.models.mgm.conversation import IMAGE_TOKEN_INDEX, Turn, get_template
+from mgmflow.models.mgm.tokenizer import load_tokenizer
 from tokenizer_files import (
     gemma_json_folder,
     llama3_folder,
@@ -315,7 +315,7 @@ EVIL = (
 
 @pytest.fixture(scope="module")
 def family_tokenizers(tmp_path_factory, mistral, llama3):
-    from models.mgm.tokenizer import PromptTokenizer, load_tiny_tokenizer
+    from mgmflow.models.mgm.tokenizer import PromptTokenizer, load_tiny_tokenizer
 
     trained = {f: sentencepiece_folder(tmp_path_factory.mktemp(f), f) for f in ("yi", "gemma")}
     return {
@@ -363,7 +363,7 @@ def test_a_control_string_in_message_text_is_cut_only_where_it_would_become_one(
 @pytest.fixture
 def checkpoint(mgmflow_home, tmp_path):
     """A copy of the tiny preset's folder (LLaMA backbone, 1024-token vocabulary) to swap files in."""
-    from models.mgm.presets import resolve
+    from mgmflow.models.mgm.presets import resolve
 
     return Path(shutil.copytree(resolve("tiny"), tmp_path / "checkpoint"))
 
@@ -373,11 +373,11 @@ def no_weights_read(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were read before the tokenizer was checked")
 
-    monkeypatch.setattr("models.mgm.loading.CheckpointFiles.__init__", refuse)
+    monkeypatch.setattr("mgmflow.models.mgm.loading.CheckpointFiles.__init__", refuse)
 
 
 def test_a_sentencepiece_only_folder_loads_with_the_official_ids(checkpoint, tmp_path):
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     source = sentencepiece_folder(tmp_path / "tokenizer", "yi")  # no tokenizer.json
     _, processor = load_pretrained(replace_tokenizer(checkpoint, source))
@@ -389,7 +389,7 @@ def test_a_sentencepiece_only_folder_loads_with_the_official_ids(checkpoint, tmp
 def test_a_missing_sentencepiece_fails_before_any_weight_is_read(checkpoint, tmp_path, monkeypatch, no_weights_read):
     import importlib.util
 
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     find_spec = importlib.util.find_spec
 
@@ -412,7 +412,7 @@ def test_a_missing_sentencepiece_fails_before_any_weight_is_read(checkpoint, tmp
     ],
 )
 def test_unusable_tokenizer_files_are_named_before_any_weight(checkpoint, tmp_path, no_weights_read, files, message):
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     source = tmp_path / "tokenizer"
     source.mkdir()
@@ -424,7 +424,7 @@ def test_unusable_tokenizer_files_are_named_before_any_weight(checkpoint, tmp_pa
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(checkpoint, tmp_path, no_weights_read):
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     replace_tokenizer(checkpoint, sentencepiece_folder(tmp_path / "tokenizer", "llama", mistral_model()))
     with pytest.raises(ModelNotFoundError, match=r"32000 tokens, more than the model's vocabulary \(1024\)"):
@@ -432,7 +432,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(checkpoint, tmp_path,
 
 
 def test_a_stage1_folder_is_refused_by_name(checkpoint, no_weights_read):
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     (checkpoint / "model.safetensors").rename(checkpoint / "mm_projector.bin")
     with pytest.raises(ModelNotFoundError, match=r"stage-1 \(pretraining\) folder: mm_projector\.bin"):
@@ -441,7 +441,7 @@ def test_a_stage1_folder_is_refused_by_name(checkpoint, no_weights_read):
 
 @pytest.mark.parametrize("key", ["mm_use_im_start_end", "mm_use_im_patch_token"])
 def test_extra_image_tokens_are_refused(checkpoint, no_weights_read, key):
-    from models.mgm import load_pretrained
+    from mgmflow.models.mgm import load_pretrained
 
     config = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps({**config, key: True}))
@@ -452,7 +452,7 @@ def test_extra_image_tokens_are_refused(checkpoint, no_weights_read, key):
 def test_an_answer_that_mentions_image_keeps_the_thread_working(mgmflow_home):
     from PIL import Image
 
-    from models.mgm.engine import ChatRequest, Message, MGMEngine
+    from mgmflow.models.mgm.engine import ChatRequest, Message, MGMEngine
 
     engine = MGMEngine.from_pretrained("tiny")
     messages = [
