@@ -37,13 +37,14 @@ class Hook:
                 pass
 
         self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.origin = f"http://127.0.0.1:{self.server.server_port}"  # the webhook allow-list entry: scheme, host, port
+        self.url = f"{self.origin}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def _serve(home: Path, port: int, log: Path, **extra) -> subprocess.Popen:
+def _serve(home: Path, port: int, log: Path, hook: Hook, **extra) -> subprocess.Popen:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MGMFLOW_")}
-    env.update(MGMFLOW_HOME=str(home), MGMFLOW_WEBHOOK_HOSTS="127.0.0.1", OMP_NUM_THREADS="1", **extra)
+    env.update(MGMFLOW_HOME=str(home), MGMFLOW_WEBHOOK_HOSTS=hook.origin, OMP_NUM_THREADS="1", **extra)
     process = subprocess.Popen([MGMFLOW, "serve", "--port", str(port), "--log-level", "warning"], env=env,
                                stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
@@ -60,7 +61,7 @@ def _serve(home: Path, port: int, log: Path, **extra) -> subprocess.Popen:
 
 def test_a_restarted_embedded_server_finishes_the_run_its_predecessor_was_driving(tmp_path):
     home, port, faults, hook = tmp_path / "home", free_port(), FaultLog(tmp_path), Hook()
-    first = _serve(home, port, tmp_path / "serve-1.log", **faults.env("driver.parked=stop@2"))
+    first = _serve(home, port, tmp_path / "serve-1.log", hook, **faults.env("driver.parked=stop@2"))
     try:
         run = httpx.post(f"http://127.0.0.1:{port}/runs", timeout=30, json={
             "assistant_id": "story", "webhook": hook.url,
@@ -73,7 +74,7 @@ def test_a_restarted_embedded_server_finishes_the_run_its_predecessor_was_drivin
     finally:
         if first.poll() is None:
             first.kill()
-    second = _serve(home, port, tmp_path / "serve-2.log")
+    second = _serve(home, port, tmp_path / "serve-2.log", hook)
     try:
         wait_for(lambda: hook.bodies, 240, "the run's webhook")
         (body,) = hook.bodies
