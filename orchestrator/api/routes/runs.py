@@ -204,7 +204,7 @@ async def cancel_run(run_id: PathId, context: Context, scope: CurrentScope, wait
 
 @router.get("/{run_id}/join", responses=errors(404))
 async def join_run(run_id: PathId, context: Context, scope: CurrentScope):
-    """Wait for the run to end; answer with its thread's state after it."""
+    """Wait for the run to end; answer with the state it ended with."""
     return await _joined(context, run_id, scope)
 
 
@@ -231,7 +231,7 @@ async def create_thread_run(thread_id: ThreadId, body: RunCreate, context: Conte
 @thread_router.post("/wait", responses=errors(409))
 async def wait_thread_run(thread_id: ThreadId, body: RunCreate, context: Context, scope: CurrentScope,
                           idempotency_key: IdempotencyKey = None):
-    """Start a run on the thread and answer with the thread's state after it."""
+    """Start a run on the thread and answer with the state it ended with."""
     return await _waited(context, await _start(context, body, scope, thread_id, idempotency_key), scope)
 
 
@@ -276,7 +276,7 @@ async def cancel_thread_run(thread_id: ThreadId, run_id: PathId, context: Contex
 
 @thread_router.get("/{run_id}/join")
 async def join_thread_run(thread_id: ThreadId, run_id: PathId, context: Context, scope: CurrentScope):
-    """Wait for the run to end; answer with the thread's state after it."""
+    """Wait for the run to end; answer with the state it ended with."""
     return await _joined(context, run_id, scope, thread_id)
 
 
