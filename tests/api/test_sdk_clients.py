@@ -192,6 +192,26 @@ def test_assistant_graph_and_schemas(live_server):
     asyncio.run(scenario())
 
 
+def test_every_packaged_workflow_has_input_output_and_state_schemas(live_server):
+    """The states are TypedDicts pydantic can describe: every workflow's output and state schema lists its state's
+    keys (not null, as with ``typing.TypedDict`` on Python < 3.12)."""
+    from importlib.metadata import entry_points
+
+    from mgmflow.orchestrator.workflow import ENTRY_POINT_GROUP
+
+    async def scenario():
+        client = get_client(url=live_server.url, api_key=None)
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            workflow = point.load()
+            state_keys = set(workflow.build_graph().state_schema.__annotations__)
+            schemas = await client.assistants.get_schemas(point.name)
+            assert set(schemas["input_schema"]["properties"]) == set(workflow.input_model.model_fields), point.name
+            for kind in ("output_schema", "state_schema"):
+                assert set((schemas[kind] or {}).get("properties", ())) == state_keys, (point.name, kind)
+
+    asyncio.run(scenario())
+
+
 def test_remote_graph_as_a_subgraph_of_a_local_graph(live_server):
     remote = RemoteGraph("echo", url=live_server.url)
     assert remote.invoke({"text": "direct"})["answer"] == "DIRECT"
