@@ -140,6 +140,35 @@ def test_stream_modes_have_the_agent_server_shapes(live_server):
     asyncio.run(scenario())
 
 
+def test_a_join_naming_no_mode_streams_in_the_modes_the_run_was_created_with(live_server):
+    """As the Agent Server: ``join_stream`` without ``stream_mode`` (an SDK reconnect names none either) gives the
+    modes, and subgraph events, the run was created with; a mode named in the join still wins."""
+    async def scenario():
+        client = get_client(url=live_server.url, api_key=None)
+        body = {"input": {"text": "joined", "steps": 2}}
+
+        async def joined(run, **options):
+            return [part async for part in client.runs.join_stream(run["thread_id"], run["run_id"], **options)]
+
+        run = await client.runs.create(None, "echo", stream_mode=["updates", "custom"], **body)
+        parts = await joined(run)
+        assert {p.event for p in parts} == {"metadata", "updates", "custom", "end"}
+        assert [p.data for p in parts if p.event == "updates"] == [{"echo": {"answer": "JOINED"}}]
+        assert [p.data["data"]["done"] for p in parts if p.event == "custom" and p.data["type"] == "progress"] == [1, 2]
+        assert {p.event for p in await joined(run, stream_mode="custom")} == {"metadata", "custom", "end"}
+
+        default = await joined(await client.runs.create(None, "echo", **body))  # the SDK's default mode: values
+        assert [p.event for p in default] == ["metadata", "values", "values", "end"]
+        assert default[-2].data["answer"] == "JOINED"
+
+        nested = await joined(await client.runs.create(None, "echo_nested", stream_mode="updates",
+                                                       stream_subgraphs=True, **body))
+        (inner,) = [p for p in nested if p.event.startswith("updates|outer:")]
+        assert inner.data == {"echo": {"answer": "JOINED"}}
+
+    asyncio.run(scenario())
+
+
 def test_a_bad_stream_mode_is_refused_before_the_run_starts(live_server):
     with httpx.Client(base_url=live_server.url, timeout=30) as http:
         before = len(http.get("/runs", params={"limit": 1000}).json())
