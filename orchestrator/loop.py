@@ -11,9 +11,10 @@ routing is the pure function :func:`decide`, unit-tested with scripted critiques
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 from langgraph.graph import END, START, StateGraph
+from typing_extensions import TypedDict  # pydantic (the API's state schemas) needs it on Python < 3.12
 
 from mgmflow.orchestrator.budget import PromptBudget, fit, run_budget
 from mgmflow.orchestrator.runtime import TaskSpec, VLMRequest, await_tasks, emit, request_approval, vlm_json_many
