@@ -24,6 +24,12 @@ class InvalidImageError(InvalidInputError):
     code = "invalid_image"
 
 
+class ContextLengthError(InvalidInputError):
+    """A prompt (text and images) that leaves no room for its answer in the model's context."""
+
+    code = "context_length_exceeded"  # OpenAI's code for the same refusal
+
+
 class IncompleteOutputError(InvalidInputError):
     """A structured answer (JSON schema, regex) reached max_new_tokens before it was complete."""
 

@@ -545,11 +545,12 @@ def _run_workflow(workflow, given: dict, *, out: Path | None, broker: str | None
     import hashlib
     import json
 
+    from mgmflow.orchestrator.budget import budget_for
     from mgmflow.orchestrator.runs import RunService
 
     settings = _settings(broker)
     requested, given = given, _upload_local_files(workflow, given, settings)
-    workflow.validate_input(given)  # bad flags fail before any worker starts
+    workflow.validate_input(given, budget_for(settings.vlm_model))  # bad flags fail before any worker starts
     if settings.embedded:
         _quiet_libraries()  # the in-process workers share this terminal with the progress bar
     service = RunService(settings)

@@ -50,7 +50,6 @@ class LoopState(RunState, total=False):
     seed: int
     drafts: int  # per-run override of the build-time ``drafts``
     generation: dict[str, Any]  # per-run generation parameters (width, height, steps…), over the build-time ones
-    prompt_budget: dict[str, int]  # orchestrator.budget.PromptBudget, recorded once per run
 
 
 def decide(

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mgmflow.models.errors import InvalidInputError, MGMFlowError
+from mgmflow.orchestrator.budget import budget_for
 from mgmflow.orchestrator.driver import get_orchestrator
 from mgmflow.orchestrator.records import ACTIVE, DEFAULT_SCOPE, TERMINAL, RunInfo, RunNotFound
 from mgmflow.orchestrator.workflow import get_workflow
@@ -87,7 +88,7 @@ class RunService:
         HTTP API's stream modes the run was created with, kept for a join that names none.
         """
         definition = get_workflow(workflow)
-        validated = definition.validate_input(input).model_dump(mode="json")
+        validated = definition.validate_input(input, budget_for(self.settings.vlm_model)).model_dump(mode="json")
         if not 0 <= priority <= 9:
             raise InvalidInputError(f"priority must be within 0..9, got {priority}")
         if not 0 <= previews <= MAX_PREVIEWS:

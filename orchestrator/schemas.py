@@ -73,13 +73,18 @@ class Critique(VLMSchema):
     feedback: str = Field(max_length=LONG)
 
 
+# A coordinate of a box: three decimals at most in the decoding grammar (a weak model otherwise repeats digits
+# until it runs out of tokens); the answer's own value is not checked against it.
+Coordinate = Annotated[float, Field(ge=0.0, le=1.0, json_schema_extra={"multipleOf": 0.001})]
+
+
 class Region(VLMSchema):
     """A box in relative coordinates (0-1) worth a closer look, and what to ask about it."""
 
-    x0: float = Field(ge=0.0, le=1.0)
-    y0: float = Field(ge=0.0, le=1.0)
-    x1: float = Field(ge=0.0, le=1.0)
-    y1: float = Field(ge=0.0, le=1.0)
+    x0: Coordinate
+    y0: Coordinate
+    x1: Coordinate
+    y1: Coordinate
     question: str = Field(max_length=SHORT)
 
     # Smallest side of a zoom box: a degenerate box from a weak model still yields a usable crop.

@@ -87,6 +87,7 @@ class RunState(TypedDict, total=False):
     critiques: Annotated[list[Critique], operator.add]
     scores: Annotated[list[RoundScores], operator.add]
     chosen: dict[str, str]  # item -> chosen artifact id
+    prompt_budget: dict[str, int]  # orchestrator.budget.PromptBudget, recorded once per run
 
 
 def artifacts_by_id(state: RunState) -> dict[str, ArtifactRef]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from mgmflow.models.errors import InvalidInputError
+from mgmflow.orchestrator.budget import PromptBudget
 
 if TYPE_CHECKING:
     from langgraph.graph import StateGraph
@@ -39,6 +40,8 @@ class Workflow:
     ``write_output(values, out_dir, context)`` writes the final state into ``out_dir`` and returns a summary
     (e.g. the manifest); ``None`` means the workflow has no file output. ``describe_output(summary, out_dir)``
     is what ``mgmflow run`` prints of it (e.g. the answer and where its images are); by default the folder.
+    ``check_budget(input, budget)`` refuses, at admission, an input that no prompt on the configured VLM can carry
+    (``ContextLengthError``): a message or an image too big for the model's context.
     """
 
     name: str
@@ -47,17 +50,22 @@ class Workflow:
     write_output: Callable[[dict[str, Any], Path, RunContext], dict[str, Any]] | None = None
     description: str = ""
     describe_output: Callable[[dict[str, Any], Path], str] | None = None
+    check_budget: Callable[[BaseModel, PromptBudget], None] | None = None
 
-    def validate_input(self, data: dict[str, Any]) -> BaseModel:
-        """Validate a run's input; a bad field raises :class:`InvalidInputError` naming it."""
+    def validate_input(self, data: dict[str, Any], budget: PromptBudget | None = None) -> BaseModel:
+        """Validate a run's input, and with the configured VLM's ``budget`` check that it fits the model; a bad
+        field raises :class:`InvalidInputError` naming it."""
         try:
-            return self.input_model.model_validate(data)
+            validated = self.input_model.model_validate(data)
         except ValidationError as error:
             problems = "; ".join(
                 f"{'.'.join(str(part) for part in issue['loc']) or 'input'}: {issue['msg']}"
                 for issue in error.errors()
             )
             raise InvalidInputError(f"invalid input for workflow {self.name!r}: {problems}") from None
+        if budget is not None and self.check_budget is not None:
+            self.check_budget(validated, budget)
+        return validated
 
 
 # Workflows registered in-process (tests, notebooks); they shadow entry points of the same name.

@@ -9,6 +9,11 @@ conversation, so a later turn can refer to an earlier picture: "make the dog in 
 ``edit.instruct`` on that artifact. Which earlier image a turn means is resolved by :func:`referenced_image`, a
 pure function over the text and the thread's images (deterministic with any model); a request to draw (or
 ``generate=True``) asks MGM through its ``<GEN>`` path, and the prompt it writes is drawn by the diffusion worker.
+
+However long the thread, the VLM's prompt fits the model's context by construction (``orchestrator.budget``): it
+carries the newest message and as many of the most recent whole exchanges as fit (a picture counts its visual
+tokens); how many of the oldest messages were left out is ``history_dropped``. A message that cannot fit even alone
+is refused at admission (``ContextLengthError``, a 400 over HTTP).
 """
 
 from __future__ import annotations
@@ -21,15 +26,15 @@ from typing import Any, Literal
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
 
+from mgmflow.orchestrator.budget import PromptBudget, configured_budget, recent_history, run_budget
 from mgmflow.orchestrator.references import ArtifactId
 from mgmflow.orchestrator.runtime import RunContext, TaskSpec, await_tasks, emit, get_run_context
 from mgmflow.orchestrator.state import RunState
 from mgmflow.orchestrator.workflow import Workflow
 from mgmflow.workflows.inputs import clip, resolve_images, stage_messages
 
-HISTORY_TURNS = 8  # messages of the thread the VLM sees
-HISTORY_IMAGES = 4  # the most recent images among them
-REPLY_TOKENS = 256
+REPLY_TOKENS = 256  # the reply's room when the history leaves it, else what is left
+LEAST_REPLY_TOKENS = 64  # a message must leave this much on its own
 INSTRUCTION_BYTES = 1500  # of an edit instruction, as JSON (task messages are capped at 4 KB)
 
 _ORDINALS = {"first": 0, "second": 1, "third": 2, "fourth": 3, "fifth": 4}
@@ -68,6 +73,8 @@ class ChatState(RunState, total=False):
     # this turn's working values
     target: str | None  # the earlier image this turn edits
     request: str  # artifact id of the staged message history
+    history_dropped: int  # the thread's oldest messages left out of this turn's prompt (they did not fit)
+    reply_tokens: int
     reply: str
     image_prompt: str | None
     reply_images: list[str]
@@ -101,6 +108,7 @@ def receive(state: ChatState) -> dict[str, Any]:
     images = resolve_images(state.get("images") or [])
     target = None if images else referenced_image(state["message"], thread_images(state))
     return {"images": images, "target": target, "reply": "", "image_prompt": None, "reply_images": [],
+            "history_dropped": 0, "prompt_budget": configured_budget().to_state(),
             "messages": [{"role": "user", "text": state["message"], "images": images}]}
 
 
@@ -120,12 +128,23 @@ def edit(state: ChatState) -> dict[str, Any]:
 
 
 def stage_turn(state: ChatState) -> dict[str, Any]:
-    """Store the recent conversation (with its latest images) for the VLM; long histories exceed a task message."""
-    history = (state.get("messages") or [])[-HISTORY_TURNS:]
-    keep = set(thread_images({"messages": history})[-HISTORY_IMAGES:])
-    messages = [{"role": m["role"], "text": m["text"], "images": [i for i in m.get("images") or [] if i in keep]}
-                for m in history]
-    return {"request": stage_messages(messages)}
+    """Store the most recent conversation that fits the model's context for the VLM (long histories exceed a task
+    message)."""
+    history = recent_history(run_budget(state), [_message(m) for m in state["messages"]],
+                             answer_tokens=REPLY_TOKENS, least_answer_tokens=LEAST_REPLY_TOKENS)
+    return {"request": stage_messages(history.messages), "history_dropped": history.dropped,
+            "reply_tokens": history.answer_tokens}
+
+
+def check_budget(turn: ChatInput, budget: PromptBudget) -> None:
+    """At admission: the turn's message and images fit the model's context on their own."""
+    recent_history(budget, [{"role": "user", "text": turn.message, "images": turn.images}],
+                   answer_tokens=REPLY_TOKENS, least_answer_tokens=LEAST_REPLY_TOKENS)
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    """A thread message as ``vlm.chat`` takes it (its payload refuses other fields)."""
+    return {"role": message["role"], "text": message["text"], "images": list(message.get("images") or [])}
 
 
 def respond(state: ChatState) -> dict[str, Any]:
@@ -133,8 +152,7 @@ def respond(state: ChatState) -> dict[str, Any]:
     wants_image = state.get("generate") or bool(_DRAW.search(state["message"]))
     (result,) = await_tasks([TaskSpec("respond", "vlm.chat", {
         "messages_artifact": state["request"], "generate_image": "allow" if wants_image else None,
-        "max_new_tokens": REPLY_TOKENS,
-        "seed": state["seed"]})])
+        "max_new_tokens": state["reply_tokens"], "seed": state["seed"]})])
     return {"reply": result["text"], "image_prompt": (result.get("image_prompt") or "").strip() or None}
 
 
@@ -192,7 +210,8 @@ def write_output(values: dict[str, Any], out_dir: Path, context: RunContext) -> 
         files.append(f"reply-{index}.png")
         (out_dir / files[-1]).write_bytes(context.store.get(image, scope=context.scope))
     report = {"reply": values.get("reply", ""), "images": values.get("reply_images") or [], "files": files,
-              "image_prompt": values.get("image_prompt"), "messages": values.get("messages") or []}
+              "image_prompt": values.get("image_prompt"), "messages": values.get("messages") or [],
+              "history_dropped": values.get("history_dropped") or 0}
     (out_dir / "reply.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
 
@@ -203,6 +222,9 @@ def describe_output(report: dict[str, Any], out_dir: Path) -> str:
     lines += [f"  image: {out_dir / name}" for name in report["files"]]
     if report.get("image_prompt"):
         lines.append(f"  drawn from: {report['image_prompt']}")
+    if report.get("history_dropped"):
+        lines.append(f"  (the thread's {report['history_dropped']} oldest messages no longer fit the model's context: "
+                     "this reply did not see them)")
     return "\n".join(lines)
 
 
@@ -212,5 +234,6 @@ workflow = Workflow(
     build_graph=build_graph,
     write_output=write_output,
     describe_output=describe_output,
+    check_budget=check_budget,
     description="multi-turn chat with Mini-Gemini: text and images in, text and images out, edits by reference",
 )

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from mgmflow.models.errors import InvalidInputError, ModelNotFoundError
+from mgmflow.models.errors import ContextLengthError, InvalidInputError, ModelNotFoundError
 from mgmflow.models.images import ImageSource, load_image
 from mgmflow.models.mgm.cache import PrefixCache, PromptItem, VisualFeatureCache, image_digest
 from mgmflow.models.mgm.constrained import GrammarCompiler
@@ -279,7 +279,7 @@ class MGMEngine:
         ids = self.processor.tokenize(self.template.spans(turns))
         length = len(ids) + len(images) * (self.model.num_visual_tokens - 1)
         if length >= self.context_length:
-            raise InvalidInputError(
+            raise ContextLengthError(
                 f"the prompt is {length} tokens once images are expanded; this model's context is "
                 f"{self.context_length} tokens, and the answer needs at least one more"
             )

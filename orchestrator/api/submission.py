@@ -14,6 +14,7 @@ from mgmflow.orchestrator.api.deps import ApiContext
 from mgmflow.orchestrator.api.errors import ApiError, not_found
 from mgmflow.orchestrator.api.schemas import RunCreate
 from mgmflow.orchestrator.api.stream_modes import parse_modes
+from mgmflow.orchestrator.budget import budget_for
 from mgmflow.orchestrator.records import RunNotFound
 from mgmflow.orchestrator.references import artifact_values
 from mgmflow.workers.artifacts import ArtifactNotFound
@@ -75,7 +76,8 @@ def validate_run(context: ApiContext, body: RunCreate, scope: str) -> dict[str, 
         raise ApiError(422, f"input nests over {MAX_JSON_DEPTH} levels deep", code="invalid_request")
     check_limits(body.input or {}, context.settings)
     check_webhook(body.webhook, context.settings)
-    run_input = workflow.validate_input(body.input or {}).model_dump(mode="json")
+    budget = budget_for(context.settings.vlm_model)  # a message or image too big for the model: a 400 now
+    run_input = workflow.validate_input(body.input or {}, budget).model_dump(mode="json")
     check_artifacts(context, workflow, run_input, scope)
     return run_input
 

@@ -92,6 +92,14 @@ def test_bad_requests_are_clear_4xx(openai_client, live_server):
         assert caught.value.code == code, (url, caught.value.body)
 
 
+def test_a_prompt_longer_than_the_context_is_a_400_naming_it(openai_client):
+    """As OpenAI answers an over-long request: 400, code ``context_length_exceeded``, the limit in the message."""
+    with pytest.raises(BadRequestError) as caught:
+        openai_client.chat.completions.create(model=_model(openai_client), max_tokens=8,
+                                              messages=[{"role": "user", "content": "word " * 3000}])
+    assert caught.value.code == "context_length_exceeded" and "context is 2048 tokens" in caught.value.message
+
+
 def test_generated_image_comes_back_as_markdown_and_artifact_ids(openai_client, live_server, monkeypatch):
     import httpx
     from testkit import script_mgm_answers

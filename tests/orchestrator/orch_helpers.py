@@ -68,12 +68,13 @@ def scripted_context(client: ScriptedClient, *, store: Any = None, approve: bool
 
 
 def drive(graph, state: dict, client: ScriptedClient, *, context: RunContext | None = None, approve: bool = False,
-          answers: list | None = None, max_parks: int = 100) -> dict:
+          answers: list | None = None, max_parks: int = 100, checkpointer: Any = None) -> dict:
     """Run a graph to its end like the driver does: on each park, release the tasks and resume.
 
-    ``answers`` are resume values for approval interrupts, in order. Returns the final state values.
+    ``answers`` are resume values for approval interrupts, in order. Returns the final state values. Runs given
+    the same ``checkpointer`` are turns of one thread (give each its own ``run_id`` in ``context``).
     """
-    compiled = graph.compile(checkpointer=InMemorySaver())
+    compiled = graph.compile(checkpointer=checkpointer or InMemorySaver())
     config = {"configurable": {"thread_id": "t"}}
     context = context or scripted_context(client, approve=approve)
     answers = list(answers or [])

@@ -324,13 +324,17 @@ async def _finished(context, task_id: str) -> Any:
         await asyncio.sleep(POLL_S)
 
 
+# Step error codes that are the caller's to fix: a 400, as OpenAI answers (an over-long prompt included).
+_CALLER_ERRORS = frozenset({"invalid_input", "invalid_image", "artifact_not_found", "incomplete_output",
+                            "context_length_exceeded"})
+
+
 def _raise_for(record: Any) -> None:
     if record.status == "done":
         return
     error = record.error or {}
     code, message = error.get("code", record.status), error.get("message", f"the model step ended {record.status}")
-    status = 400 if code in ("invalid_input", "invalid_image", "artifact_not_found", "incomplete_output") else \
-        503 if error.get("retryable") else 502
+    status = 400 if code in _CALLER_ERRORS else 503 if error.get("retryable") else 502
     raise ApiError(status, message, code=code)
 
 
