@@ -91,11 +91,11 @@ def _png() -> bytes:
 
 
 @pytest.mark.timeout(1260)
-def test_a_64_page_story_of_two_rounds_completes(tmp_path, mgmflow_home):
+def test_a_64_page_story_of_two_rounds_completes_and_shows_pages_as_they_finish(tmp_path, mgmflow_home):
     """Stories of every length fit the model (issue 14): `mgmflow run story --pages 64 --rounds 2` on the default
     tiny preset, embedded (before the prompt budgets its sheet prompt outgrew the 2,048-token context at ~28
     pages). The cheapest settings that still run 64 pages × 2 rounds: 64-pixel pages of one denoising step, and
-    dynamic VLM batches wide enough for every page at once."""
+    dynamic VLM batches wide enough for every page at once. The progress prints each page as it finishes."""
     import os
     import re
     import subprocess
@@ -119,3 +119,5 @@ def test_a_64_page_story_of_two_rounds_completes(tmp_path, mgmflow_home):
     for page in manifest["pages"]:
         assert (out / page["image"]).read_bytes()[:4] == b"\x89PNG"
         assert 1 <= len(page["scores"]) <= 2 and page["scene"] and page["prompt"]
+    finished = re.findall(r"^page-(\d\d) (?:accepted|exhausted): score", result.stderr, re.MULTILINE)
+    assert sorted(int(number) for number in finished) == list(range(1, 65))
