@@ -27,7 +27,7 @@ from mgmflow.models.errors import Cancelled, DeadlineExceeded, MGMFlowError
 from mgmflow.orchestrator.checkpoint import LEASE_KEY, RunLeaseLost, open_database
 from mgmflow.orchestrator.dispatch import Dispatcher
 from mgmflow.orchestrator.records import TERMINAL, RunInfo, RunStore
-from mgmflow.orchestrator.runtime import ANY_FINISHED, RUN_REF, FINISHED, RunContext
+from mgmflow.orchestrator.runtime import RUN_REF, FINISHED, RunContext
 from mgmflow.orchestrator.workflow import get_workflow
 from mgmflow.workers import faults
 from mgmflow.workers.records import owner_gone
@@ -126,30 +126,23 @@ class Orchestrator:
         return self._finished_at(run) is not None
 
     def _finished_at(self, run: RunInfo) -> float | None:
-        """When the last of the run's awaited tasks finished (None while any is unfinished); for a run that awaits
-        any of them (``ANY_FINISHED`` first, the pipelined loop), when the first one finished."""
-        if run.awaited and all(ref.startswith(RUN_REF) for ref in run.awaited):
-            return self._first_child_ended_at(run)
-        wants_any = run.awaited[:1] == [ANY_FINISHED]
-        finished_at, first = run.updated_at, None
-        for task_id in run.awaited[1:] if wants_any else run.awaited:
-            record = self.client.get(task_id)
-            if record is None:
-                if wants_any:
-                    return run.updated_at
-                continue  # its submission was lost (a process died before it): advancing submits it again
-            if record.status not in FINISHED:
-                if wants_any:
-                    continue
-                return None
-            finished_at = max(finished_at, record.updated_at or 0.0)
-            first = min(first, record.updated_at or 0.0) if first is not None else record.updated_at or 0.0
-        return first if wants_any else finished_at
+        """When the first of the run's awaited tasks (or child runs) finished; None while none has.
 
-    def _first_child_ended_at(self, run: RunInfo) -> float | None:
-        """A parent run (the ``batch`` workflow, via ``await_runs``) resumes when the *first* awaited child ends."""
-        children = [self.runs.get(ref[len(RUN_REF):]) for ref in run.awaited]
-        ended = [child.updated_at for child in children if child.status in TERMINAL]
+        A run wakes at the first completion it awaits, whatever it waits for: a node that needs all of them
+        (``await_tasks``) reads the records again and parks on the rest, one that moves each item on as soon as
+        its own step finished (the refine loop) takes what finished. A task with no record lost its submission (a
+        process died before it): advancing submits it again, so the run is ready at once."""
+        ended = []
+        for ref in run.awaited:
+            if ref.startswith(RUN_REF):
+                child = self.runs.get(ref[len(RUN_REF):])
+                ended += [child.updated_at] if child.status in TERMINAL else []
+                continue
+            record = self.client.get(ref)
+            if record is None:
+                return run.updated_at
+            if record.status in FINISHED:
+                ended.append(record.updated_at or run.updated_at)
         return min(ended) if ended else None
 
     # One drive of the graph, from the last checkpoint to the next park.
@@ -208,10 +201,8 @@ class Orchestrator:
     def _park(self, run: RunInfo, snapshot: Any, owner: str) -> None:
         """Record where the graph stopped: awaiting tasks (running), a human (interrupted), or the end."""
         approvals = [pending.value for pending in snapshot.interrupts if _kind(pending) == "approval"]
-        awaits = [pending.value for pending in snapshot.interrupts if _kind(pending) == "await"]
-        awaited = [task_id for value in awaits for task_id in value.get("task_ids", [])]
-        if any(value.get("any") for value in awaits):
-            awaited = [ANY_FINISHED, *awaited]  # ready when any of them finished (the node reads them all again)
+        awaited = [task_id for pending in snapshot.interrupts if _kind(pending) == "await"
+                   for task_id in pending.value.get("task_ids", [])]
         if approvals:
             if self.runs.update(run.run_id, owner=owner, status="interrupted", interrupt=approvals, awaited=awaited,
                                 resume_value=None):

@@ -122,9 +122,10 @@ def poll_tasks(specs: list[TaskSpec]) -> list[Any | None]:
 
 
 def await_any(specs: list[TaskSpec]) -> None:
-    """Park until any of the (submitted) ``specs`` has finished; the node then reads the records again."""
+    """Park until any of the (submitted) ``specs`` has finished; the node then reads the records again. (Every park
+    wakes at the first completion: :func:`await_tasks` parks again on the rest.)"""
     run_id = get_run_context().run_id
-    interrupt({"kind": "await", "task_ids": [task_id_for(run_id, spec.step) for spec in specs], "any": True})
+    interrupt({"kind": "await", "task_ids": [task_id_for(run_id, spec.step) for spec in specs]})
 
 
 def submit_tasks(specs: list[TaskSpec]) -> list[str]:
@@ -157,7 +158,6 @@ def _with_previews(spec: TaskSpec, every: int) -> dict[str, Any]:
 
 
 RUN_REF = "run:"  # awaited ids of child runs (``await_runs``), beside task ids
-ANY_FINISHED = "any"  # first of a run's awaited ids when it awaits any of its tasks (``await_any``): not a task id
 
 
 def await_runs(run_ids: list[str]) -> None:
