@@ -2,11 +2,11 @@
 
 A private redis-server, one VLM worker (`small` preset) and one diffusion worker (`tiny`), `mgmflow worker`
 subprocesses that stay up for the whole bench. The orchestration worker runs this tree (pipelined: each page moves
-on as soon as its own step finished) or the tree of an earlier commit (``--baseline``, default: the commit before
-the pipelined loop; it is exported with ``git archive`` and put first on the orchestration worker's PYTHONPATH),
-one at a time, since both would take the ``orchestrator`` queue's messages. Repetitions alternate between the two.
-Only the orchestration code differs: the model workers, the prompts and the seeds are the same, so both schedules
-do the same model work and write byte-identical pages.
+on as soon as its own step finished) or the ``mgmflow.orchestrator`` package of an earlier commit (``--baseline``,
+default: the last stage-synchronous one; exported with ``git archive`` and put first on the orchestration worker's
+PYTHONPATH), one at a time, since both would take the ``orchestrator`` queue's messages. Repetitions alternate
+between the two. Only the orchestration code differs: the model workers, the prompts and the seeds are the same, so
+both schedules do the same model work and write byte-identical pages.
 
 Per run, from the run's event stream (Redis stream ids, one clock) and the task records:
 
@@ -17,10 +17,12 @@ Per run, from the run's event stream (Redis stream ids, one clock) and the task 
   orchestrator's: completion notices, resumes, checkpoints, dispatch); goal ≤ 1.10;
 - VLM mean batch size: VLM tasks / VLM model calls (each task reports the size of the batch it ran in).
 
-``--steps`` (default 128) and ``--size``: a page's drawing should cost about what the VLM spends on a page-round (its
-prompt and critique, a batch counted once); each run prints both, so the balance can be checked and adjusted.
+A page's drawing should cost about what the VLM spends on a page-round (its prompt and critique, a batch counted
+once). Unless ``--size`` is given, a one-round stage-synchronous story first measures both at ``--steps`` and
+``CALIBRATION_SIZE`` pixels, and the pages' size is chosen from them (drawing time grows with the pixels); every run
+prints both, so the balance can be checked.
 
-    python bench/bench_orchestrator.py [--reps 3] [--pages 8] [--rounds 2] [--steps 128] [--size PX] [--baseline REV]
+    python bench/bench_orchestrator.py [--reps 3] [--pages 8] [--rounds 2] [--steps 50] [--size PX] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 MGMFLOW = str(Path(sys.executable).parent / "mgmflow")
 PIPELINED, STAGED = "pipelined", "stage-synchronous"
-DEFAULT_BASELINE = "289094a"  # the stage-synchronous loop, with this tree's prompt budgets
+DEFAULT_BASELINE = "0acd887"  # the last stage-synchronous loop (one namespace, prompt budgets)
+CALIBRATION_SIZE = 128
 
 
 def free_port() -> int:
@@ -137,20 +140,21 @@ class Bench:
         process.wait()
 
     def export_baseline(self) -> None:
-        self.baseline.mkdir()
-        archive = subprocess.run(["git", "archive", self.args.baseline], cwd=REPO, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(self.baseline)], input=archive.stdout, check=True)
+        """``baseline/mgmflow/orchestrator``: first on the path, it shadows this tree's package (and only it)."""
+        package = self.baseline / "mgmflow"
+        package.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", self.args.baseline, "orchestrator"], cwd=REPO,
+                                 capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(package)], input=archive.stdout, check=True)
 
-    def story(self, service, schedule: str, seed: int, steps: int) -> dict:
+    def story(self, service, schedule: str, seed: int, *, rounds: int, size: int) -> dict:
         """One story on the schedule's orchestration worker (started for it, stopped after it)."""
         orchestrator = self.start(f"orchestrator-{schedule}-{seed}", "orchestrator",
                                   tree=self.baseline if schedule == STAGED else None)
         try:
             run = service.create_run("story", {"premise": "A lighthouse keeper befriends a whale.",
-                                               "pages": self.args.pages, "rounds": self.args.rounds, "steps": steps,
-                                               **({"width": self.args.size, "height": self.args.size}
-                                                  if self.args.size else {}),
-                                               "seed": seed})
+                                               "pages": self.args.pages, "rounds": rounds,
+                                               "steps": self.args.steps, "width": size, "height": size, "seed": seed})
             final = service.wait(run.run_id, timeout=7200)
             if final.status != "success":
                 raise RuntimeError(f"run {run.run_id} ended {final.status}: {final.error}")
@@ -166,6 +170,17 @@ class Bench:
         return measure(events, final.created_at, batch_sizes)
 
 
+def calibrate(bench: Bench, service) -> int:
+    """The pages' size at which drawing a page costs about what the VLM spends on a page-round, measured on a
+    one-round stage-synchronous story at CALIBRATION_SIZE (a tiny UNet's time grows with the pixels)."""
+    probe = bench.story(service, STAGED, 10_000, rounds=1, size=CALIBRATION_SIZE)["per_page"]
+    size = int(CALIBRATION_SIZE * (probe["vlm"] / probe["diffusion"]) ** 0.5) // 8 * 8
+    size = min(max(size, 64), 2048)
+    print(f"calibration at {CALIBRATION_SIZE} px: per page-round VLM {probe['vlm']:.1f} s, drawing "
+          f"{probe['diffusion']:.1f} s; pages of {size} px", flush=True)
+    return size
+
+
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
@@ -176,11 +191,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="runs of each schedule, alternating")
     parser.add_argument("--pages", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=128,
-                        help="denoising steps of a page: about the VLM's time per page-round (both are printed)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps of a page")
     parser.add_argument("--size", type=int, default=None,
-                        help="page width and height in pixels (default: the diffusion model's): with --steps, "
-                             "what a page's drawing costs")
+                        help="page width and height in pixels: with --steps, what a page's drawing costs (default: "
+                             "calibrated to the VLM's time per page-round)")
     parser.add_argument("--vlm", default="small", help="Mini-Gemini preset of the VLM worker")
     parser.add_argument("--diffusion", default="tiny", help="diffusion preset (no 'small' diffusion preset exists)")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision of the stage-synchronous loop")
@@ -201,11 +215,11 @@ def main() -> None:
 
         service = RunService(Settings())
         print(f"before: {load()}", flush=True)
-        steps = args.steps
+        size = args.size or calibrate(bench, service)
         results: dict[str, list[dict]] = {PIPELINED: [], STAGED: []}
         for rep in range(args.reps):
             for schedule in ((STAGED, PIPELINED) if rep % 2 == 0 else (PIPELINED, STAGED)):
-                result = bench.story(service, schedule, rep, steps)
+                result = bench.story(service, schedule, rep, rounds=args.rounds, size=size)
                 results[schedule].append(result)
                 print(f"rep {rep + 1} {schedule:>17}: wall {result['wall']:6.1f} s, busy VLM "
                       f"{result['busy']['vlm']:.2f} diffusion {result['busy']['diffusion']:.2f}, first page "
@@ -217,7 +231,7 @@ def main() -> None:
             return statistics.median(pick(result) for result in results[schedule])
 
         print(f"\nstory, {args.pages} pages, {args.rounds} rounds, VLM worker {args.vlm}, diffusion worker "
-              f"{args.diffusion} ({steps} steps); {args.reps} runs of each schedule, alternating; medians")
+              f"{args.diffusion} ({args.steps} steps, {size}x{size} px); {args.reps} runs of each schedule, alternating; medians")
         for schedule in (STAGED, PIPELINED):
             print(f"{schedule:>17}: wall {median(schedule, lambda r: r['wall']):6.1f} s, busy fraction VLM "
                   f"{median(schedule, lambda r: r['busy']['vlm']):.2f} diffusion "

@@ -130,8 +130,11 @@ class Orchestrator:
 
         A run wakes at the first completion it awaits, whatever it waits for: a node that needs all of them
         (``await_tasks``) reads the records again and parks on the rest, one that moves each item on as soon as
-        its own step finished (the refine loop) takes what finished. A task with no record lost its submission (a
-        process died before it): advancing submits it again, so the run is ready at once."""
+        its own step finished (the refine loop) takes what finished. A run that awaits nothing (its driver died in
+        the middle of a step) and a task with no record (its submission was lost with a process that died before
+        it) are ready at once: advancing goes on from the last checkpoint and submits what is missing."""
+        if not run.awaited:
+            return run.updated_at
         ended = []
         for ref in run.awaited:
             if ref.startswith(RUN_REF):

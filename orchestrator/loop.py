@@ -27,7 +27,7 @@ from langgraph.graph import END, START, StateGraph
 
 from mgmflow.orchestrator.budget import PromptBudget, fit, run_budget
 from mgmflow.orchestrator.runtime import (
-    TaskSpec, VLMRequest, await_any, emit, get_run_context, parse_json, poll_tasks, request_approval,
+    TaskSpec, VLMRequest, answer_text, await_any, emit, get_run_context, parse_json, poll_tasks, request_approval,
 )
 from mgmflow.orchestrator.schemas import Critique, Plan
 from mgmflow.orchestrator.seeds import derive_seed
@@ -140,7 +140,7 @@ def build_refine_loop(
     def complete(state: LoopState, item: LoopItem, specs: list[TaskSpec], results: list[Any]) -> tuple[LoopItem, dict]:
         stage, out = item["stage"], {}
         if stage == "plan":
-            answer = parse_json(Plan, results[0]["text"], step=specs[0].step).model_dump()
+            answer = parse_json(Plan, answer_text(results[0], step=specs[0].step), step=specs[0].step).model_dump()
             item = {**item, "plan": answer, "stage": "prompt"}
         elif stage == "prompt":
             prompt = (results[0].get("image_prompt") or "").strip() or _fallback_prompt(item)
@@ -158,7 +158,8 @@ def build_refine_loop(
                                                              for ref in refs]}
             out["artifacts"] = refs
         elif stage == "critique":
-            answers = [parse_json(Critique, result["text"], step=spec.step) for spec, result in zip(specs, results)]
+            answers = [parse_json(Critique, answer_text(result, step=spec.step), step=spec.step)
+                       for spec, result in zip(specs, results)]
             item, out = select(state, item, answers)
         return item, out
 

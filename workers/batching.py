@@ -2,7 +2,10 @@
 
 The batcher takes the first waiting request, gathers compatible ones (equal ``key``) arriving within a short
 window, up to a batch size, and runs them as one model call; each task thread gets its own result back.
-Requests that do not fit the current batch wait for the next one, in arrival order.
+Requests that do not fit the current batch wait for the next one, in arrival order. Where any requests can share a
+call and the key only says which share it best (``mix_keys``: the VLM, whose key is the number of images), a batch
+that is not full after the window takes the waiting requests of other keys too: a pipelined run sends a few requests
+of each kind at a time, and one call decoding all of them beats one call per kind.
 """
 
 from __future__ import annotations
@@ -51,10 +54,11 @@ class Batcher:
     """Runs ``run(items, check)`` with lists of compatible items; ``run`` returns one result per item."""
 
     def __init__(self, run: Callable[[list[BatchItem], Callable[[], None]], Sequence[Any]], *,
-                 max_size: int, window_s: float, name: str = "batcher"):
+                 max_size: int, window_s: float, mix_keys: bool = False, name: str = "batcher"):
         self._run = run
         self.max_size = max_size
         self.window_s = window_s
+        self.mix_keys = mix_keys
         self._incoming: queue.Queue[BatchItem] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -79,6 +83,8 @@ class Batcher:
             except queue.Empty:
                 break
             (batch if item.key == first.key else pending).append(item)
+        while self.mix_keys and pending and len(batch) < self.max_size:
+            batch.append(pending.popleft())  # arrival order
         return batch
 
     def _loop(self) -> None:
