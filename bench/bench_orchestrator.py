@@ -100,7 +100,9 @@ def measure(events: list, created_at: float, batch_sizes: dict[str, int]) -> dic
     first_page = min(stamp(event) for event in events
                      if event.type == "progress" and event.data.get("stage") == "pages" and event.data.get("done"))
     vlm = [batch_sizes[task] for task in intervals if worker_of(kinds[task]) == "vlm" and task in batch_sizes]
+    pages_start = min(span[0] for task, span in intervals.items() if ":pages:" in task)
     return {"wall": wall, "busy": busy, "first_page": (first_page - created_at) / wall,
+            "pages_start": (pages_start - created_at) / wall,
             "overhead": wall / union(list(intervals.values())),
             "vlm_batch": len(vlm) / sum(1 / size for size in vlm) if vlm else float("nan"),
             "per_page": per_page(intervals, kinds)}
@@ -223,7 +225,8 @@ def main() -> None:
                 results[schedule].append(result)
                 print(f"rep {rep + 1} {schedule:>17}: wall {result['wall']:6.1f} s, busy VLM "
                       f"{result['busy']['vlm']:.2f} diffusion {result['busy']['diffusion']:.2f}, first page "
-                      f"{result['first_page']:.2f}, overhead {result['overhead']:.3f}, VLM batch "
+                      f"{result['first_page']:.2f} (pages start {result['pages_start']:.2f}), overhead "
+                      f"{result['overhead']:.3f}, VLM batch "
                       f"{result['vlm_batch']:.2f}, per page-round VLM {result['per_page']['vlm']:.1f} s / "
                       f"drawing {result['per_page']['diffusion']:.1f} s; {load()}", flush=True)
 
