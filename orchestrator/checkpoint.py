@@ -161,22 +161,40 @@ def _open(url: str) -> Database:
     raise InvalidInputError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://…")
 
 
+class _FencedWrites:
+    """The saver's two writes (``put``, ``put_writes``) of a driver's config (``LEASE_KEY``) run in the saver's
+    ``_lease_held`` transaction, which checks the driver's lease; writes of any other config as the saver makes them."""
+
+    @contextlib.contextmanager
+    def _fenced(self, config):
+        if LEASE_KEY not in config["configurable"]:
+            yield
+            return
+        faults.point("checkpoint.write", run_id=config["configurable"][LEASE_KEY][0])
+        with self._lease_held(config):
+            yield
+
+    def put(self, config, checkpoint, metadata, new_versions):
+        with self._fenced(config):
+            return super().put(config, checkpoint, metadata, new_versions)
+
+    def put_writes(self, config, writes, task_id, task_path=""):
+        with self._fenced(config):
+            return super().put_writes(config, writes, task_id, task_path)
+
+
 def _fenced_sqlite_saver(connection: sqlite3.Connection) -> BaseCheckpointSaver:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    class FencedSqliteSaver(SqliteSaver):
-        """Writes of a driver's config (``LEASE_KEY``) commit only while its lease holds, in one transaction."""
+    class FencedSqliteSaver(_FencedWrites, SqliteSaver):
+        """Writes of a driver's config commit only while its lease holds, in one transaction."""
 
         def __init__(self, conn):
             super().__init__(conn)
             self.lock = threading.RLock()  # the fenced write holds it around the saver's own cursor()
 
         @contextlib.contextmanager
-        def _fenced(self, config):
-            if LEASE_KEY not in config["configurable"]:
-                yield
-                return
-            faults.point("checkpoint.write", run_id=config["configurable"][LEASE_KEY][0])
+        def _lease_held(self, config):
             with self.lock:
                 _begin_immediate(self.conn)  # the write lock first: a takeover commits before or after us
                 try:
@@ -185,14 +203,6 @@ def _fenced_sqlite_saver(connection: sqlite3.Connection) -> BaseCheckpointSaver:
                 except BaseException:
                     self.conn.rollback()
                     raise
-
-        def put(self, config, checkpoint, metadata, new_versions):
-            with self._fenced(config):
-                return super().put(config, checkpoint, metadata, new_versions)
-
-        def put_writes(self, config, writes, task_id, task_path=""):
-            with self._fenced(config):
-                return super().put_writes(config, writes, task_id, task_path)
 
     return FencedSqliteSaver(connection)
 
@@ -217,20 +227,16 @@ def _fenced_postgres_saver(pool: Any) -> BaseCheckpointSaver:
     from langgraph.checkpoint.postgres import PostgresSaver
     from psycopg.rows import dict_row
 
-    class FencedPostgresSaver(PostgresSaver):
-        """Writes of a driver's config (``LEASE_KEY``) run in one transaction with a check of its lease, which
-        locks the run's row until they commit."""
+    class FencedPostgresSaver(_FencedWrites, PostgresSaver):
+        """Writes of a driver's config run in one transaction with a check of its lease, which locks the run's row
+        until they commit."""
 
         def __init__(self, conn):
             super().__init__(conn)
             self._local = threading.local()  # .connection: this thread's fenced transaction
 
         @contextlib.contextmanager
-        def _fenced(self, config):
-            if LEASE_KEY not in config["configurable"]:
-                yield
-                return
-            faults.point("checkpoint.write", run_id=config["configurable"][LEASE_KEY][0])
+        def _lease_held(self, config):
             with self.conn.connection() as connection, connection.transaction():
                 _check_lease(connection, config, postgres=True)
                 self._local.connection = connection
@@ -248,14 +254,6 @@ def _fenced_postgres_saver(pool: Any) -> BaseCheckpointSaver:
                 return
             with connection.cursor(binary=True, row_factory=dict_row) as cursor:
                 yield _OneByOne(cursor)
-
-        def put(self, config, checkpoint, metadata, new_versions):
-            with self._fenced(config):
-                return super().put(config, checkpoint, metadata, new_versions)
-
-        def put_writes(self, config, writes, task_id, task_path=""):
-            with self._fenced(config):
-                return super().put_writes(config, writes, task_id, task_path)
 
     return FencedPostgresSaver(pool)
 

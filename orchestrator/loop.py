@@ -21,9 +21,10 @@ item's lineage and scores are the same whatever the order its steps finished in.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 from langgraph.graph import END, START, StateGraph
+from typing_extensions import TypedDict  # pydantic (the API's state schemas) needs it on Python < 3.12
 
 from mgmflow.orchestrator.budget import PromptBudget, fit, run_budget
 from mgmflow.orchestrator.runtime import (

@@ -68,6 +68,9 @@ class RunInfo:
     webhook_status: str | None = None  # pending | delivered | failed (None: no webhook)
     # The checkpoint the run ended with: its outputs are read there, never from whatever is latest on its thread.
     ended_checkpoint: str | None = None
+    # The HTTP API's stream modes the run was created with (None: none named), which a join naming none streams in.
+    stream_mode: list[str] | None = None
+    stream_subgraphs: bool = False
 
     @property
     def done(self) -> bool:
@@ -80,9 +83,11 @@ class RunInfo:
 _COLUMNS = (
     "run_id", "thread_id", "workflow", "status", "scope", "input", "approve", "priority", "idempotency_key",
     "awaited", "interrupt", "error", "metadata", "created_at", "updated_at", "resume_value", "previews", "webhook",
-    "webhook_status", "ended_checkpoint",
+    "webhook_status", "ended_checkpoint", "stream_mode", "stream_subgraphs",
 )
-_JSON = {"input", "awaited", "interrupt", "error", "metadata", "resume_value"}
+_JSON = {"input", "awaited", "interrupt", "error", "metadata", "resume_value", "stream_mode"}
+_NULLABLE_JSON = {"interrupt", "error", "resume_value", "stream_mode"}  # None is stored as NULL
+_BOOL = {"approve", "stream_subgraphs"}
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS mgmflow_runs (
@@ -113,6 +118,8 @@ _ADDED = {
     "webhook_next_at": "DOUBLE PRECISION NOT NULL DEFAULT 0",
     "webhook_error": "TEXT",  # the last attempt's failure
     "ended_checkpoint": "TEXT",
+    "stream_mode": "TEXT",
+    "stream_subgraphs": "INTEGER NOT NULL DEFAULT 0",
 }
 # Only runs whose webhook is still to be delivered, in the order they are due: the delivery loop's one query.
 _AFTER_ADDED = (
@@ -403,8 +410,8 @@ class RunStore:
 
 def _encode(name: str, value: Any) -> Any:
     if name in _JSON:
-        return None if value is None and name in ("interrupt", "error", "resume_value") else json.dumps(value)
-    if name == "approve":
+        return None if value is None and name in _NULLABLE_JSON else json.dumps(value)
+    if name in _BOOL:
         return int(bool(value))
     return value
 
@@ -414,7 +421,7 @@ def _decode(row: tuple) -> RunInfo:
     for name, value in zip(_COLUMNS, row):
         if name in _JSON:
             value = json.loads(value) if value is not None else None
-        elif name == "approve":
+        elif name in _BOOL:
             value = bool(value)
         values[name] = value
     values["awaited"] = values["awaited"] or []

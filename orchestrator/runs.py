@@ -76,13 +76,15 @@ class RunService:
     def create_run(self, workflow: str, input: dict[str, Any], *, thread_id: str | None = None,
                    scope: str = DEFAULT_SCOPE, approve: bool = False, idempotency_key: str | None = None,
                    priority: int = 5, metadata: dict[str, Any] | None = None, previews: int = 0,
-                   webhook: str | None = None) -> RunInfo:
+                   webhook: str | None = None, stream_mode: list[str] | None = None,
+                   stream_subgraphs: bool = False) -> RunInfo:
         """Validate ``input`` against the workflow, record the run and dispatch it.
 
         The same ``idempotency_key`` in the same scope returns the existing run instead of a new one.
         ``previews``: its diffusion steps store a preview every N denoising steps (``task.step`` events carry
         their artifact ids). ``webhook``: a URL recorded as pending with the run, for the HTTP API to deliver
-        once it has ended (the caller checks that the URL is allowed).
+        once it has ended (the caller checks that the URL is allowed). ``stream_mode``, ``stream_subgraphs``: the
+        HTTP API's stream modes the run was created with, kept for a join that names none.
         """
         definition = get_workflow(workflow)
         validated = definition.validate_input(input).model_dump(mode="json")
@@ -114,7 +116,8 @@ class RunService:
                 run_id=str(uuid.uuid4()), thread_id=thread["thread_id"], workflow=workflow, status="pending",
                 scope=scope, input=validated, approve=approve, priority=priority, idempotency_key=idempotency_key,
                 metadata=metadata or {}, previews=previews, webhook=webhook,
-                webhook_status="pending" if webhook else None,
+                webhook_status="pending" if webhook else None, stream_mode=stream_mode,
+                stream_subgraphs=stream_subgraphs,
             ))
         self.orchestrator.dispatch(run.run_id)  # after the commit: the driver must find the record
         return run

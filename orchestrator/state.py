@@ -7,7 +7,9 @@ stay small and serialise the same in SQLite and PostgreSQL.
 from __future__ import annotations
 
 import operator
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal
+
+from typing_extensions import TypedDict  # pydantic (the API's state schemas) needs it on Python < 3.12
 
 
 class Message(TypedDict, total=False):

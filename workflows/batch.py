@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field, field_validator
+from typing_extensions import TypedDict  # pydantic (the API's state schemas) needs it on Python < 3.12
 
 from mgmflow.models.errors import InvalidInputError
 from mgmflow.orchestrator.records import TERMINAL

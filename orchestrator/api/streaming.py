@@ -57,9 +57,9 @@ def check_event_id(last_event_id: str | None) -> str | None:
 
 
 async def final_values(context: ApiContext, run: Any) -> dict[str, Any]:
-    """The thread's state values after ``run``, as ``/runs/wait`` and ``/join`` return them; errors as
-    ``__error__`` (what ``langgraph-sdk`` raises on)."""
-    values = await run_in_threadpool(context.runs.thread_state, run.thread_id)
+    """The state values ``run`` ended with, as ``/runs/wait`` and ``/join`` return them (not the thread's latest:
+    a later run or state update may follow it); errors as ``__error__`` (what ``langgraph-sdk`` raises on)."""
+    values = await run_in_threadpool(context.runs.output_values, run)
     if run.status != "success":
         error = run.error or {}
         values["__error__"] = {"error": error.get("code", run.status), "message": error.get("message", run.status)}

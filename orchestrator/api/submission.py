@@ -13,6 +13,7 @@ from mgmflow.orchestrator.api.bounds import MAX_JSON_DEPTH, json_depth
 from mgmflow.orchestrator.api.deps import ApiContext
 from mgmflow.orchestrator.api.errors import ApiError, not_found
 from mgmflow.orchestrator.api.schemas import RunCreate
+from mgmflow.orchestrator.api.stream_modes import parse_modes
 from mgmflow.orchestrator.records import RunNotFound
 from mgmflow.orchestrator.references import artifact_values
 from mgmflow.workers.artifacts import ArtifactNotFound
@@ -95,10 +96,12 @@ def create_run(context: ApiContext, body: RunCreate, *, scope: str, thread_id: s
     run_input = validate_run(context, body, scope)
     check_quotas(context, body, run_input, scope, chats)
     metadata = {**body.metadata, **({"webhook": body.webhook} if body.webhook else {})}
+    modes = parse_modes(body.stream_mode)
     return context.runs.create_run(
         body.assistant_id, run_input, thread_id=thread_id, scope=scope, approve=body.approve,
         idempotency_key=idempotency_key, priority=body.priority, metadata=metadata, previews=body.previews,
-        webhook=body.webhook,
+        webhook=body.webhook, stream_mode=list(modes) if modes else None,
+        stream_subgraphs=body.stream_subgraphs,
     )
 
 

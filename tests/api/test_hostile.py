@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
 from urllib.parse import quote
 
 import httpx
@@ -12,6 +11,7 @@ from api_support import LiveServer, auth, make_app
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel
 from testkit import wait_for
+from typing_extensions import TypedDict
 
 from mgmflow.orchestrator.runtime import request_approval
 from mgmflow.orchestrator.workflow import Workflow, register

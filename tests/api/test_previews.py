@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-from typing import TypedDict
 
 import pytest
 from api_support import KEYS, auth, make_app
 from langgraph.graph import END, START, StateGraph
 from PIL import Image
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
 
 from mgmflow.orchestrator.runtime import TaskSpec, await_tasks
 from mgmflow.orchestrator.workflow import Workflow, register

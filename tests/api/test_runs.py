@@ -34,6 +34,23 @@ def test_wait_returns_the_final_state(client):
     assert response.status_code == 200 and response.json()["answer"] == "ABC"
 
 
+def test_a_run_joins_to_the_state_it_ended_with_not_its_threads_latest(client):
+    """A later run on the thread writes newer checkpoints: joining the earlier run (its values, its replayed stream)
+    still gives what that run ended with."""
+    thread = client.post("/threads", json={}).json()["thread_id"]
+    first, second = (client.post(f"/threads/{thread}/runs/wait", json={"assistant_id": "echo", "input": {"text": text}})
+                     for text in ("first", "second"))
+    assert first.json()["answer"] == "FIRST" and second.json()["answer"] == "SECOND"
+    assert client.get(f"/threads/{thread}/state").json()["values"]["answer"] == "SECOND"
+    run_id = first.headers["content-location"].rsplit("/", 1)[1]
+    for path in (f"/threads/{thread}/runs/{run_id}/join", f"/runs/{run_id}/join"):
+        assert client.get(path).json()["answer"] == "FIRST", path
+    with client.stream("GET", f"/threads/{thread}/runs/{run_id}/stream") as response:
+        text = "".join(response.iter_text())
+    values = [line for line in text.splitlines() if line.startswith("data:") and '"answer"' in line]
+    assert values and '"FIRST"' in values[-1] and "SECOND" not in text
+
+
 def test_running_run_shows_progress_and_queued_runs_their_position(client):
     thread = client.post("/threads", json={}).json()["thread_id"]
     slow = {"assistant_id": "echo", "input": {"text": "slow", "steps": 6, "delay": 0.3}}

@@ -140,6 +140,35 @@ def test_stream_modes_have_the_agent_server_shapes(live_server):
     asyncio.run(scenario())
 
 
+def test_a_join_naming_no_mode_streams_in_the_modes_the_run_was_created_with(live_server):
+    """As the Agent Server: ``join_stream`` without ``stream_mode`` (an SDK reconnect names none either) gives the
+    modes, and subgraph events, the run was created with; a mode named in the join still wins."""
+    async def scenario():
+        client = get_client(url=live_server.url, api_key=None)
+        body = {"input": {"text": "joined", "steps": 2}}
+
+        async def joined(run, **options):
+            return [part async for part in client.runs.join_stream(run["thread_id"], run["run_id"], **options)]
+
+        run = await client.runs.create(None, "echo", stream_mode=["updates", "custom"], **body)
+        parts = await joined(run)
+        assert {p.event for p in parts} == {"metadata", "updates", "custom", "end"}
+        assert [p.data for p in parts if p.event == "updates"] == [{"echo": {"answer": "JOINED"}}]
+        assert [p.data["data"]["done"] for p in parts if p.event == "custom" and p.data["type"] == "progress"] == [1, 2]
+        assert {p.event for p in await joined(run, stream_mode="custom")} == {"metadata", "custom", "end"}
+
+        default = await joined(await client.runs.create(None, "echo", **body))  # the SDK's default mode: values
+        assert [p.event for p in default] == ["metadata", "values", "values", "end"]
+        assert default[-2].data["answer"] == "JOINED"
+
+        nested = await joined(await client.runs.create(None, "echo_nested", stream_mode="updates",
+                                                       stream_subgraphs=True, **body))
+        (inner,) = [p for p in nested if p.event.startswith("updates|outer:")]
+        assert inner.data == {"echo": {"answer": "JOINED"}}
+
+    asyncio.run(scenario())
+
+
 def test_a_bad_stream_mode_is_refused_before_the_run_starts(live_server):
     with httpx.Client(base_url=live_server.url, timeout=30) as http:
         before = len(http.get("/runs", params={"limit": 1000}).json())
@@ -188,6 +217,26 @@ def test_assistant_graph_and_schemas(live_server):
         assert set(subgraphs["outer"]["input_schema"]["properties"]) >= {"text", "answer"}
         with pytest.raises(httpx.HTTPStatusError, match="assistant 'nope' not found"):
             await client.assistants.get_graph("nope")
+
+    asyncio.run(scenario())
+
+
+def test_every_packaged_workflow_has_input_output_and_state_schemas(live_server):
+    """The states are TypedDicts pydantic can describe: every workflow's output and state schema lists its state's
+    keys (not null, as with ``typing.TypedDict`` on Python < 3.12)."""
+    from importlib.metadata import entry_points
+
+    from mgmflow.orchestrator.workflow import ENTRY_POINT_GROUP
+
+    async def scenario():
+        client = get_client(url=live_server.url, api_key=None)
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            workflow = point.load()
+            state_keys = set(workflow.build_graph().state_schema.__annotations__)
+            schemas = await client.assistants.get_schemas(point.name)
+            assert set(schemas["input_schema"]["properties"]) == set(workflow.input_model.model_fields), point.name
+            for kind in ("output_schema", "state_schema"):
+                assert set((schemas[kind] or {}).get("properties", ())) == state_keys, (point.name, kind)
 
     asyncio.run(scenario())
 

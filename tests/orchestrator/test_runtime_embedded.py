@@ -92,29 +92,56 @@ def test_cancel_stops_a_parked_run(service):
     assert service.get_run(run.run_id).status == "cancelled"
 
 
-@pytest.mark.xfail(strict=False, reason="racy since drivers re-check readiness when they release a run: a step "
-                   "that finished before the release is taken up by the driver itself, and the sweeper is not needed; "
-                   "a fault point ordering the step after the release is to come")
 def test_sweeper_resumes_a_run_whose_completion_notice_was_lost(service, monkeypatch):
-    from mgmflow.workers import steps
+    """The first step's completion notice is lost, and the step ends only after its driver let the run go (and
+    re-checked readiness, which finds the step unfinished): only the sweeper can resume the run."""
+    import threading
+    from concurrent.futures import Future
 
-    dropped = []
-    original = steps._notify
+    from mgmflow.workers import faults, steps
+
+    created, parked_by, released, dropped, swept = Future(), set(), threading.Event(), [], []
+    point, advance, notify, sweep = faults.point, service.orchestrator.advance, steps._notify, service.orchestrator.sweep
+
+    def mine(run_id):
+        return run_id == created.result(timeout=60)  # its driver may start before create_run returns
+
+    def ordered(name, **info):
+        """The fault points as in-process hooks: the run's steps start their work once the driver that parked the
+        run has returned (released its lease, found nothing ready)."""
+        if name == "driver.parked" and mine(info["run_id"]):
+            parked_by.add(threading.get_ident())
+        elif name == "step.acquired" and mine(info["task_id"].split(":", 1)[0]):
+            released.wait(60)
+        point(name, **info)
+
+    def driving(driven, force=False):
+        try:
+            advance(driven, force)
+        finally:
+            if threading.get_ident() in parked_by:
+                released.set()
 
     def lossy(task, header):
-        if header.notify and header.notify[1].get("run_id") == run_id and not dropped:
+        if header.notify and mine(header.notify[1].get("run_id")) and not dropped:
             dropped.append(header.task_id)  # the first completion notice of this run is lost
             return
-        original(task, header)
+        notify(task, header)
 
-    swept = []
-    sweep = service.orchestrator.sweep
-    monkeypatch.setattr(service.orchestrator, "sweep", lambda: swept.extend(sweep()) or swept)
+    def sweeping():
+        resent = sweep()
+        if dropped:  # only sweeps after the loss count
+            swept.extend(resent)
+        return resent
+
+    monkeypatch.setattr(faults, "point", ordered)
+    monkeypatch.setattr(service.orchestrator, "advance", driving)
     monkeypatch.setattr(steps, "_notify", lossy)
-    run_id = None
+    monkeypatch.setattr(service.orchestrator, "sweep", sweeping)
     run = service.create_run("test-refine", {"request": "a lost message", "budget": 1})
-    run_id = run.run_id
+    created.set_result(run.run_id)
     final = service.wait(run.run_id, timeout=120)
+    assert released.is_set(), "the driver that parked the run never returned"
     assert dropped, "no completion notice was dropped"
     assert final.status == "success" and run.run_id in swept
 

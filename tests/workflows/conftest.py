@@ -18,17 +18,21 @@ def embedded(mgmflow_home):
 
 
 @pytest.fixture
-def services(tmp_path, mgmflow_home):
-    """Real redis-servers and `mgmflow worker` subprocesses, all killed afterwards.
-
-    They get a home of their own (runs, checkpoints, artifacts): the session's embedded service keeps sweeping its
-    home and must not drive their runs. The tiny presets are shared, not rebuilt.
-    """
+def private_home(tmp_path, mgmflow_home):
+    """A home of its own (runs, checkpoints, artifacts, task records) for processes a test starts: the session's
+    embedded service keeps sweeping its home and must not drive their runs. The tiny presets are shared, not
+    rebuilt."""
     home = tmp_path / "home"
     home.mkdir()
     (mgmflow_home / "presets").mkdir(exist_ok=True)
     (home / "presets").symlink_to(mgmflow_home / "presets")
-    started = Services(tmp_path, home)
+    return home
+
+
+@pytest.fixture
+def services(tmp_path, private_home):
+    """Real redis-servers and `mgmflow worker` subprocesses on a private home, all killed afterwards."""
+    started = Services(tmp_path, private_home)
     yield started
     started.close()
 

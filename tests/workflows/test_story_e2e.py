@@ -90,24 +90,33 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
+# The cheapest settings that still run 64 pages × 2 rounds: dynamic VLM batches wide enough for every page at once
+# (and, embedded, threads enough to fill them).
+WIDE_BATCHES = {"vlm_batch_size": 64, "embedded_concurrency": 96}
+# The reliability defaults users run on the tiny presets, not the suite's short leases: a 64-wide batch on two
+# loaded cores may outlast those, and a lapsed lease would start a step's work twice.
+USERS_RELIABILITY = {"lease_s": 10.0, "visibility_timeout_s": 15.0, "max_deliveries": 3, "oom_backoff_s": 5.0}
+
+
+@pytest.mark.parametrize("where", ["embedded", pytest.param("distributed", marks=pytest.mark.services)])
 @pytest.mark.timeout(1260)
-def test_a_64_page_story_of_two_rounds_completes_and_shows_pages_as_they_finish(tmp_path, mgmflow_home):
+def test_a_64_page_story_of_two_rounds_completes(where, request, private_home, tmp_path):
     """Stories of every length fit the model (issue 14): `mgmflow run story --pages 64 --rounds 2` on the default
-    tiny preset, embedded (before the prompt budgets its sheet prompt outgrew the 2,048-token context at ~28
-    pages). The cheapest settings that still run 64 pages × 2 rounds: 64-pixel pages of one denoising step, and
-    dynamic VLM batches wide enough for every page at once. The progress prints each page as it finishes."""
+    tiny preset (before the prompt budgets its sheet prompt outgrew the 2,048-token context at ~28 pages), the
+    same command embedded and pointed at distributed workers. 64-pixel pages of one denoising step keep it cheap.
+    Every step's work started once, and none is left queued or running. The progress prints each page as it
+    finishes."""
     import os
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    home, out = tmp_path / "home", tmp_path / "board"
-    home.mkdir()
-    (mgmflow_home / "presets").mkdir(exist_ok=True)
-    (home / "presets").symlink_to(mgmflow_home / "presets")  # shared, not rebuilt
-    env = {**os.environ, "MGMFLOW_HOME": str(home), "OMP_NUM_THREADS": "1", "MGMFLOW_VLM_BATCH_SIZE": "64",
-           "MGMFLOW_EMBEDDED_CONCURRENCY": "96"}
+    from PIL import Image
+
+    settings = _long_story_settings(where, request, private_home)
+    out = tmp_path / "board"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{f"MGMFLOW_{k.upper()}": str(v) for k, v in settings.items()}}
     command = [str(Path(sys.executable).parent / "mgmflow"), "run", "story", "--premise", STORY["premise"],
                "--pages", "64", "--seed", "3", "--rounds", "2", "--width", "64", "--height", "64", "--steps", "1",
                "--out", str(out)]
@@ -117,7 +126,49 @@ def test_a_64_page_story_of_two_rounds_completes_and_shows_pages_as_they_finish(
     manifest = json.loads((out / "manifest.json").read_text())
     assert [page["page"] for page in manifest["pages"]] == list(range(1, 65))
     for page in manifest["pages"]:
-        assert (out / page["image"]).read_bytes()[:4] == b"\x89PNG"
+        with Image.open(out / page["image"]) as image:
+            assert (image.format, image.size) == ("PNG", (64, 64))
+            image.verify()
         assert 1 <= len(page["scores"]) <= 2 and page["scene"] and page["prompt"]
     finished = re.findall(r"^page-(\d\d) (?:accepted|exhausted): score", result.stderr, re.MULTILINE)
     assert sorted(int(number) for number in finished) == list(range(1, 65))
+    steps = _steps(settings)
+    assert steps
+    assert {task_id: done for task_id, done in steps.items() if done != ("done", 1)} == {}
+
+
+def _long_story_settings(where: str, request, home) -> dict:
+    """The MGMFLOW_* settings of the long story's `mgmflow run`: embedded (in-process workers, SQLite), or a private
+    redis-server served by worker processes shaped as docker-compose.yml deploys them (the VLM; diffusion and
+    edits; orchestration), all on ``home``."""
+    settings = {"home": home, **WIDE_BATCHES}
+    if where == "embedded":
+        return settings
+    services = request.getfixturevalue("services")
+    redis = services.redis()
+    workers = [services.worker(redis, queues, **WIDE_BATCHES, **USERS_RELIABILITY)
+               for queues in ("vlm", "diffusion,edit", "orchestrator")]
+    for worker in workers:
+        worker.wait_ready(240)
+    return {**settings, **USERS_RELIABILITY, "broker_url": redis.url}
+
+
+def _steps(settings: dict) -> dict[str, tuple[str, int]]:
+    """Every recorded step (the home or the redis-server holds one run's): its status, and how many times its work
+    started (counted by the workers where it starts)."""
+    import sqlite3
+    from contextlib import closing
+
+    from mgmflow.workers.records import open_records, redis_client
+    from mgmflow.workers.settings import Settings
+
+    where = Settings(**settings)
+    if where.embedded:
+        with closing(sqlite3.connect(where.home / "tasks.sqlite")) as db:
+            task_ids = [task_id for (task_id,) in db.execute("SELECT task_id FROM tasks")]
+    else:
+        task_ids = [key.removeprefix("mgmflow:task:")
+                    for key in redis_client(where.records_url).scan_iter("mgmflow:task:*")]
+    records = open_records(where)
+    return {task_id: (record.status, record.executions) for task_id in task_ids
+            for record in [records.get(task_id)]}

@@ -67,7 +67,7 @@ async def _submit(context, body: BatchCreate, scope: str, idempotency_key: str |
 
 def _public(context, run: Any, scope: str, with_items: bool) -> BatchPublic:
     """The batch's run, its counts by status, and (``with_items``) every item's status."""
-    values = context.runs.thread_state(run.thread_id, scope=scope) if run.status != "pending" else {}
+    values = context.runs.output_values(run) if run.status != "pending" else {}
     total = len(run.input["items"])
     results = values.get("results") or {}
     running = values.get("running") or {}
@@ -140,7 +140,7 @@ async def read_batch_results(batch_id: PathId, context: Context, scope: CurrentS
             row = item.model_dump(mode="json")
             if item.status == "success" and item.run_id:
                 child = context.runs.get_run(item.run_id, scope=scope)
-                row["output"] = context.runs.thread_state(child.thread_id, scope=scope)
+                row["output"] = context.runs.output_values(child)
                 row["output_url"] = run_public(child).output_url  # its files as a zip (a story's storyboard)
             rows.append(row)
         return rows

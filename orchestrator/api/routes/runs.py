@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, Query
 from fastapi.responses import JSONResponse, Response
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
 from mgmflow.orchestrator.api.deps import Context, CurrentScope, PathId, ThreadId
@@ -33,7 +34,15 @@ LastEventId = Annotated[str, Header(alias="Last-Event-ID", max_length=64,
                                     json_schema_extra={"pattern": r"^(-1|\d{1,20}-\d{1,20})?$"})]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
-StreamModes = Annotated[list[StreamMode] | None, Query()]  # join-stream: none given, the run's own events
+
+
+def _named_modes(modes: list[str] | None) -> list[str] | None:
+    """``langgraph-sdk``'s ``join_stream`` sends ``stream_mode=`` (empty) when it names no mode: that is none."""
+    return [mode for mode in modes or () if mode] or None
+
+
+# join-stream: none named, the modes the run was created with
+StreamModes = Annotated[list[StreamMode | Literal[""]] | None, AfterValidator(_named_modes), Query()]
 
 
 # Shared steps ---------------------------------------------------------------------------------------------------
@@ -112,6 +121,8 @@ async def _join_stream(context, run_id: str, scope: str, thread_id: str | None, 
                        cancel_on_disconnect: bool, stream_mode: list[str] | None, stream_subgraphs: bool):
     check_event_id(last_event_id)
     run = await _get(context, run_id, scope, thread_id)
+    if stream_mode is None:  # as the Agent Server: the modes the run was created with (a reconnect names none)
+        stream_mode, stream_subgraphs = run.stream_mode, stream_subgraphs or run.stream_subgraphs
     return stream_response(context, run, scope, last_event_id=last_event_id,
                            cancel_on_disconnect=cancel_on_disconnect, stream_mode=stream_mode,
                            subgraphs=stream_subgraphs)
@@ -204,7 +215,7 @@ async def cancel_run(run_id: PathId, context: Context, scope: CurrentScope, wait
 
 @router.get("/{run_id}/join", responses=errors(404))
 async def join_run(run_id: PathId, context: Context, scope: CurrentScope):
-    """Wait for the run to end; answer with its thread's state after it."""
+    """Wait for the run to end; answer with the state it ended with."""
     return await _joined(context, run_id, scope)
 
 
@@ -231,7 +242,7 @@ async def create_thread_run(thread_id: ThreadId, body: RunCreate, context: Conte
 @thread_router.post("/wait", responses=errors(409))
 async def wait_thread_run(thread_id: ThreadId, body: RunCreate, context: Context, scope: CurrentScope,
                           idempotency_key: IdempotencyKey = None):
-    """Start a run on the thread and answer with the thread's state after it."""
+    """Start a run on the thread and answer with the state it ended with."""
     return await _waited(context, await _start(context, body, scope, thread_id, idempotency_key), scope)
 
 
@@ -276,7 +287,7 @@ async def cancel_thread_run(thread_id: ThreadId, run_id: PathId, context: Contex
 
 @thread_router.get("/{run_id}/join")
 async def join_thread_run(thread_id: ThreadId, run_id: PathId, context: Context, scope: CurrentScope):
-    """Wait for the run to end; answer with the thread's state after it."""
+    """Wait for the run to end; answer with the state it ended with."""
     return await _joined(context, run_id, scope, thread_id)
 
 
