@@ -189,3 +189,40 @@ def test_batcher_answers_a_stopped_request_at_once_and_stops_when_all_are():
         batcher(BatchItem("r", "k", check=stop), timeout=5)
     time.sleep(0.05)
     assert len(steps) < 30
+
+
+
+@pytest.mark.parametrize("wait_share, calls", [
+    (0.0, [["slow"], ["waiting"], ["late"]]),  # the late request misses the call that started as the slow one ended
+    (0.5, [["slow"], ["waiting", "late"]]),  # requests were waiting: the next call waits up to 0.5 s for more
+])
+def test_a_busy_batcher_waits_a_share_of_its_last_call_for_late_requests(wait_share, calls):
+    made, slow_done = [], threading.Event()
+
+    def run(items, check):
+        made.append([item.request for item in items])
+        if items[0].request == "slow":
+            time.sleep(1.0)
+            slow_done.set()
+        return [None for _ in items]
+
+    batcher = Batcher(run, max_size=4, window_s=0.0, wait_share=wait_share)
+
+    def late():
+        slow_done.wait(5)
+        time.sleep(0.1)  # set off by the slow call's results, a hop later
+        batcher(BatchItem("late", "k"))
+
+    threads = [threading.Thread(target=batcher, args=(BatchItem("slow", "k"),)),
+               threading.Thread(target=lambda: (time.sleep(0.2), batcher(BatchItem("waiting", "k")))),
+               threading.Thread(target=late)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert made == calls
+    # A request that finds the model idle does not wait, however long the last call was.
+    batcher(BatchItem("slow", "k"), timeout=5)
+    started = time.monotonic()
+    batcher(BatchItem("alone", "k"), timeout=5)
+    assert time.monotonic() - started < 0.3
