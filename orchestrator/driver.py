@@ -1,7 +1,7 @@
 """Driving runs: advance a run's graph until it parks, on every completion of a task it awaits.
 
     create_run ─► orchestrator.advance ─► graph runs until await_tasks parks (interrupt) ─► record: awaited ids
-    worker finishes a task ─► orchestrator.resume(run_id) ─► all awaited finished? ─► Command(resume=…) ─► …
+    worker finishes a task ─► orchestrator.resume(run_id) ─► any awaited one finished? ─► Command(resume=…) ─► …
 
 No process waits for a GPU: an orchestration task takes the run's lease, runs the graph to its next park and
 returns. Any orchestration worker may pick up any run (state is in the checkpoints, durability="sync"); a dead
