@@ -612,6 +612,8 @@ def _follow(service, run_id: str, out: Path | None, *, quiet: bool = False) -> N
                     bar.set_description(event.data.get("stage", ""), refresh=False)
                     bar.total, bar.n = event.data.get("total") or bar.total, event.data.get("done", bar.n)
                     bar.refresh()
+                elif event.type == "item" and not quiet:  # a page (an item of the refine loop) is finished
+                    bar.write(_item_line(event.data), file=sys.stderr)
                 elif event.type == "node" and event.data.get("phase") == "start":
                     bar.set_postfix_str(event.data["name"], refresh=True)
             if time.monotonic() - checked > 1.0:  # events may be dropped or come from elsewhere: trust the record
@@ -629,6 +631,13 @@ def _follow(service, run_id: str, out: Path | None, *, quiet: bool = False) -> N
     if preview is not None:
         preview.unlink(missing_ok=True)
     _finish(service, run, out)
+
+
+def _item_line(data: dict) -> str:
+    """``page-03 accepted: score 8 (round scores 3, 8), image <artifact id>``."""
+    scores = ", ".join(f"{score:g}" for score in data.get("scores") or [])
+    return (f"{data.get('key')} {data.get('status')}: score {data.get('score', 0):g} (round scores {scores}), "
+            f"image {data.get('artifact')}")
 
 
 PREVIEW_FILE = "preview.png"

@@ -1,7 +1,7 @@
 """Driving runs: advance a run's graph until it parks, on every completion of a task it awaits.
 
     create_run ─► orchestrator.advance ─► graph runs until await_tasks parks (interrupt) ─► record: awaited ids
-    worker finishes a task ─► orchestrator.resume(run_id) ─► all awaited finished? ─► Command(resume=…) ─► …
+    worker finishes a task ─► orchestrator.resume(run_id) ─► any awaited one finished? ─► Command(resume=…) ─► …
 
 No process waits for a GPU: an orchestration task takes the run's lease, runs the graph to its next park and
 returns. Any orchestration worker may pick up any run (state is in the checkpoints, durability="sync"); a dead
@@ -126,23 +126,26 @@ class Orchestrator:
         return self._finished_at(run) is not None
 
     def _finished_at(self, run: RunInfo) -> float | None:
-        """When the last of the run's awaited tasks finished (None while any is unfinished)."""
-        if run.awaited and all(ref.startswith(RUN_REF) for ref in run.awaited):
-            return self._first_child_ended_at(run)
-        finished_at = run.updated_at
-        for task_id in run.awaited:
-            record = self.client.get(task_id)
-            if record is None:
-                continue  # its submission was lost (a process died before it): advancing submits it again
-            if record.status not in FINISHED:
-                return None
-            finished_at = max(finished_at, record.updated_at or 0.0)
-        return finished_at
+        """When the first of the run's awaited tasks (or child runs) finished; None while none has.
 
-    def _first_child_ended_at(self, run: RunInfo) -> float | None:
-        """A parent run (the ``batch`` workflow, via ``await_runs``) resumes when the *first* awaited child ends."""
-        children = [self.runs.get(ref[len(RUN_REF):]) for ref in run.awaited]
-        ended = [child.updated_at for child in children if child.status in TERMINAL]
+        A run wakes at the first completion it awaits, whatever it waits for: a node that needs all of them
+        (``await_tasks``) reads the records again and parks on the rest, one that moves each item on as soon as
+        its own step finished (the refine loop) takes what finished. A run that awaits nothing (its driver died in
+        the middle of a step) and a task with no record (its submission was lost with a process that died before
+        it) are ready at once: advancing goes on from the last checkpoint and submits what is missing."""
+        if not run.awaited:
+            return run.updated_at
+        ended = []
+        for ref in run.awaited:
+            if ref.startswith(RUN_REF):
+                child = self.runs.get(ref[len(RUN_REF):])
+                ended += [child.updated_at] if child.status in TERMINAL else []
+                continue
+            record = self.client.get(ref)
+            if record is None:
+                return run.updated_at
+            if record.status in FINISHED:
+                ended.append(record.updated_at or run.updated_at)
         return min(ended) if ended else None
 
     # One drive of the graph, from the last checkpoint to the next park.

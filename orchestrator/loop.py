@@ -1,12 +1,22 @@
 """The reason-then-generate loop, as a reusable subgraph.
 
-    plan → write_prompts → approve → generate → critique → select ─┬─ any item still active → write_prompts
-                                                                   └─ all accepted / exhausted → finish
+    start → advance ⟲ ─┬─ every item accepted / exhausted / rejected → finish
+                       └─ every active item's prompt written, approval asked (approve=True runs) → approve → advance
 
-It works on a list of ``items`` (one per page, question, turn) so that each stage is one join point for all of
-them: the pages of a story generate in parallel across workers while the graph waits at a single interrupt
-(interrupts inside ``Send`` branches resume wrongly). Each item keeps its own round, best draft and route;
-routing is the pure function :func:`decide`, unit-tested with scripted critiques.
+Each item (a page, a question, a turn) goes through its own loop as soon as its previous step is done, with no
+join across items:
+
+    plan → prompt → [approval] → draw (N drafts) → critique ─┬─ accept / budget spent → done
+                                  ▲          ▲               ├─ refine → prompt
+                                  │          └───────────────┴─ edit → draw (edits of the best draft)
+
+``advance`` is the scheduler: for every item it reads its current step's task records, moves each item whose step
+finished to its next stage (submitting that stage's tasks at once) and returns, so each move is checkpointed; when no
+item can move it parks the run until *any* awaited task finishes (``await_any``). The VLM requests that happen to be
+ready together still arrive together at the worker, whose dynamic batcher groups them. Task steps are named by item,
+round and draft, and every seed derives from them, so neither timing nor the number of workers changes a result; an
+item's lineage and scores are the same whatever the order its steps finished in. Routing is the pure function
+:func:`decide`, unit-tested with scripted critiques.
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ from langgraph.graph import END, START, StateGraph
 from typing_extensions import TypedDict  # pydantic (the API's state schemas) needs it on Python < 3.12
 
 from mgmflow.orchestrator.budget import PromptBudget, fit, run_budget
-from mgmflow.orchestrator.runtime import TaskSpec, VLMRequest, await_tasks, emit, request_approval, vlm_json_many
+from mgmflow.orchestrator.runtime import (
+    TaskSpec, VLMRequest, answer_text, await_any, emit, get_run_context, parse_json, poll_tasks, request_approval,
+)
 from mgmflow.orchestrator.schemas import Critique, Plan
 from mgmflow.orchestrator.seeds import derive_seed
 from mgmflow.orchestrator.state import ArtifactRef, RunState
@@ -39,6 +51,8 @@ class LoopItem(TypedDict, total=False):
     prompt: str
     round: int  # rounds done
     status: Literal["active", "accepted", "exhausted", "rejected"]
+    stage: Literal["plan", "prompt", "approval", "draw", "critique", "done"]  # where its own loop stands
+    drafts: list[dict[str, Any]]  # this round's drafts ({id, prompt, step}) while the critic looks at them
     route: Literal["refine", "edit"] | None  # what the next round does
     feedback: str
     best: str | None  # best artifact id so far (over every round)
@@ -89,159 +103,164 @@ def build_refine_loop(
     def step(item: LoopItem, *parts: str) -> str:
         return ":".join((name, item["key"], *parts))
 
-    def active(state: LoopState) -> list[LoopItem]:
-        return [item for item in state["items"] if item.get("status", "active") == "active"]
-
-    def replace(state: LoopState, updated: list[LoopItem]) -> list[LoopItem]:
-        by_key = {item["key"]: item for item in updated}
-        return [by_key.get(item["key"], item) for item in state["items"]]
-
     def start(state: LoopState) -> dict[str, Any]:
         """Give every item its loop fields; a budget below one round is an input error caught by the workflow."""
         items = [
             {"index": position, "images": [], "context": "", "plan": None, "round": 0, "status": "active",
-             "route": None, "feedback": "", "best": None, "best_score": -1.0, **item}
+             "stage": "plan" if plan else "prompt", "route": None, "feedback": "", "best": None, "best_score": -1.0,
+             "drafts": [], **item}
             for position, item in enumerate(state["items"])
         ]
         return {"items": items, "prompt_budget": run_budget(state).to_state()}
 
-    def make_plan(state: LoopState) -> dict[str, Any]:
-        """Understand each request and its inputs; plan what to draw."""
-        todo = [item for item in active(state) if item.get("plan") is None]
-        if not plan or not todo:
-            return {}
-        answers = vlm_json_many([
-            VLMRequest(step(item, "plan"), _plan_prompt(item, run_budget(state)), Plan, tuple(item["images"]), seed=state["seed"],
-                       max_new_tokens=min(PLAN_TOKENS, run_budget(state).answer_room(images=len(item["images"]))))
-            for item in todo
-        ])
-        planned = [{**item, "plan": answer.model_dump()} for item, answer in zip(todo, answers)]
-        update: dict[str, Any] = {"items": replace(state, planned)}
-        if len(state["items"]) == 1:
-            update["plan"] = planned[0]["plan"]
-        return update
+    # What each stage asks of the workers (pure: the same item gives the same tasks, under the same ids).
+    def tasks(state: LoopState, item: LoopItem) -> list[TaskSpec]:
+        budget, stage = run_budget(state), item["stage"]
+        if stage == "plan":
+            return [VLMRequest(step(item, "plan"), _plan_prompt(item, budget), Plan, tuple(item["images"]),
+                               seed=state["seed"],
+                               max_new_tokens=min(PLAN_TOKENS, budget.answer_room(images=len(item["images"])))).task()]
+        if stage == "prompt":
+            return [TaskSpec(step(item, f"r{item['round']}", "prompt"), "vlm.write_prompt",
+                             {"request": _prompt_request(item, budget), "images": item["images"],
+                              "max_new_tokens": min(PROMPT_TOKENS, budget.answer_room(images=len(item["images"]))),
+                              "seed": derive_seed(state["seed"], item["index"], item["round"])})]
+        if stage == "draw":
+            parameters = {**extra, **(state.get("generation") or {})}
+            return [_generation_task(item, draft, state["seed"], step(item, f"r{item['round']}", f"d{draft}"),
+                                     parameters, edit_kind) for draft in range(state.get("drafts") or drafts)]
+        if stage == "critique":
+            return [VLMRequest(f"{ref['step']}:critique", _critique_prompt(item, ref, budget), Critique, (ref["id"],),
+                               seed=state["seed"],
+                               max_new_tokens=min(CRITIQUE_TOKENS, budget.answer_room(images=1))).task()
+                    for ref in item["drafts"]]
+        return []  # approval, done: nothing to run
 
-    def write_prompts(state: LoopState) -> dict[str, Any]:
-        """Write (or rewrite from the critic's feedback) one image prompt per item through MGM's <GEN> path."""
-        todo = [item for item in active(state) if item.get("route") != "edit"]
-        if not todo:
-            return {}
-        results = await_tasks([
-            TaskSpec(step(item, f"r{item['round']}", "prompt"), "vlm.write_prompt",
-                     {"request": _prompt_request(item, run_budget(state)), "images": item["images"],
-                      "max_new_tokens": min(PROMPT_TOKENS, run_budget(state).answer_room(images=len(item["images"]))), "seed": derive_seed(state["seed"], item["index"], item["round"])})
-            for item in todo
-        ])
-        written = [
-            {**item, "prompt": (result.get("image_prompt") or "").strip() or _fallback_prompt(item)}
-            for item, result in zip(todo, results)
+    # What a finished stage makes of an item (pure, but for the events it emits).
+    def complete(state: LoopState, item: LoopItem, specs: list[TaskSpec], results: list[Any]) -> tuple[LoopItem, dict]:
+        stage, out = item["stage"], {}
+        if stage == "plan":
+            answer = parse_json(Plan, answer_text(results[0], step=specs[0].step), step=specs[0].step).model_dump()
+            item = {**item, "plan": answer, "stage": "prompt"}
+        elif stage == "prompt":
+            prompt = (results[0].get("image_prompt") or "").strip() or _fallback_prompt(item)
+            held = item["round"] == 0 and get_run_context().approve
+            item = {**item, "prompt": prompt, "stage": "approval" if held else "draw"}
+        elif stage == "draw":
+            refs: list[ArtifactRef] = [{
+                "id": _artifact_id(result), "kind": "image", "parent": spec.payload.get("image"),
+                "prompt": spec.payload["prompts"][0], "seed": spec.payload["seeds"][0], "model": result.get("model"),
+                "tool": spec.kind, "step": spec.step, "item": item["key"], "round": item["round"] + 1, "scores": {},
+            } for spec, result in zip(specs, results)]
+            for ref in refs:
+                emit("artifact", dict(ref))
+            item = {**item, "stage": "critique", "drafts": [{key: ref[key] for key in ("id", "prompt", "step")}
+                                                             for ref in refs]}
+            out["artifacts"] = refs
+        elif stage == "critique":
+            answers = [parse_json(Critique, answer_text(result, step=spec.step), step=spec.step)
+                       for spec, result in zip(specs, results)]
+            item, out = select(state, item, answers)
+        return item, out
+
+    def select(state: LoopState, item: LoopItem, answers: list[Critique]) -> tuple[LoopItem, dict]:
+        """Keep the item's best draft so far and decide its next round."""
+        this_round = item["round"] + 1
+        mine: list[CritiqueRecord] = [
+            {"artifact": ref["id"], "item": item["key"], "round": this_round, **answer.model_dump()}
+            for ref, answer in zip(item["drafts"], answers)
         ]
-        return {"items": replace(state, written)}
+        best = max(mine, key=lambda critique: critique["score"])
+        route = decide(mine, round=this_round, budget=state.get("budget", DEFAULT_BUDGET), accept_score=accept_score,
+                       edit_score=edit_score)
+        improved = best["score"] > item["best_score"]
+        status = {"accept": "accepted", "exhausted": "exhausted"}.get(route, "active")
+        item = {
+            **item, "round": this_round, "feedback": best["feedback"], "drafts": [],
+            "best": best["artifact"] if improved else item["best"],
+            "best_score": best["score"] if improved else item["best_score"],
+            "status": status, "route": route if route in ("refine", "edit") else None,
+            "stage": {"refine": "prompt", "edit": "draw"}.get(route, "done"),
+        }
+        scores = {"item": item["key"], "round": this_round, "route": route, "best": best["artifact"],
+                  "scores": {critique["artifact"]: critique["score"] for critique in mine}}
+        return item, {"critiques": mine, "scores": [scores],
+                      "artifacts": [{"id": c["artifact"], "scores": {"critique": float(c["score"])}} for c in mine]}
+
+    def advance(state: LoopState) -> dict[str, Any]:
+        """Move every item whose step finished on to its next stage; park until any awaited task finishes."""
+        while True:
+            items, moved, waiting = list(state["items"]), [], []
+            out: dict[str, list] = {"critiques": [], "scores": [], "artifacts": []}
+            for position, item in enumerate(items):
+                while item["status"] == "active" and item["stage"] not in ("approval", "done"):
+                    specs = tasks(state, item)
+                    results = poll_tasks(specs)
+                    if any(result is None for result in results):
+                        waiting += [spec for spec, result in zip(specs, results) if result is None]
+                        break
+                    item, update = complete(state, item, specs, results)
+                    out = {key: value + update.get(key, []) for key, value in out.items()}
+                    items[position] = item
+                    moved.append(item["key"])
+            if moved:
+                report(state, items, moved, out["scores"])
+                update = {key: value for key, value in out.items() if value}
+                plans = [item["plan"] for item in items if item["key"] in moved and item.get("plan")]
+                if len(items) == 1 and plans:
+                    update["plan"] = plans[0]
+                return {**update, "items": items, "iteration": max(item["round"] for item in items)}
+            if not waiting:
+                return {}  # every item is done or waits for approval
+            await_any(waiting)
+
+    def report(state: LoopState, items: list[LoopItem], moved: list[str], new_scores: list[dict]) -> None:
+        """Events of the items that just ended: each with its chosen image and its best score per round."""
+        ended = [item for item in items if item["key"] in moved and item["status"] != "active"]
+        rounds = [*(state.get("scores") or []), *new_scores]
+        for item in ended:
+            mine = sorted((entry for entry in rounds if entry["item"] == item["key"]), key=lambda e: e["round"])
+            emit("item", {"stage": name, "key": item["key"], "index": item["index"], "status": item["status"],
+                          "artifact": item["best"], "score": item["best_score"], "rounds": item["round"],
+                          "scores": [max(entry["scores"].values()) for entry in mine]})
+        if ended:
+            done = sum(item["status"] != "active" for item in items)
+            emit("progress", {"stage": name, "done": done, "total": len(items)})
 
     def approve(state: LoopState) -> dict[str, Any]:
-        """Human approval before the first generation (runs started with approve=True only)."""
-        todo = [item for item in active(state) if item["round"] == 0]
-        if not todo:
-            return {}
+        """Human approval before the first generation (runs started with approve=True only), of every prompt."""
+        todo = [item for item in state["items"] if item["status"] == "active" and item["stage"] == "approval"]
         answer = request_approval({"stage": name, "items": [{"key": i["key"], "prompt": i["prompt"]} for i in todo]})
-        if answer is None:
-            return {}
+        answer = {"approved": True} if answer is None else answer
         if not answer.get("approved", True):
-            return {"items": replace(state, [{**item, "status": "rejected"} for item in todo])}
-        prompts = dict(answer.get("prompts") or {})
-        if answer.get("prompt"):
-            prompts.update({item["key"]: answer["prompt"] for item in todo})
-        return {"items": replace(state, [{**item, "prompt": prompts.get(item["key"], item["prompt"])} for item in todo])}
-
-    def generate(state: LoopState) -> dict[str, Any]:
-        """N drafts per active item (text-to-image, or edits of the best draft), all items in one join."""
-        parameters = {**extra, **(state.get("generation") or {})}
-        plans = [(item, draft) for item in active(state) for draft in range(state.get("drafts") or drafts)]
-        specs = [_generation_task(item, draft, state["seed"], step(item, f"r{item['round']}", f"d{draft}"),
-                                  parameters, edit_kind) for item, draft in plans]
-        results = await_tasks(specs)
-        refs: list[ArtifactRef] = []
-        for (item, draft), spec, result in zip(plans, specs, results):
-            refs.append({
-                "id": _artifact_id(result), "kind": "image", "parent": spec.payload.get("image"),
-                "prompt": spec.payload["prompts"][0], "seed": spec.payload["seeds"][0],
-                "model": result.get("model"), "tool": spec.kind,
-                "step": spec.step, "item": item["key"], "round": item["round"] + 1, "scores": {},
-            })
-        for ref in refs:
-            emit("artifact", dict(ref))
-        return {"artifacts": refs}
-
-    def critique(state: LoopState) -> dict[str, Any]:
-        """The VLM scores every new draft against its item's request (structured Critique)."""
-        by_key = {item["key"]: item for item in active(state)}
-        drafts_now = [ref for ref in state["artifacts"]
-                      if ref.get("item") in by_key and ref.get("round") == by_key[ref["item"]]["round"] + 1
-                      and ref.get("step", "").startswith(f"{name}:")]
-        answers = vlm_json_many([
-            VLMRequest(f"{ref['step']}:critique", _critique_prompt(by_key[ref["item"]], ref, run_budget(state)), Critique,
-                       (ref["id"],), seed=state["seed"],
-                       max_new_tokens=min(CRITIQUE_TOKENS, run_budget(state).answer_room(images=1)))
-            for ref in drafts_now
-        ])
-        records: list[CritiqueRecord] = [
-            {"artifact": ref["id"], "item": ref["item"], "round": ref["round"], **answer.model_dump()}
-            for ref, answer in zip(drafts_now, answers)
-        ]
-        scored = [{"id": ref["id"], "scores": {"critique": float(answer.score)}} for ref, answer in zip(drafts_now, answers)]
-        return {"critiques": records, "artifacts": scored}
-
-    def select(state: LoopState) -> dict[str, Any]:
-        """Keep each item's best draft so far and decide its next round."""
-        updated, rounds = [], []
-        for item in active(state):
-            this_round = item["round"] + 1
-            mine = [c for c in state["critiques"] if c["item"] == item["key"] and c["round"] == this_round]
-            best = max(mine, key=lambda c: c["score"])
-            route = decide(mine, round=this_round, budget=state.get("budget", DEFAULT_BUDGET), accept_score=accept_score,
-                           edit_score=edit_score)
-            improved = best["score"] > item["best_score"]
-            updated.append({
-                **item, "round": this_round, "feedback": best["feedback"],
-                "best": best["artifact"] if improved else item["best"],
-                "best_score": best["score"] if improved else item["best_score"],
-                "status": {"accept": "accepted", "exhausted": "exhausted"}.get(route, "active"),
-                "route": route if route in ("refine", "edit") else None,
-            })
-            rounds.append({"item": item["key"], "round": this_round, "route": route, "best": best["artifact"],
-                           "scores": {c["artifact"]: c["score"] for c in mine}})
-        items = replace(state, updated)
-        done = sum(item["status"] != "active" for item in items)
-        emit("progress", {"stage": name, "done": done, "total": len(items)})
-        return {"items": items, "scores": rounds, "iteration": max(item["round"] for item in items)}
+            held = [{**item, "status": "rejected", "stage": "done"} for item in todo]
+        else:
+            prompts = dict(answer.get("prompts") or {})
+            if answer.get("prompt"):
+                prompts.update({item["key"]: answer["prompt"] for item in todo})
+            held = [{**item, "prompt": prompts.get(item["key"], item["prompt"]), "stage": "draw"} for item in todo]
+        by_key = {item["key"]: item for item in held}
+        return {"items": [by_key.get(item["key"], item) for item in state["items"]]}
 
     def finish(state: LoopState) -> dict[str, Any]:
         """The chosen result per item: its best draft over every round."""
         return {"chosen": {item["key"]: item["best"] for item in state["items"] if item.get("best")}}
 
-    def next_round(state: LoopState) -> Literal["write_prompts", "finish"]:
-        return "write_prompts" if active(state) else "finish"
-
-    def after_approval(state: LoopState) -> Literal["generate", "finish"]:
-        return "generate" if active(state) else "finish"
+    def next_move(state: LoopState) -> Literal["advance", "approve", "finish"]:
+        active = [item for item in state["items"] if item["status"] == "active"]
+        if any(item["stage"] not in ("approval", "done") for item in active):
+            return "advance"
+        return "approve" if active else "finish"
 
     graph = StateGraph(LoopState)
     graph.add_node("start", start)
-    graph.add_node("plan", make_plan)
-    graph.add_node("write_prompts", write_prompts)
+    graph.add_node("advance", advance)
     graph.add_node("approve", approve)
-    graph.add_node("generate", generate)
-    graph.add_node("critique", critique)
-    graph.add_node("select", select)
     graph.add_node("finish", finish)
     graph.add_edge(START, "start")
-    graph.add_edge("start", "plan")
-    graph.add_edge("plan", "write_prompts")
-    graph.add_edge("write_prompts", "approve")
-    graph.add_conditional_edges("approve", after_approval)
-    graph.add_edge("generate", "critique")
-    graph.add_edge("critique", "select")
-    graph.add_conditional_edges("select", next_round)
+    graph.add_conditional_edges("start", next_move)
+    graph.add_conditional_edges("advance", next_move)
+    graph.add_edge("approve", "advance")
     graph.add_edge("finish", END)
     return graph
 

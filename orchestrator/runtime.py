@@ -102,6 +102,34 @@ def await_tasks(specs: list[TaskSpec]) -> list[Any]:
     """
     if not specs:
         return []
+    client, task_ids = get_run_context().client, submit_tasks(specs)
+    while True:
+        records = [client.get(task_id) for task_id in task_ids]
+        pending = [task_id for task_id, record in zip(task_ids, records) if record is None or record.status not in FINISHED]
+        if not pending:
+            return [_result(record) for record in records]
+        interrupt({"kind": "await", "task_ids": pending})
+
+
+def poll_tasks(specs: list[TaskSpec]) -> list[Any | None]:
+    """Submit ``specs`` (idempotently) and return each one's result, or None while it is unfinished; a task that
+    failed raises as in :func:`await_tasks`. For nodes that move on with whatever finished (``orchestrator.loop``)."""
+    context = get_run_context()
+    records = [context.client.get(task_id_for(context.run_id, spec.step)) for spec in specs]
+    done = [record is not None and record.status in FINISHED for record in records]
+    submit_tasks([spec for spec, finished in zip(specs, done) if not finished])  # the others need no message
+    return [_result(record) if finished else None for record, finished in zip(records, done)]
+
+
+def await_any(specs: list[TaskSpec]) -> None:
+    """Park until any of the (submitted) ``specs`` has finished; the node then reads the records again. (Every park
+    wakes at the first completion: :func:`await_tasks` parks again on the rest.)"""
+    run_id = get_run_context().run_id
+    interrupt({"kind": "await", "task_ids": [task_id_for(run_id, spec.step) for spec in specs]})
+
+
+def submit_tasks(specs: list[TaskSpec]) -> list[str]:
+    """Submit ``specs`` under their deterministic ids (a known id is not sent again); returns the ids."""
     context = get_run_context()
     steps = [spec.step for spec in specs]
     if len(set(steps)) != len(steps):
@@ -117,12 +145,7 @@ def await_tasks(specs: list[TaskSpec]) -> list[Any]:
             priority=context.priority,
             notify=(ORCHESTRATOR_RESUME, {"run_id": context.run_id}),
         )
-    while True:
-        records = [context.client.get(task_id) for task_id in task_ids]
-        pending = [task_id for task_id, record in zip(task_ids, records) if record is None or record.status not in FINISHED]
-        if not pending:
-            return [_result(record) for record in records]
-        interrupt({"kind": "await", "task_ids": pending})
+    return task_ids
 
 
 def _with_previews(spec: TaskSpec, every: int) -> dict[str, Any]:

@@ -46,3 +46,15 @@ def stopped(pid: int) -> bool:
 
 def resume(pid: int) -> None:
     os.kill(pid, signal.SIGCONT)
+
+
+def owner_pid(owner: str) -> int:
+    return int(owner.split(":")[1])  # owners are "host:pid:nonce"
+
+
+def taken_over(events: list, records: dict, pid: int) -> set[str]:
+    """The steps worker ``pid`` (killed or stalled) was in the middle of: it started them and another worker
+    recorded them. Their work starts exactly twice; every other step's once. With pages moving on independently,
+    a worker may be drawing one page while it writes another page's prompt: both are its steps."""
+    return {event.data["task_id"] for event in events if event.type == "task.started"
+            and owner_pid(event.data["owner"]) == pid and owner_pid(records[event.data["task_id"]].owner) != pid}

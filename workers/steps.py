@@ -117,12 +117,13 @@ class Runtime:
                    models=ModelCache.from_settings(settings), leases=LeaseKeeper(records, settings.lease_s),
                    affinity=affinity, watcher=StepWatcher(records, settings).start())
 
-    def batcher(self, key: tuple, run: Callable, *, max_size: int) -> Batcher:
+    def batcher(self, key: tuple, run: Callable, *, max_size: int, mix_keys: bool = False,
+                wait_share: float = 0.0) -> Batcher:
         """The batcher for ``key`` (e.g. ("vlm.chat", model)), created on first use."""
         with self._lock:
             if key not in self.batchers:
                 self.batchers[key] = Batcher(run, max_size=max_size, window_s=self.settings.batch_window_ms / 1000,
-                                             name=f"batcher-{'-'.join(map(str, key))}")
+                                             mix_keys=mix_keys, wait_share=wait_share, name=f"batcher-{'-'.join(map(str, key))}")
             return self.batchers[key]
 
 

@@ -37,8 +37,10 @@ MAX_PAGES = 64
 SCENES_PER_REQUEST = 4  # at most, per request: each constrained answer stays short (fewer when the context is small)
 TOKENS_PER_SCENE = 768  # a Scene is at most ~1,000 characters of JSON
 SHEET_TOKENS = 3072  # six characters and a style, filled to their bounds
-SHEET_PROMPT_SHARE = 0.35 # of the context: the sheet's answer is the longest of the run
+SHEET_PROMPT_SHARE = 0.35  # of the context: the sheet's answer is the longest of the run
 MIN_PREMISE_BYTES = 256  # a scene request always gets at least this much of the premise
+SCENES_ASK_BYTES = 512  # the scene request's instructions, at most
+SCAFFOLD_BYTES = 64  # a request's lines around its texts ("Here is the part of the story they tell:", newlines)
 # Byte budgets (as JSON) of the texts every page's prompt and critique messages carry: the scene and the sheet.
 SCENE_BYTES = 600
 CONTEXT_BYTES = 900
@@ -117,7 +119,7 @@ def write_scenes(state: StoryState) -> dict[str, Any]:
 
 # 2. One sheet every page is checked against.
 def stage_sheet_request(state: StoryState) -> dict[str, Any]:
-    """Store the sheet's request (the premise and every scene) in the artifact store."""
+    """Store the sheet's request (the premise and the cast of the scenes) in the artifact store."""
     return {"sheet_request": stage_messages(sheet_prompt(state["premise"], state["scenes"], run_budget(state)))}
 
 
@@ -212,7 +214,7 @@ def storyboard_pages(values: dict[str, Any]) -> list[dict[str, Any]]:
 def scenes_per_request(budget: PromptBudget) -> int:
     """Scenes one request asks for: as many as leave the premise its room (a 2,048-token context: one)."""
     fits = [n for n in range(1, SCENES_PER_REQUEST + 1)
-            if budget.prompt_bytes(answer_tokens=n * TOKENS_PER_SCENE) >= MIN_PREMISE_BYTES + 512
+            if budget.prompt_bytes(answer_tokens=n * TOKENS_PER_SCENE) >= MIN_PREMISE_BYTES + SCENES_ASK_BYTES
             and n * TOKENS_PER_SCENE <= budget.answer_room()]
     return max(fits, default=1)
 
@@ -228,7 +230,7 @@ def scenes_prompt(premise: str, first: int, last: int, pages: int, budget: Promp
     ask = (f"It is told as an illustrated storyboard of {pages} pages. Write the scenes of {part}: "
            f"{last - first + 1} scenes in reading order, each with a short title, a visual description of what the "
            "page shows, and the characters who appear. Answer in JSON.")
-    limit = budget.prompt_bytes(answer_tokens=(last - first + 1) * TOKENS_PER_SCENE) - len(ask) - 64
+    limit = budget.prompt_bytes(answer_tokens=(last - first + 1) * TOKENS_PER_SCENE) - len(ask) - SCAFFOLD_BYTES
     text = premise_part(premise, (first - 1) / pages, last / pages, limit)
     intro = "Here is a story premise (or a full story)" if text == premise else "Here is the part of the story they tell"
     return f"{intro}:\n{text}\n\n{ask}"
@@ -268,7 +270,7 @@ def sheet_prompt(premise: str, scenes: list[dict[str, Any]], budget: PromptBudge
     ask = ("Write a character sheet so that every page draws the characters the same way: each main character's "
            "name and a precise visual description (age, build, hair, clothes, colours), and one visual style for "
            "the whole storyboard. Answer in JSON.")
-    limit = budget.prompt_bytes(answer_tokens=SHEET_TOKENS, share=SHEET_PROMPT_SHARE) - len(ask) - 64
+    limit = budget.prompt_bytes(answer_tokens=SHEET_TOKENS, share=SHEET_PROMPT_SHARE) - len(ask) - SCAFFOLD_BYTES
     premise, cast = fit([premise, cast], limit)
     return f"Story premise:\n{premise}\n\nCharacters:\n{cast or 'none named'}\n\n{ask}"
 

@@ -93,6 +93,11 @@ def test_story_from_the_playground(live_server, browser):
     browser.wait_for('document.querySelector("#workflow option[value=story]") !== null', 30)
     browser.wait_for('document.getElementById("field-premise") !== null', 30)
     browser.evaluate("""
+        // The run's status when the first page shows in the storyboard: pages arrive as they finish, not at the end.
+        new MutationObserver((changes, observer) => {
+            window.firstPageWhile = document.getElementById("status").textContent;
+            observer.disconnect();
+        }).observe(document.getElementById("storyboard"), { childList: true, subtree: true });
         document.getElementById("field-premise").value = "A lighthouse keeper befriends a whale.";
         document.getElementById("field-pages").value = "2";
         document.getElementById("field-seed").value = "7";
@@ -107,6 +112,7 @@ def test_story_from_the_playground(live_server, browser):
     browser.wait_for('/progress|task/.test(document.getElementById("events").innerText)', 120)
     browser.wait_for('document.querySelectorAll("#storyboard img").length === 2', 240)
     assert browser.evaluate('document.getElementById("status").textContent') == "success"
+    assert browser.evaluate("window.firstPageWhile").startswith("running")
     sizes = browser.evaluate("""Promise.all([...document.querySelectorAll("#storyboard img")].map(
         (img) => img.decode().then(() => [img.naturalWidth, img.naturalHeight])))""")
     assert sizes == [[96, 80], [96, 80]]  # the custom page size reached the drawings

@@ -45,11 +45,16 @@ class ScriptedClient:
         if not self.hold:
             self.release()
 
-    def release(self) -> None:
+    def release(self, only: Callable[[str], bool] = lambda task_id: True) -> None:
+        """Finish the queued tasks (those whose id ``only`` accepts); the others stay queued."""
+        held = []
         for task_id, kind, payload in getattr(self, "_pending", []):
+            if not only(task_id):
+                held.append((task_id, kind, payload))
+                continue
             step = task_id.split(":", 1)[1]
             self.records[task_id] = Record(task_id, "done", self.script(kind, payload, step))
-        self._pending = []
+        self._pending = held
 
     def get(self, task_id):
         return self.records.get(task_id)
@@ -68,11 +73,13 @@ def scripted_context(client: ScriptedClient, *, store: Any = None, approve: bool
 
 
 def drive(graph, state: dict, client: ScriptedClient, *, context: RunContext | None = None, approve: bool = False,
-          answers: list | None = None, max_parks: int = 100, checkpointer: Any = None) -> dict:
+          answers: list | None = None, max_parks: int = 100, checkpointer: Any = None,
+          releasing: Callable[[str], bool] = lambda task_id: True) -> dict:
     """Run a graph to its end like the driver does: on each park, release the tasks and resume.
 
-    ``answers`` are resume values for approval interrupts, in order. Returns the final state values. Runs given
-    the same ``checkpointer`` are turns of one thread (give each its own ``run_id`` in ``context``).
+    ``answers`` are resume values for approval interrupts, in order; ``releasing`` picks the tasks that finish at
+    each park (a hook on the order steps finish in). Returns the final state values. Runs given the same
+    ``checkpointer`` are turns of one thread (give each its own ``run_id`` in ``context``).
     """
     compiled = graph.compile(checkpointer=checkpointer or InMemorySaver())
     config = {"configurable": {"thread_id": "t"}}
@@ -89,7 +96,7 @@ def drive(graph, state: dict, client: ScriptedClient, *, context: RunContext | N
             if pending.value["kind"] == "approval":
                 resume[pending.id] = answers.pop(0)
             else:
-                client.release()
+                client.release(releasing)
                 resume[pending.id] = {}
         command = Command(resume=resume)
     raise AssertionError("graph did not finish")

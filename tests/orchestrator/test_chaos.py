@@ -21,7 +21,7 @@ import signal
 import time
 
 import pytest
-from fault_support import FaultLog, resume, stopped
+from fault_support import FaultLog, owner_pid, resume, stopped, taken_over
 from testkit import wait_for
 from worker_support import Services
 
@@ -85,10 +85,6 @@ class Chaos:
         self.services.close()
 
 
-def _pid(owner: str) -> int:
-    return int(owner.split(":")[1])  # owners are "host:pid:nonce"
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -124,9 +120,7 @@ def _checked(service, final, stalled: int | None = None) -> dict[str, bytes]:
     task_ids = sorted(client.records.redis.smembers(f"mgmflow:run:{final.run_id}:tasks"))
     records = {task_id: client.get(task_id) for task_id in task_ids}
     events = list(service.all_events(final.run_id))
-    interrupted = {event.data["task_id"] for event in events if event.type == "task.started"
-                   and stalled is not None and _pid(event.data["owner"]) == stalled
-                   and _pid(records[event.data["task_id"]].owner) != stalled}
+    interrupted = taken_over(events, records, stalled) if stalled is not None else set()
     assert task_ids and {task_id: (r.status, r.executions) for task_id, r in records.items()} == {
         task_id: ("done", 2 if task_id in interrupted else 1) for task_id in task_ids}
     finished = [event.data["task_id"] for event in events if event.type == "task.finished"]

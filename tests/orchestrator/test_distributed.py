@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from fault_support import owner_pid, taken_over
 from worker_support import Services
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(420)]
@@ -21,10 +22,6 @@ def services(tmp_path, mgmflow_home):
     yield started
     started.close()
 
-
-
-def _pid(owner: str) -> int:
-    return int(owner.split(":")[1])  # owners are "host:pid:nonce"
 
 
 def test_story_survives_kill_9_of_orchestration_and_gpu_workers(services, postgres_url):
@@ -50,20 +47,22 @@ def test_story_survives_kill_9_of_orchestration_and_gpu_workers(services, postgr
     # 2. kill -9 the GPU worker that runs a diffusion step, on the step's progress event
     step = client.wait_for_event(run.run_id, lambda event: event.type == "task.step", timeout=120)
     killed_task = step.data["task_id"]
-    owner_pid = _pid(client.get(killed_task).owner)
-    (victim,) = [worker for worker in gpus if worker.process.pid == owner_pid]
+    (victim,) = [worker for worker in gpus if worker.process.pid == owner_pid(client.get(killed_task).owner)]
     victim.kill()
 
     final = service.wait(run.run_id, timeout=240)
     assert final.status == "success", final.error
 
-    # no finished step ran twice: the work of each started once, counted where it starts, except the step killed
-    # mid-work, which started again on the other worker
-    started = {event.data["task_id"] for event in service.all_events(run.run_id) if event.type == "task.started"}
-    assert killed_task in started
+    # no finished step ran twice: the work of each started once, counted where it starts, except the steps the
+    # killed worker was in the middle of (the diffusion step, and whatever else it had started), which started
+    # again on the other worker
+    events = list(service.all_events(run.run_id))
+    started = {event.data["task_id"] for event in events if event.type == "task.started"}
     records = {task_id: client.get(task_id) for task_id in started}
+    interrupted = taken_over(events, records, victim.process.pid)
+    assert killed_task in interrupted
     assert {task_id: (record.status, record.executions) for task_id, record in records.items()} == {
-        task_id: ("done", 2 if task_id == killed_task else 1) for task_id in records}
+        task_id: ("done", 2 if task_id in interrupted else 1) for task_id in records}
     assert records[killed_task].deliveries >= 2  # it was redelivered after the kill
     values = service.output_values(final)
     assert sorted(values["chosen"]) == ["page-01", "page-02"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from orch_helpers import ScriptedClient, drive
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
+from orch_helpers import ScriptedClient, drive, scripted_context
 
 from mgmflow.orchestrator.loop import build_refine_loop, decide
 from mgmflow.orchestrator.seeds import derive_seed
@@ -111,6 +113,80 @@ def test_items_share_each_stage_and_finish_independently():
     assert first_generation == ["run-1:refine:p1:r0:d0", "run-1:refine:p2:r0:d0"]
     progress = [data for kind, data in client.events if kind == "progress"]
     assert [entry["done"] for entry in progress] == [1, 2]
+
+
+def test_each_item_moves_on_as_soon_as_its_own_step_finishes():
+    """No join across items: while p2's first step is still running (held: a hook, not a timing), p1 goes through
+    two rounds to its chosen image, and the stream reports it finished before p2 has drawn anything. Then p2 goes
+    on, and both end exactly as when every step finishes in lockstep."""
+    scores = {("p1", 0, 0): (3, "refine"), ("p1", 1, 0): (9, "accept"), ("p2", 0, 0): (8, "accept")}
+    state = {"items": [{"key": "p1", "request": "one"}, {"key": "p2", "request": "two"}], "seed": 1, "budget": 3}
+    client = ScriptedClient(critic(scores), hold=True)
+    published = client.publish
+    submitted_when = {}  # event number -> the tasks submitted by then
+
+    def publish(run_id, type, data):
+        submitted_when[len(client.events)] = [task for task, _, _ in client.submitted]
+        published(run_id, type, data)
+
+    client.publish = publish
+    p1_done = lambda: any(kind == "item" for kind, _ in client.events)  # noqa: E731
+    values = drive(build_refine_loop(drafts=1), state, client, releasing=lambda task: ":p1:" in task or p1_done())
+
+    first = next(number for number, (kind, _) in enumerate(client.events) if kind == "item")
+    assert client.events[first][1] | {"index": 0} == {
+        "stage": "refine", "key": "p1", "index": 0, "status": "accepted", "artifact": "img-refine:p1:r1:d0",
+        "score": 9, "rounds": 2, "scores": [3, 9]}
+    assert [task for task in submitted_when[first] if ":p2:" in task] == ["run-1:refine:p2:plan"]
+    assert [data["key"] for kind, data in client.events if kind == "item"] == ["p1", "p2"]
+
+    lockstep = drive(build_refine_loop(drafts=1), state, ScriptedClient(critic(scores)))
+    assert values["chosen"] == lockstep["chosen"] == {"p1": "img-refine:p1:r1:d0", "p2": "img-refine:p2:r0:d0"}
+    for name in ("scores", "critiques", "artifacts"):
+        assert sorted(map(repr, values[name])) == sorted(map(repr, lockstep[name]))
+
+
+def test_a_crash_in_the_middle_of_a_move_resumes_every_item_where_it_was():
+    """The process dies while moving p1 on (its draft's submission fails) and p2 still waits for its prompt: driven
+    again from the last checkpoint, as the driver does, both items go on from where they were, no task is sent
+    under two payloads, and the result is the same as without the crash."""
+    scores = {("p1", 0, 0): (9, "accept"), ("p2", 0, 0): (3, "refine"), ("p2", 1, 0): (8, "accept")}
+    state = {"items": [{"key": "p1", "request": "one"}, {"key": "p2", "request": "two"}], "seed": 1, "budget": 3}
+    client = ScriptedClient(critic(scores), hold=True)
+    submit, crashed = client.submit, []
+
+    def dying_submit(kind, payload, *, task_id, **options):
+        if task_id.endswith(":p1:r0:d0") and not crashed:
+            crashed.append(task_id)
+            raise SystemError("the process died")
+        return submit(kind, payload, task_id=task_id, **options)
+
+    client.submit = dying_submit
+    graph = build_refine_loop(drafts=1).compile(checkpointer=InMemorySaver())
+    config, context = {"configurable": {"thread_id": "t"}}, scripted_context(client)
+    graph.invoke(state, config, context=context)  # both plans submitted; parked
+    client.release()
+    graph.invoke(Command(resume={i.id: {} for i in graph.get_state(config).interrupts}), config, context=context)
+    client.release(lambda task: ":p1:" in task)  # p1's prompt finishes; p2's stays running
+    with pytest.raises(SystemError):
+        graph.invoke(Command(resume={i.id: {} for i in graph.get_state(config).interrupts}), config,
+                     context=context)
+    stages = {item["key"]: item["stage"] for item in graph.get_state(config).values["items"]}
+    assert stages == {"p1": "prompt", "p2": "prompt"} and crashed  # the move was not checkpointed
+
+    for _ in range(50):  # the driver again: resume the parked node, or continue the interrupted step
+        snapshot = graph.get_state(config)
+        if not snapshot.next:
+            break
+        command = Command(resume={i.id: {} for i in snapshot.interrupts}) if snapshot.interrupts else None
+        graph.invoke(command, config, context=context)
+        client.release()
+    values = graph.get_state(config).values
+    undisturbed = ScriptedClient(critic(scores))
+    lockstep = drive(build_refine_loop(drafts=1), state, undisturbed)
+    assert values["chosen"] == lockstep["chosen"] == {"p1": "img-refine:p1:r0:d0", "p2": "img-refine:p2:r1:d0"}
+    assert sorted(map(repr, values["scores"])) == sorted(map(repr, lockstep["scores"]))
+    assert sorted(client.submitted, key=repr) == sorted(undisturbed.submitted, key=repr)  # each once, same payload
 
 
 def test_approval_with_an_edited_prompt():

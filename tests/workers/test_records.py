@@ -137,17 +137,9 @@ def test_cancel_run_cancels_queued_steps_and_flags_running_ones(records):
     assert records.get("run:a") is None and records.get("else:a") is not None
 
 
-def test_batcher_gathers_compatible_requests_and_answers_each():
-    calls = []
-
-    def run(items, check):
-        calls.append([item.request for item in items])
-        check()
-        return [item.request * 10 for item in items]
-
-    batcher = Batcher(run, max_size=4, window_s=0.3)
+def _gather(batcher: Batcher, requests: list[tuple[int, str]]) -> dict[int, int]:
+    """Submit ``requests`` ((request, key)) from one thread each, 20 ms apart; their results."""
     results = {}
-    requests = [(1, "a"), (2, "a"), (3, "b"), (4, "a")]
     threads = [threading.Thread(target=lambda r=r, k=k: results.update({r: batcher(BatchItem(r, k))}))
                for r, k in requests]
     for thread in threads:
@@ -155,8 +147,25 @@ def test_batcher_gathers_compatible_requests_and_answers_each():
         time.sleep(0.02)
     for thread in threads:
         thread.join(5)
-    assert results == {1: 10, 2: 20, 3: 30, 4: 40}
-    assert calls == [[1, 2, 4], [3]]  # the incompatible request waits for the next batch
+    return results
+
+
+@pytest.mark.parametrize("mix_keys, batches", [
+    (False, [[1, 2, 4], [3, 6], [5]]),  # an incompatible request waits for a batch of its key
+    (True, [[1, 2, 4, 3], [5, 6]]),  # a batch not full after the window takes other keys, in arrival order
+])
+def test_batcher_gathers_compatible_requests_and_answers_each(mix_keys, batches):
+    calls = []
+
+    def run(items, check):
+        calls.append([item.request for item in items])
+        check()
+        return [item.request * 10 for item in items]
+
+    batcher = Batcher(run, max_size=4, window_s=0.3, mix_keys=mix_keys)
+    requests = [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "c"), (6, "b")]
+    assert _gather(batcher, requests) == {r: r * 10 for r, _ in requests}
+    assert calls == batches
 
 
 def test_batcher_answers_a_stopped_request_at_once_and_stops_when_all_are():
@@ -180,3 +189,40 @@ def test_batcher_answers_a_stopped_request_at_once_and_stops_when_all_are():
         batcher(BatchItem("r", "k", check=stop), timeout=5)
     time.sleep(0.05)
     assert len(steps) < 30
+
+
+
+@pytest.mark.parametrize("wait_share, calls", [
+    (0.0, [["slow"], ["waiting"], ["late"]]),  # the late request misses the call that started as the slow one ended
+    (0.5, [["slow"], ["waiting", "late"]]),  # requests were waiting: the next call waits up to 0.5 s for more
+])
+def test_a_busy_batcher_waits_a_share_of_its_last_call_for_late_requests(wait_share, calls):
+    made, slow_done = [], threading.Event()
+
+    def run(items, check):
+        made.append([item.request for item in items])
+        if items[0].request == "slow":
+            time.sleep(1.0)
+            slow_done.set()
+        return [None for _ in items]
+
+    batcher = Batcher(run, max_size=4, window_s=0.0, wait_share=wait_share)
+
+    def late():
+        slow_done.wait(5)
+        time.sleep(0.1)  # set off by the slow call's results, a hop later
+        batcher(BatchItem("late", "k"))
+
+    threads = [threading.Thread(target=batcher, args=(BatchItem("slow", "k"),)),
+               threading.Thread(target=lambda: (time.sleep(0.2), batcher(BatchItem("waiting", "k")))),
+               threading.Thread(target=late)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert made == calls
+    # A request that finds the model idle does not wait, however long the last call was.
+    batcher(BatchItem("slow", "k"), timeout=5)
+    started = time.monotonic()
+    batcher(BatchItem("alone", "k"), timeout=5)
+    assert time.monotonic() - started < 0.3

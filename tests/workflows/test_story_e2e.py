@@ -104,8 +104,10 @@ def test_a_64_page_story_of_two_rounds_completes(where, request, private_home, t
     """Stories of every length fit the model (issue 14): `mgmflow run story --pages 64 --rounds 2` on the default
     tiny preset (before the prompt budgets its sheet prompt outgrew the 2,048-token context at ~28 pages), the
     same command embedded and pointed at distributed workers. 64-pixel pages of one denoising step keep it cheap.
-    Every step's work started once, and none is left queued or running."""
+    Every step's work started once, and none is left queued or running. The progress prints each page as it
+    finishes."""
     import os
+    import re
     import subprocess
     import sys
     from pathlib import Path
@@ -128,6 +130,8 @@ def test_a_64_page_story_of_two_rounds_completes(where, request, private_home, t
             assert (image.format, image.size) == ("PNG", (64, 64))
             image.verify()
         assert 1 <= len(page["scores"]) <= 2 and page["scene"] and page["prompt"]
+    finished = re.findall(r"^page-(\d\d) (?:accepted|exhausted): score", result.stderr, re.MULTILINE)
+    assert sorted(int(number) for number in finished) == list(range(1, 65))
     steps = _steps(settings)
     assert steps
     assert {task_id: done for task_id, done in steps.items() if done != ("done", 1)} == {}

@@ -127,7 +127,10 @@ def _chat(ctx: StepContext, params: _ChatParams, messages: list[MessageInput], *
             results = engine.chat([item.request for item in items], on_token=on_token, check=check)
         return [(result, len(items)) for result in results]
 
-    batcher = runtime.batcher(("chat", params.model), run, max_size=runtime.settings.vlm_batch_size)
+    # Any chat requests can share a call: their key (the number of images) only says which share it best. A call
+    # decodes for seconds: one that is not full waits up to 5% of the last one's time for the requests still coming.
+    batcher = runtime.batcher(("chat", params.model), run, max_size=runtime.settings.vlm_batch_size, mix_keys=True,
+                              wait_share=0.05)
     engine = runtime.models.get("vlm", params.model)
     engine.validate(request)  # here, in the step's thread: one bad request must not fail the batch it would join
     result, batch_size = batcher(BatchItem(request, engine.compatibility_key(request), check=ctx.check,

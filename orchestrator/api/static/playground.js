@@ -157,7 +157,8 @@ function setProgress(done, total) {
   if (total) { $("progress").max = total; $("progress").value = done; }
 }
 
-// Event types: the driver's `run` and `node`, the workflow's `progress` and `artifact`, the workers' `task.*`.
+// Event types: the driver's `run` and `node`, the workflow's `progress`, `artifact` and `item` (a page finished, with
+// its chosen image: shown in the storyboard as it arrives), the workers' `task.*`.
 function onEvent(event, data) {
   switch (event) {
     case "metadata":
@@ -187,6 +188,9 @@ function onEvent(event, data) {
         showImage($("images"), data.id, [data.item, data.prompt].filter(Boolean).join(": "));
       }
       return log(`artifact ${data.id}`);
+    case "item":
+      if (data.artifact) showImage($("storyboard"), data.artifact, `${data.key}: score ${data.score}`).catch(() => {});
+      return log(`${data.key} ${data.status}: score ${data.score}`);
     case "error":
       $("status").textContent = "error";
       return log(`error: ${data.message || data.error}`, "error");
