@@ -10,17 +10,18 @@ join across items:
                                   ▲          ▲               ├─ refine → prompt
                                   │          └───────────────┴─ edit → draw (edits of the best draft)
 
-``advance`` is the scheduler: for every item it reads its current step's task records, moves each item whose step
-finished to its next stage (submitting that stage's tasks at once) and returns, so each move is checkpointed; when no
-item can move it parks the run until *any* awaited task finishes (``await_any``). The VLM requests that happen to be
-ready together still arrive together at the worker, whose dynamic batcher groups them. Task steps are named by item,
-round and draft, and every seed derives from them, so neither timing nor the number of workers changes a result; an
-item's lineage and scores are the same whatever the order its steps finished in. Routing is the pure function
-:func:`decide`, unit-tested with scripted critiques.
+``advance`` is the scheduler (``runtime.advance_items``): for every item it reads its current step's task records,
+moves each item whose step finished to its next stage (submitting that stage's tasks at once) and returns, so each
+move is checkpointed; when no item can move it parks the run until *any* awaited task finishes. The VLM requests
+that happen to be ready together still arrive together at the worker, whose dynamic batcher groups them. Task steps
+are named by item, round and draft, and every seed derives from them, so neither timing nor the number of workers
+changes a result; an item's lineage and scores are the same whatever the order its steps finished in. Routing is
+the pure function :func:`decide`, unit-tested with scripted critiques.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 from langgraph.graph import END, START, StateGraph
@@ -28,7 +29,7 @@ from typing_extensions import TypedDict  # pydantic (the API's state schemas) ne
 
 from mgmflow.orchestrator.budget import PromptBudget, fit, run_budget
 from mgmflow.orchestrator.runtime import (
-    TaskSpec, VLMRequest, answer_text, await_any, emit, get_run_context, parse_json, poll_tasks, request_approval,
+    TaskSpec, VLMRequest, advance_items, answer_text, emit, get_run_context, parse_json, request_approval,
 )
 from mgmflow.orchestrator.schemas import Critique, Plan
 from mgmflow.orchestrator.seeds import derive_seed
@@ -189,32 +190,18 @@ def build_refine_loop(
 
     def advance(state: LoopState) -> dict[str, Any]:
         """Move every item whose step finished on to its next stage; park until any awaited task finishes."""
-        while True:
-            items, moved, waiting = list(state["items"]), [], []
-            out: dict[str, list] = {"critiques": [], "scores": [], "artifacts": []}
-            for position, item in enumerate(items):
-                while item["status"] == "active" and item["stage"] not in ("approval", "done"):
-                    specs = tasks(state, item)
-                    results = poll_tasks(specs)
-                    if any(result is None for result in results):
-                        waiting += [spec for spec, result in zip(specs, results) if result is None]
-                        break
-                    item, update = complete(state, item, specs, results)
-                    out = {key: value + update.get(key, []) for key, value in out.items()}
-                    items[position] = item
-                    moved.append(item["key"])
-            if moved:
-                report(state, items, moved, out["scores"])
-                update = {key: value for key, value in out.items() if value}
-                plans = [item["plan"] for item in items if item["key"] in moved and item.get("plan")]
-                if len(items) == 1 and plans:
-                    update["plan"] = plans[0]
-                return {**update, "items": items, "iteration": max(item["round"] for item in items)}
-            if not waiting:
-                return {}  # every item is done or waits for approval
-            await_any(waiting)
+        items, moved, out = advance_items(state["items"], partial(tasks, state), partial(complete, state))
+        if not moved:
+            return {}  # every item is done or waits for approval
+        keys = {items[position]["key"] for position in moved}
+        report(state, items, keys, out.get("scores", []))
+        plans = [item["plan"] for item in items if item["key"] in keys and item.get("plan")]
+        update = {**out, "items": items, "iteration": max(item["round"] for item in items)}
+        if len(items) == 1 and plans:
+            update["plan"] = plans[0]
+        return update
 
-    def report(state: LoopState, items: list[LoopItem], moved: list[str], new_scores: list[dict]) -> None:
+    def report(state: LoopState, items: list[LoopItem], moved: set[str], new_scores: list[dict]) -> None:
         """Events of the items that just ended: each with its chosen image and its best score per round."""
         ended = [item for item in items if item["key"] in moved and item["status"] != "active"]
         rounds = [*(state.get("scores") or []), *new_scores]

@@ -3,7 +3,8 @@
 Nodes never block on a GPU task. :func:`await_tasks` submits a stage's tasks under deterministic ids and, unless
 they are all finished already, parks the run with a LangGraph ``interrupt``; the driver resumes it when the
 workers report completion. A node re-runs from its start on resume, so everything before the park is idempotent:
-the same specs give the same task ids, and submitting a known id is a no-op.
+the same specs give the same task ids, and submitting a known id is a no-op. Items that need not wait for each
+other go on without a join through :func:`advance_items`, each at its own pace.
 
 Pitfall (LangGraph): interrupts inside ``Send`` branches resume wrongly; call :func:`await_tasks` once per stage
 at one join point, with every item's tasks in one list.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from langgraph.runtime import get_runtime
 from langgraph.types import interrupt
@@ -35,6 +36,7 @@ FINISHED = frozenset({"done", "failed", "cancelled", "timed_out", "quarantined"}
 DRAWING_KINDS = ("diffusion.", "edit.")  # task kinds whose payload takes ``preview_every``
 
 SchemaT = TypeVar("SchemaT", bound=VLMSchema)
+ItemT = TypeVar("ItemT")
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,38 @@ def await_any(specs: list[TaskSpec]) -> None:
     wakes at the first completion: :func:`await_tasks` parks again on the rest.)"""
     run_id = get_run_context().run_id
     interrupt({"kind": "await", "task_ids": [task_id_for(run_id, spec.step) for spec in specs]})
+
+
+def advance_items(
+    items: list[ItemT],
+    tasks: Callable[[ItemT], list[TaskSpec]],
+    complete: Callable[[ItemT, list[TaskSpec], list[Any]], tuple[ItemT, dict[str, list]]],
+) -> tuple[list[ItemT], list[int], dict[str, list]]:
+    """Move every item whose current step finished on to its next step, with no join across items.
+
+    ``tasks(item)`` are the tasks of the item's current step (none: it waits for nothing here, being done or left to
+    another node); ``complete(item, specs, results)`` is the item after that step and the lists it adds to the
+    state. An item goes on through every step already finished, and its next step's tasks are submitted at once.
+    Returns the items, the positions of those that moved and the lists added (merged by key) as soon as any moved,
+    so that the node returns them and the move is checkpointed; while none can move, parks until any awaited task
+    finishes; returns with none moved when none waits for a task. Everything here runs again after a park, so
+    ``tasks`` and ``complete`` must be pure (but for the events they emit)."""
+    while True:
+        items, moved, added, waiting = list(items), [], {}, []
+        for position, item in enumerate(items):
+            while specs := tasks(item):
+                results = poll_tasks(specs)
+                if any(result is None for result in results):
+                    waiting += [spec for spec, result in zip(specs, results) if result is None]
+                    break
+                item, update = complete(item, specs, results)
+                items[position] = item
+                moved.append(position)
+                for key, values in update.items():
+                    added[key] = added.get(key, []) + values
+        if moved or not waiting:
+            return items, moved, added
+        await_any(waiting)
 
 
 def submit_tasks(specs: list[TaskSpec]) -> list[str]:

@@ -1,34 +1,42 @@
 """``visual_reasoning``: a question about one or more images, answered with its evidence.
 
-    load_images → plan → look → crop → inspect ─┬─ the images fit one prompt ─────┬→ stage_answer → write_answer → END
-                                                └─ observe (in groups that fit) ──┘
+    load_images → plan → advance ⟲ ─┬─ an image's look finished → crop → advance
+                                    └─ every region answered, every group noted → stage_answer → write_answer → END
 
-The VLM plans (``Plan``), looks at every image and names the regions worth a closer look (``Regions``, one
-join for all images); the regions are cropped from the *original* high-resolution artifacts (new artifacts whose
-metadata names parent and box), the VLM answers each region's question on its crop (one join), and the final
-answer is written from the images and that evidence. The state keeps the plan, every region, crop and
-intermediate answer, so the answer can be checked.
+The VLM plans (``Plan``); then each image goes on its own way as soon as its previous step is done, with no join
+across images: the VLM looks at it and names the regions worth a closer look (``Regions``; each image keeps its share
+of ``MAX_REGIONS``), the regions are cropped from the *original* high-resolution artifact (new artifacts whose
+metadata names parent and box), and the VLM answers each region's question on its crop. The only join is the final
+answer, written from the images and that evidence. ``advance`` is the scheduler (``runtime.advance_items``): it moves
+every image whose step finished, returns so the move is checkpointed, and parks until any awaited task finishes;
+crops are made in a node of their own, so an inspection is only ever submitted with a checkpointed crop. Task steps
+are named by image and region, so the result does not depend on the order steps finish in. The state keeps the
+plan, every region, crop and intermediate answer, so the answer can be checked.
 
 Every prompt fits the model's context by construction (``orchestrator.budget``). When the images cannot all be in
 one prompt beside the question and the answer (four images of 576 visual tokens on a 2,048-token model), the VLM
-looks at them in groups that fit (``observe``: each group's notes, as text) and answers from those notes and the
-regions' answers, every text clipped to its share. An image that cannot fit even alone is refused at admission.
+also looks at them in groups that fit (``observe``, submitted with the plan: each group's notes, as text) and answers
+from those notes and the regions' answers, every text clipped to its share. An image that cannot fit even alone is
+refused at admission.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from langgraph.graph import END, START, StateGraph
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict  # pydantic (the API's state schemas) needs it on Python < 3.12
 
 from mgmflow.models.errors import ContextLengthError
 from mgmflow.orchestrator.budget import PromptBudget, configured_budget, fill, run_budget
 from mgmflow.orchestrator.references import ArtifactId
 from mgmflow.orchestrator.runtime import (
-    RunContext, TaskSpec, VLMRequest, await_tasks, emit, get_run_context, vlm_json_many,
+    RunContext, TaskSpec, VLMRequest, advance_items, answer_text, await_tasks, emit, get_run_context, parse_json,
+    submit_tasks, vlm_json_many,
 )
 from mgmflow.orchestrator.schemas import Plan, Regions
 from mgmflow.orchestrator.state import RunState
@@ -36,7 +44,7 @@ from mgmflow.orchestrator.workflow import Workflow
 from mgmflow.tools.tasks import crop_region
 from mgmflow.workflows.inputs import clip, resolve_images, stage_messages
 
-MAX_REGIONS = 8  # crops inspected per question, over all images
+MAX_REGIONS = 8  # crops inspected per question, over all images (each image its share)
 LOOK_REGIONS = 4  # the most regions one look names (``Regions``)
 # Room for the longest answer each schema allows (a random model fills every field to its bound).
 PLAN_TOKENS = 1024
@@ -60,12 +68,23 @@ class VisualReasoningInput(BaseModel):
     seed: int = Field(0, ge=0, lt=2**32, description="seed of the VLM's sampling (greedy by default)")
 
 
+class Item(TypedDict, total=False):
+    """An image on its way (look → crop → inspect → done), or a group of images to note (observe → done)."""
+
+    stage: Literal["look", "crop", "inspect", "observe", "done"]
+    index: int  # the image's or the group's position: names its task steps
+    images: list[str]  # the image, or the group's images
+    regions: list[dict[str, Any]]  # an image's, once looked at (as in the state's ``regions``)
+    note: str  # a group's, once noted
+
+
 class VisualReasoningState(RunState, total=False):
     question: str
     images: list[str]  # the input references, then artifact ids once loaded
     seed: int
     groups: list[list[str]]  # the images in groups that fit one prompt (one group: all of them)
-    regions: list[dict[str, Any]]  # {image, x0, y0, x1, y1, question, crop, answer}
+    items: list[Item]  # where each image (and each group, when there are several) stands
+    regions: list[dict[str, Any]]  # {image, x0, y0, x1, y1, question, crop, answer}, in image order
     notes: list[str]  # each group's observations, when there are several groups
     answer_request: str
     answer: str
@@ -88,15 +107,21 @@ def check_budget(request: VisualReasoningInput, budget: PromptBudget) -> None:
 
 
 def load_images(state: VisualReasoningState) -> dict[str, Any]:
-    """Turn the input references into artifact ids of this run's scope, in groups that fit one prompt."""
+    """Turn the input references into artifact ids of this run's scope, in groups that fit one prompt; every image
+    (and every group, when there are several) starts on its own way."""
     images, budget = resolve_images(state["images"]), configured_budget()
     size = group_size(budget)
-    return {"images": images, "prompt_budget": budget.to_state(), "notes": [],
-            "groups": [images[first:first + size] for first in range(0, len(images), size)]}
+    groups = [images[first:first + size] for first in range(0, len(images), size)]
+    items: list[Item] = [{"stage": "look", "index": index, "images": [image]} for index, image in enumerate(images)]
+    if len(groups) > 1:
+        items += [{"stage": "observe", "index": index, "images": group} for index, group in enumerate(groups)]
+    return {"images": images, "prompt_budget": budget.to_state(), "groups": groups, **gathered(items)}
 
 
 def plan(state: VisualReasoningState) -> dict[str, Any]:
-    """Understand the question and plan how to look (seeing the images that fit beside a whole plan)."""
+    """Understand the question and plan how to look (seeing the images that fit beside a whole plan). The groups'
+    notes need no plan: they start with it."""
+    submit_tasks([observe_task(state, item) for item in state["items"] if item["stage"] == "observe"])
     budget = run_budget(state)
     seen = state["images"][:budget.images_per_prompt(text_bytes=TEXT_BYTES, answer_tokens=PLAN_TOKENS)]
     limit = budget.prompt_bytes(images=len(seen), answer_tokens=PLAN_TOKENS, share=0)
@@ -106,75 +131,119 @@ def plan(state: VisualReasoningState) -> dict[str, Any]:
     return {"plan": answer.model_dump()}
 
 
-def look(state: VisualReasoningState) -> dict[str, Any]:
-    """Each image: which regions to zoom into, and what to ask about each (one join for every image)."""
+def advance(state: VisualReasoningState) -> dict[str, Any]:
+    """Move every image (and group) whose step finished on to its next step; park until any awaited task finishes."""
+    items, moved, _ = advance_items(state["items"], partial(tasks, state), partial(complete, state))
+    if not moved:
+        return {}  # every item is done, or waits for its crops
+    if any(items[position]["stage"] == "done" for position in moved):
+        emit("progress", {"stage": "evidence", "done": sum(item["stage"] == "done" for item in items),
+                          "total": len(items)})
+    return gathered(items)
+
+
+# What an item's current step asks of the VLM (pure: the same item gives the same tasks, under the same steps).
+def tasks(state: VisualReasoningState, item: Item) -> list[TaskSpec]:
+    if item["stage"] == "look":
+        return [look_task(state, item)]
+    if item["stage"] == "inspect":
+        return inspect_tasks(state, item)
+    if item["stage"] == "observe":
+        return [observe_task(state, item)]
+    return []  # crop (a node of its own), done
+
+
+def look_task(state: VisualReasoningState, item: Item) -> TaskSpec:
+    """Which regions of the image to zoom into, and what to ask about each."""
     budget = run_budget(state)
     answer_tokens = min(LOOK_TOKENS, budget.answer_room(images=1, share=LOOK_SHARE))
     count = max(1, min(LOOK_REGIONS, answer_tokens * LOOK_REGIONS // LOOK_TOKENS))
     prompt = look_prompt(state["question"], state["plan"], count,
                          budget.prompt_bytes(images=1, answer_tokens=LOOK_TOKENS, share=LOOK_SHARE))
-    answers = vlm_json_many([
-        VLMRequest(f"look:{index}", prompt, Regions, (image,), seed=state["seed"], max_new_tokens=answer_tokens,
-                   list_sizes=None if count == LOOK_REGIONS else {"regions": count})
-        for index, image in enumerate(state["images"])
-    ])
-    return {"regions": spread([[{"image": image, **region.model_dump()} for region in answer.regions]
-                               for image, answer in zip(state["images"], answers)], MAX_REGIONS)}
+    return VLMRequest(f"look:{item['index']}", prompt, Regions, tuple(item["images"]), seed=state["seed"],
+                      max_new_tokens=answer_tokens,
+                      list_sizes=None if count == LOOK_REGIONS else {"regions": count}).task()
 
 
-def spread(per_image: list[list[dict[str, Any]]], limit: int) -> list[dict[str, Any]]:
-    """Up to ``limit`` regions, every image's first before any image's second, in image order."""
-    ranked = sorted((rank, index) for index, regions in enumerate(per_image) for rank in range(len(regions)))
-    kept = set(ranked[:limit])
-    return [region for index, regions in enumerate(per_image) for rank, region in enumerate(regions)
-            if (rank, index) in kept]
+def inspect_tasks(state: VisualReasoningState, item: Item) -> list[TaskSpec]:
+    """Each region's question, asked on its crop."""
+    budget = run_budget(state)
+    limit = budget.prompt_bytes(images=1, answer_tokens=REGION_TOKENS)
+    return [TaskSpec(f"inspect:{item['index']}:{number}", "vlm.chat", {
+        "messages": [{"role": "user", "text": region_prompt(state["question"], region["question"], limit),
+                      "images": [region["crop"]]}],
+        "max_new_tokens": min(REGION_TOKENS, budget.answer_room(images=1)), "seed": state["seed"]})
+        for number, region in enumerate(item["regions"])]
+
+
+def observe_task(state: VisualReasoningState, item: Item) -> TaskSpec:
+    """What a group of images shows that bears on the question, as notes."""
+    budget, group = run_budget(state), item["images"]
+    first = 1 + sum(len(earlier) for earlier in state["groups"][:item["index"]])
+    limit = budget.prompt_bytes(images=len(group), answer_tokens=NOTE_TOKENS, share=0)
+    text = observe_prompt(state["question"], range(first, first + len(group)), len(state["images"]), limit)
+    return TaskSpec(f"observe:{item['index']}", "vlm.chat", {
+        "messages": [{"role": "user", "text": text, "images": group}], "seed": state["seed"],
+        "max_new_tokens": min(NOTE_TOKENS, budget.answer_room(images=len(group), share=0))})
+
+
+def complete(state: VisualReasoningState, item: Item, specs: list[TaskSpec],
+             results: list[Any]) -> tuple[Item, dict[str, list]]:
+    """The item once its step finished: an image's regions (its share of them) to crop, then their answers; a
+    group's notes."""
+    if item["stage"] == "look":
+        answer = parse_json(Regions, answer_text(results[0], step=specs[0].step), step=specs[0].step)
+        share = region_share(item["index"], len(state["images"]))
+        regions = [{"image": item["images"][0], **region.model_dump()} for region in answer.regions[:share]]
+        return {**item, "regions": regions, "stage": "crop"}, {}
+    if item["stage"] == "inspect":
+        regions = [{**region, "answer": result["text"]} for region, result in zip(item["regions"], results)]
+        return {**item, "regions": regions, "stage": "done"}, {}
+    return {**item, "note": results[0]["text"], "stage": "done"}, {}  # observed
+
+
+def region_share(index: int, images: int) -> int:
+    """How many of the ``MAX_REGIONS`` the ``index``-th of ``images`` images keeps: as even as can be, the first
+    images first, so that no image waits for another's look."""
+    return MAX_REGIONS // images + (index < MAX_REGIONS % images)
 
 
 def crop(state: VisualReasoningState) -> dict[str, Any]:
-    """Crop every region out of its original image, as new artifacts with their lineage."""
+    """Crop the regions of every image just looked at out of its original, as new artifacts with their lineage. A
+    node of its own, so that the crops are checkpointed before a task refers to them (cropping again after a crash
+    here leaves an unused artifact, never a task that saw another crop)."""
     context = get_run_context()
+    items, refs = [], []
+    for item in state["items"]:
+        if item["stage"] == "crop":
+            item, made = crop_regions(context, item)
+            refs += made
+        items.append(item)
+    return {**gathered(items), "artifacts": refs}
+
+
+def crop_regions(context: RunContext, item: Item) -> tuple[Item, list[dict[str, Any]]]:
     regions, refs = [], []
-    for index, region in enumerate(state["regions"]):
+    for number, region in enumerate(item["regions"]):
         box = (region["x0"], region["y0"], region["x1"], region["y1"])
         stored = crop_region(context.store, context.scope, region["image"], box)
         regions.append({**region, "crop": stored.id})
         refs.append({"id": stored.id, "kind": "image", "parent": region["image"], "prompt": region["question"],
-                     "tool": "zoom", "step": f"crop:{index}", "item": "main", "round": 0})
-    return {"regions": regions, "artifacts": refs}
+                     "tool": "zoom", "step": f"crop:{item['index']}:{number}", "item": "main", "round": 0})
+    return {**item, "regions": regions, "stage": "inspect"}, refs
 
 
-def inspect(state: VisualReasoningState) -> dict[str, Any]:
-    """Ask each region's question on its crop (one join)."""
-    budget = run_budget(state)
-    limit = budget.prompt_bytes(images=1, answer_tokens=REGION_TOKENS)
-    results = await_tasks([
-        TaskSpec(f"inspect:{index}", "vlm.chat", {
-            "messages": [{"role": "user", "text": region_prompt(state["question"], region["question"], limit),
-                          "images": [region["crop"]]}],
-            "max_new_tokens": min(REGION_TOKENS, budget.answer_room(images=1)), "seed": state["seed"]})
-        for index, region in enumerate(state["regions"])
-    ])
-    regions = [{**region, "answer": result["text"]} for region, result in zip(state["regions"], results)]
-    emit("progress", {"stage": "inspect", "done": len(regions), "total": len(regions)})
-    return {"regions": regions}
+def gathered(items: list[Item]) -> dict[str, Any]:
+    """The items, and the evidence they hold so far: the regions in image order, the groups' notes in order."""
+    return {"items": items, "regions": [region for item in items for region in item.get("regions", [])],
+            "notes": [item["note"] for item in items if "note" in item]}
 
 
-def after_inspect(state: VisualReasoningState) -> Literal["observe", "stage_answer"]:
-    return "observe" if len(state["groups"]) > 1 else "stage_answer"
-
-
-def observe(state: VisualReasoningState) -> dict[str, Any]:
-    """Each group of images: what it shows that bears on the question, as notes (one join)."""
-    budget, first = run_budget(state), 1
-    tasks = []
-    for index, group in enumerate(state["groups"]):
-        limit = budget.prompt_bytes(images=len(group), answer_tokens=NOTE_TOKENS, share=0)
-        text = observe_prompt(state["question"], range(first, first + len(group)), len(state["images"]), limit)
-        tasks.append(TaskSpec(f"observe:{index}", "vlm.chat", {
-            "messages": [{"role": "user", "text": text, "images": group}], "seed": state["seed"],
-            "max_new_tokens": min(NOTE_TOKENS, budget.answer_room(images=len(group), share=0))}))
-        first += len(group)
-    return {"notes": [result["text"] for result in await_tasks(tasks)]}
+def next_move(state: VisualReasoningState) -> Literal["crop", "advance", "stage_answer"]:
+    stages = {item["stage"] for item in state["items"]}
+    if "crop" in stages:
+        return "crop"
+    return "stage_answer" if stages == {"done"} else "advance"
 
 
 def stage_answer(state: VisualReasoningState) -> dict[str, Any]:
@@ -198,13 +267,13 @@ def write_answer(state: VisualReasoningState) -> dict[str, Any]:
 
 def build_graph() -> StateGraph:
     graph = StateGraph(VisualReasoningState)
-    for node in (load_images, plan, look, crop, inspect, observe, stage_answer, write_answer):
+    for node in (load_images, plan, advance, crop, stage_answer, write_answer):
         graph.add_node(node.__name__, node)
     graph.add_edge(START, "load_images")
-    for first, second in (("load_images", "plan"), ("plan", "look"), ("look", "crop"), ("crop", "inspect"),
-                          ("observe", "stage_answer"), ("stage_answer", "write_answer")):
+    for first, second in (("load_images", "plan"), ("plan", "advance"), ("crop", "advance"),
+                          ("stage_answer", "write_answer")):
         graph.add_edge(first, second)
-    graph.add_conditional_edges("inspect", after_inspect)
+    graph.add_conditional_edges("advance", next_move)
     graph.add_edge("write_answer", END)
     return graph
 

@@ -102,3 +102,31 @@ def drive(graph, state: dict, client: ScriptedClient, *, context: RunContext | N
     raise AssertionError("graph did not finish")
 
 
+
+
+def die_at_submission(client: ScriptedClient, ending: str) -> list[str]:
+    """The process dies (``SystemError``) the first time a task whose id ends with ``ending`` is submitted; returns
+    the list that then holds that id."""
+    submit, died = client.submit, []
+
+    def dying_submit(kind, payload, *, task_id, **options):
+        if task_id.endswith(ending) and not died:
+            died.append(task_id)
+            raise SystemError("the process died")
+        return submit(kind, payload, task_id=task_id, **options)
+
+    client.submit = dying_submit
+    return died
+
+
+def drive_on(compiled, config: dict, context: RunContext, client: ScriptedClient, max_steps: int = 50) -> dict:
+    """The driver again after a crash: from the last checkpoint, resume the parked node or continue the interrupted
+    step, every task finishing at each park, to the end. Returns the final state values."""
+    for _ in range(max_steps):
+        snapshot = compiled.get_state(config)
+        if not snapshot.next:
+            return dict(snapshot.values)
+        command = Command(resume={i.id: {} for i in snapshot.interrupts}) if snapshot.interrupts else None
+        compiled.invoke(command, config, context=context)
+        client.release()
+    raise AssertionError("graph did not finish")

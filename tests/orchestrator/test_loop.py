@@ -7,7 +7,7 @@ import json
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
-from orch_helpers import ScriptedClient, drive, scripted_context
+from orch_helpers import ScriptedClient, die_at_submission, drive, drive_on, scripted_context
 
 from mgmflow.orchestrator.loop import build_refine_loop, decide
 from mgmflow.orchestrator.seeds import derive_seed
@@ -153,15 +153,7 @@ def test_a_crash_in_the_middle_of_a_move_resumes_every_item_where_it_was():
     scores = {("p1", 0, 0): (9, "accept"), ("p2", 0, 0): (3, "refine"), ("p2", 1, 0): (8, "accept")}
     state = {"items": [{"key": "p1", "request": "one"}, {"key": "p2", "request": "two"}], "seed": 1, "budget": 3}
     client = ScriptedClient(critic(scores), hold=True)
-    submit, crashed = client.submit, []
-
-    def dying_submit(kind, payload, *, task_id, **options):
-        if task_id.endswith(":p1:r0:d0") and not crashed:
-            crashed.append(task_id)
-            raise SystemError("the process died")
-        return submit(kind, payload, task_id=task_id, **options)
-
-    client.submit = dying_submit
+    crashed = die_at_submission(client, ":p1:r0:d0")
     graph = build_refine_loop(drafts=1).compile(checkpointer=InMemorySaver())
     config, context = {"configurable": {"thread_id": "t"}}, scripted_context(client)
     graph.invoke(state, config, context=context)  # both plans submitted; parked
@@ -174,14 +166,7 @@ def test_a_crash_in_the_middle_of_a_move_resumes_every_item_where_it_was():
     stages = {item["key"]: item["stage"] for item in graph.get_state(config).values["items"]}
     assert stages == {"p1": "prompt", "p2": "prompt"} and crashed  # the move was not checkpointed
 
-    for _ in range(50):  # the driver again: resume the parked node, or continue the interrupted step
-        snapshot = graph.get_state(config)
-        if not snapshot.next:
-            break
-        command = Command(resume={i.id: {} for i in snapshot.interrupts}) if snapshot.interrupts else None
-        graph.invoke(command, config, context=context)
-        client.release()
-    values = graph.get_state(config).values
+    values = drive_on(graph, config, context, client)
     undisturbed = ScriptedClient(critic(scores))
     lockstep = drive(build_refine_loop(drafts=1), state, undisturbed)
     assert values["chosen"] == lockstep["chosen"] == {"p1": "img-refine:p1:r0:d0", "p2": "img-refine:p2:r1:d0"}

@@ -12,7 +12,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS / "orchestrator"))
 
-from orch_helpers import ScriptedClient, drive, scripted_context  # noqa: E402,F401
+from orch_helpers import ScriptedClient, die_at_submission, drive, drive_on, scripted_context  # noqa: E402,F401
 
 # Tiny pages keep the end-to-end runs fast on two cores.
 TINY = {"width": 64, "height": 64, "steps": 2}
