@@ -18,9 +18,9 @@ Per run, from the run's event stream (Redis stream ids, one clock) and the task 
 - VLM mean batch size: VLM tasks / VLM model calls (each task reports the size of the batch it ran in).
 
 A page's drawing should cost about what the VLM spends on a page-round (its prompt and critique, a batch counted
-once). Unless ``--size`` is given, a one-round stage-synchronous story first measures both at ``--steps`` and
-``CALIBRATION_SIZE`` pixels, and the pages' size is chosen from them (drawing time grows with the pixels); every run
-prints both, so the balance can be checked.
+once). Unless ``--size`` is given, a one-round stage-synchronous story first measures the VLM's time per page-round,
+then single drawings of ``--steps`` steps are timed at growing sizes and the pages get the size whose drawing time is
+closest; every run prints both, so the balance can be checked.
 
     python bench/bench_orchestrator.py [--reps 3] [--pages 8] [--rounds 2] [--steps 50] [--size PX] [--baseline REV]
 """
@@ -173,14 +173,34 @@ class Bench:
 
 
 def calibrate(bench: Bench, service) -> int:
-    """The pages' size at which drawing a page costs about what the VLM spends on a page-round, measured on a
-    one-round stage-synchronous story at CALIBRATION_SIZE (a tiny UNet's time grows with the pixels)."""
-    probe = bench.story(service, STAGED, 10_000, rounds=1, size=CALIBRATION_SIZE)["per_page"]
-    size = int(CALIBRATION_SIZE * (probe["vlm"] / probe["diffusion"]) ** 0.5) // 8 * 8
-    size = min(max(size, 64), 2048)
-    print(f"calibration at {CALIBRATION_SIZE} px: per page-round VLM {probe['vlm']:.1f} s, drawing "
-          f"{probe['diffusion']:.1f} s; pages of {size} px", flush=True)
+    """The pages' size at which drawing a page costs about what the VLM spends on a page-round: the VLM's time from
+    a one-round stage-synchronous story (its pages' size does not change the VLM's work), then single drawings
+    timed at growing sizes (a small UNet's time is not proportional to the pixels: fixed costs dominate)."""
+    vlm = bench.story(service, STAGED, 10_000, rounds=1, size=CALIBRATION_SIZE)["per_page"]["vlm"]
+    timed = {}
+    for size in range(CALIBRATION_SIZE, 2048 + 1, 64):
+        timed[size] = draw_seconds(service, size, bench.args.steps)
+        if timed[size] >= vlm:
+            break
+    size = min(timed, key=lambda candidate: abs(timed[candidate] - vlm))
+    print(f"calibration: per page-round VLM {vlm:.1f} s; drawing " +
+          ", ".join(f"{seconds:.1f} s at {px} px" for px, seconds in timed.items()) + f"; pages of {size} px",
+          flush=True)
     return size
+
+
+def draw_seconds(service, size: int, steps: int) -> float:
+    """How long the diffusion worker takes to draw one page of ``size`` px (from its step's own events)."""
+    run_id = f"calibration-{size}"
+    task_id = f"{run_id}:draw"
+    client = service.orchestrator.client
+    client.submit("diffusion.text2img", {"prompts": ["a lighthouse at dusk"], "seeds": [0], "width": size,
+                                         "height": size, "steps": steps, "exclusive": True},
+                  task_id=task_id, run_id=run_id, scope="default")
+    client.wait(task_id, timeout=600)
+    started = client.wait_for_event(run_id, lambda event: event.type == "task.started", timeout=60)
+    finished = client.wait_for_event(run_id, lambda event: event.type == "task.finished", timeout=60)
+    return stamp(finished) - stamp(started)
 
 
 def load() -> str:
