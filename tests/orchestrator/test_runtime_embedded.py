@@ -100,8 +100,10 @@ def test_sweeper_resumes_a_run_whose_completion_notice_was_lost(service, monkeyp
 
     from mgmflow.workers import faults, steps
 
+    from mgmflow.orchestrator.driver import Orchestrator
+
     created, parked_by, released, dropped, swept = Future(), set(), threading.Event(), [], []
-    point, advance, notify, sweep = faults.point, service.orchestrator.advance, steps._notify, service.orchestrator.sweep
+    point, advance, notify, sweep = faults.point, service.orchestrator.advance, steps._notify, Orchestrator.sweep
 
     def mine(run_id):
         return run_id == created.result(timeout=60)  # its driver may start before create_run returns
@@ -128,19 +130,19 @@ def test_sweeper_resumes_a_run_whose_completion_notice_was_lost(service, monkeyp
             return
         notify(task, header)
 
-    def sweeping():
-        # No sweep before the loss: one that sends the run to a driver early (its first dispatch slow on a loaded
-        # machine) leaves that driver to find the run ready itself.
+    def sweeping(orchestrator):
+        # Every sweeper of the process counts (earlier tests' services sweep the same home), and none sweeps before
+        # the loss: a run sent to a driver early leaves that driver to find it ready itself.
         if not dropped:
             return []
-        resent = sweep()
+        resent = sweep(orchestrator)
         swept.extend(resent)
         return resent
 
     monkeypatch.setattr(faults, "point", ordered)
     monkeypatch.setattr(service.orchestrator, "advance", driving)
     monkeypatch.setattr(steps, "_notify", lossy)
-    monkeypatch.setattr(service.orchestrator, "sweep", sweeping)
+    monkeypatch.setattr(Orchestrator, "sweep", sweeping)
     run = service.create_run("test-refine", {"request": "a lost message", "budget": 1})
     created.set_result(run.run_id)
     final = service.wait(run.run_id, timeout=120)
