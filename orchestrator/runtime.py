@@ -147,16 +147,19 @@ def advance_items(
     while True:
         items, moved, added, waiting = list(items), [], {}, []
         for position, item in enumerate(items):
+            steps = 0
             while specs := tasks(item):
                 results = poll_tasks(specs)
                 if any(result is None for result in results):
                     waiting += [spec for spec, result in zip(specs, results) if result is None]
                     break
                 item, update = complete(item, specs, results)
-                items[position] = item
-                moved.append(position)
+                steps += 1
                 for key, values in update.items():
                     added[key] = added.get(key, []) + values
+            if steps:  # it moved, through one step or several: listed once
+                items[position] = item
+                moved.append(position)
         if moved or not waiting:
             return items, moved, added
         await_any(waiting)
