@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -187,3 +189,19 @@ def test_webhook_delivery_state(store):
     state = store.webhook_state("hooked")
     assert (state["status"], state["attempts"], state["error"]) == ("delivered", 2, None)
     assert store.due_webhooks() == [] and store.get("hooked").webhook_status == "delivered"
+
+
+def test_admitting_a_story_and_sizing_its_prompts_imports_no_torch():
+    """The orchestrator reads prompt budgets from the presets' specs: a process that admits a run (the API, the CLI)
+    or runs its first step (the orchestration worker) must not wait seconds for torch and transformers to import."""
+    script = (
+        "import sys\n"
+        "from mgmflow.orchestrator.budget import budget_for\n"
+        "from mgmflow.orchestrator.workflow import load_workflows\n"
+        "story = load_workflows()['story']\n"
+        "story.validate_input({'premise': 'A lighthouse keeper befriends a whale.', 'pages': 8}, budget_for('small'))\n"
+        "assert budget_for('small').image_tokens == 576\n"
+        "loaded = sorted({'torch', 'transformers', 'diffusers'} & set(sys.modules))\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
