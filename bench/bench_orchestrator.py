@@ -17,6 +17,9 @@ Per run, from the run's event stream (Redis stream ids, one clock) and the task 
   orchestrator's: completion notices, resumes, checkpoints, dispatch); goal ≤ 1.10;
 - VLM mean batch size: VLM tasks / VLM model calls (each task reports the size of the batch it ran in).
 
+Last, a one-page story times one page's chain of steps with the workers to itself: the run's prelude plus that chain
+is a lower bound on the first page that no schedule of the same work can beat.
+
 A page's drawing should cost about what the VLM spends on a page-round (its prompt and critique, a batch counted
 once). Unless ``--size`` is given, a one-round stage-synchronous story first measures the VLM's time per page-round,
 then single drawings of ``--steps`` steps are timed at growing sizes and the pages get the size whose drawing time is
@@ -149,13 +152,14 @@ class Bench:
                                  capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(package)], input=archive.stdout, check=True)
 
-    def story(self, service, schedule: str, seed: int, *, rounds: int, size: int) -> dict:
-        """One story on the schedule's orchestration worker (started for it, stopped after it)."""
+    def story(self, service, schedule: str, seed: int, *, rounds: int, size: int, pages: int | None = None) -> dict:
+        """One story (of ``--pages`` unless ``pages``) on the schedule's orchestration worker (started for it,
+        stopped after it)."""
         orchestrator = self.start(f"orchestrator-{schedule}-{seed}", "orchestrator",
                                   tree=self.baseline if schedule == STAGED else None)
         try:
             run = service.create_run("story", {"premise": "A lighthouse keeper befriends a whale.",
-                                               "pages": self.args.pages, "rounds": rounds,
+                                               "pages": pages or self.args.pages, "rounds": rounds,
                                                "steps": self.args.steps, "width": size, "height": size, "seed": seed})
             final = service.wait(run.run_id, timeout=7200)
             if final.status != "success":
@@ -266,6 +270,14 @@ def main() -> None:
               f"{median(PIPELINED, lambda r: r['wall']) / median(STAGED, lambda r: r['wall']):.3f} (goal <= 0.7); "
               f"first page / wall, pipelined: {median(PIPELINED, lambda r: r['first_page']):.2f} (goal <= 0.35); "
               f"overhead, pipelined: {median(PIPELINED, lambda r: r['overhead']):.3f} (goal <= 1.10)")
+        # No schedule can finish a page sooner than the prelude plus that page's own chain of steps with both
+        # workers to itself (its VLM calls alone, unbatched, and its drawings): a one-page story measures the chain.
+        alone = bench.story(service, PIPELINED, args.reps, rounds=args.rounds, size=size, pages=1)
+        chain = alone["wall"] * (1 - alone["pages_start"])
+        print(f"first page / wall, lower bound on these workers: "
+              f"{median(PIPELINED, lambda r: r['pages_start'] + chain / r['wall']):.2f} (the run's prelude, "
+              f"{median(PIPELINED, lambda r: r['pages_start']):.2f} of its wall, then one page's {args.rounds} "
+              f"rounds with the workers to itself, {chain:.1f} s, timed as a one-page story)")
         print(f"after: {load()}")
     finally:
         for process in bench.processes:
