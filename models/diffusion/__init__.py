@@ -9,7 +9,7 @@
 The names below load lazily, so importing this package (or ``mgmflow.models.diffusion.defaults``) does not import torch.
 """
 
-import importlib
+from mgmflow.models.lazy import lazy_exports
 
 _EXPORTS = {
     "DiffusionEngine": "engine",
@@ -30,8 +30,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

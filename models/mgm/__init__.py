@@ -2,11 +2,12 @@
 
 ``load_pretrained(path_or_preset) -> (model, processor)`` is the stable entry point; see ``loading.py``.
 
-The names below load lazily, so importing this package (or ``mgmflow.models.mgm.presets``, which the orchestrator
-reads for prompt budgets) does not import torch or transformers: a run's first step would wait seconds for them.
+The names below load lazily, so importing this package (or ``presets``, which the orchestrator reads for prompt
+budgets) does not import torch or transformers: a run's first step would wait seconds for them.
 """
 
-import importlib
+from mgmflow.models.lazy import lazy_exports
+from mgmflow.models.mgm import presets
 
 _EXPORTS = {
     "MGMConfig": "configuration",
@@ -22,11 +23,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted([*_EXPORTS, "presets"])
-
-
-def __getattr__(name: str):
-    if name == "presets":
-        return importlib.import_module(f"{__name__}.presets")
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
