@@ -6,7 +6,9 @@ does nothing unless the process was started with ``MGMFLOW_FAULTS`` naming that 
 n-th arrival in this process (``name@n``, default the first), it appends ``name pid {info}`` to the file
 ``MGMFLOW_FAULTS_LOG`` (the test watches it) and
 
-- ``name=stop``: stops the whole process (SIGSTOP to itself), as a stall would; it goes on after SIGCONT;
+- ``name=stop``: stops the whole process (SIGSTOP to itself), as a stall would; it goes on after SIGCONT. The stop
+  comes between the process's database transactions (it first takes the locks registered with
+  :func:`hold_during_stops`), as the point's instant says: a stall inside a transaction is a point placed inside one;
 - ``name=block``: blocks the arriving thread for good (the test kills the process or interrupts it there);
   ``block@0`` blocks every arrival.
 
@@ -15,6 +17,7 @@ So a test injects a kill -9, a SIGSTOP or a Ctrl-C at the exact instant that mat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +38,14 @@ def _armed() -> dict[str, tuple[str, int]]:
 
 
 _ARMED = _armed()
+_transaction_locks: list = []
+
+
+def hold_during_stops(lock) -> None:
+    """Register a re-entrant lock that each of this process's transactions on some database holds throughout: a
+    ``stop`` waits for the open transaction to end and holds the lock while stopped, so no other thread of the
+    process is stopped inside one (a SQLite file's write lock would be held for as long as the stall lasts)."""
+    _transaction_locks.append(lock)
 
 
 def point(name: str, **info) -> None:
@@ -50,4 +61,9 @@ def point(name: str, **info) -> None:
             log.write(f"{name} {os.getpid()} {json.dumps(info)}\n")
     if action == "block":
         threading.Event().wait()
-    os.kill(os.getpid(), signal.SIGSTOP)
+    with contextlib.ExitStack() as held:
+        for lock in _transaction_locks:
+            held.enter_context(lock)
+        # To this thread, not the process: a process-directed SIGSTOP may be taken by another thread, and this one
+        # would run on (out of the point, into the next transaction) until the kernel stops it as well.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
