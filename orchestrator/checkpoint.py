@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,9 +17,9 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from mgmflow.models.errors import InvalidInputError
 from mgmflow.workers import faults
+from mgmflow.workers.sqlite_locks import BUSY_TIMEOUT_MS, begin_immediate
 
 SQLITE_FILE = "checkpoints.sqlite"
-BUSY_TIMEOUT_MS = 30_000  # several processes (CLI, orchestration workers) may share one SQLite file
 # The configurable key of a driver's graph config: ``(run_id, lease owner)``, the fencing token every checkpoint
 # write of that drive is checked against ("__" keeps it out of the checkpoints' metadata).
 LEASE_KEY = "__mgmflow_run_lease"
@@ -57,13 +56,17 @@ class Database:
     _lock: Any = None  # the SqliteSaver's lock: records and checkpoints share its connection
     _local: threading.local = field(default_factory=threading.local)  # .connection: this thread's open transaction
 
+    @property
+    def _path(self) -> str:
+        return self.url.removeprefix("sqlite:///")
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """Run the ``execute`` calls of this thread inside the block as one transaction: one commit (one WAL
         append on SQLite instead of one per statement), rolled back on an exception. Not reentrant."""
         if self.dialect == "sqlite":
             with self._lock, self._sqlite:
-                _begin_immediate(self._sqlite)  # take the write lock now
+                begin_immediate(self._sqlite, self._path)  # take the write lock now
                 self._local.connection = self._sqlite
                 try:
                     yield
@@ -92,6 +95,8 @@ class Database:
             return self._run(connection, sql, params)
         if self.dialect == "sqlite":
             with self._lock, self._sqlite:  # the connection is shared by threads: serialise its use
+                if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+                    begin_immediate(self._sqlite, self._path)  # a writer waits there, not in SQLite's busy handler
                 return self._run(self._sqlite, sql, params)
         with self._pool.connection() as connection:
             return self._run(connection, sql, params)
@@ -110,27 +115,6 @@ class Database:
             self._sqlite.close()
         if self._pool is not None:
             self._pool.close()
-
-
-def _begin_immediate(connection: sqlite3.Connection) -> None:
-    """``BEGIN IMMEDIATE``, retried every 0.1 to 2 ms while another process holds the write lock (up to the busy
-    timeout). SQLite's own busy handler sleeps 1, 2, 5, 10 … 100 ms between tries: under contention from other
-    processes (API processes, orchestration workers) it turns waits for sub-millisecond transactions into tail
-    latencies of tens or hundreds of ms."""
-    deadline, delay = time.monotonic() + BUSY_TIMEOUT_MS / 1000, 0.0001
-    connection.execute("PRAGMA busy_timeout = 0")
-    try:
-        while True:
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(2 * delay, 0.002)
-    finally:
-        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 _databases: dict[str, Database] = {}
@@ -183,28 +167,32 @@ class _FencedWrites:
             return super().put_writes(config, writes, task_id, task_path)
 
 
-def _fenced_sqlite_saver(connection: sqlite3.Connection) -> BaseCheckpointSaver:
+def _fenced_sqlite_saver(connection: sqlite3.Connection, path: Path) -> BaseCheckpointSaver:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     class FencedSqliteSaver(_FencedWrites, SqliteSaver):
         """Writes of a driver's config commit only while its lease holds, in one transaction."""
 
-        def __init__(self, conn):
+        def __init__(self, conn, path):
             super().__init__(conn)
-            self.lock = threading.RLock()  # the fenced write holds it around the saver's own cursor()
+            self.path = path
+            # The fenced write holds it around the saver's own cursor(); so does every transaction on the connection.
+            self.lock = threading.RLock()
+            faults.hold_during_stops(self.lock)
 
         @contextlib.contextmanager
         def _lease_held(self, config):
             with self.lock:
-                _begin_immediate(self.conn)  # the write lock first: a takeover commits before or after us
+                begin_immediate(self.conn, self.path)  # the write lock first: a takeover commits before or after us
                 try:
                     _check_lease(self.conn, config, postgres=False)
+                    faults.point("checkpoint.locked", run_id=config["configurable"][LEASE_KEY][0])
                     yield  # the saver's cursor() commits
                 except BaseException:
                     self.conn.rollback()
                     raise
 
-    return FencedSqliteSaver(connection)
+    return FencedSqliteSaver(connection, path)
 
 
 class _OneByOne:
@@ -266,7 +254,7 @@ def _open_sqlite(path: Path) -> Database:
     # In WAL mode NORMAL loses no integrity, only the last commits on a power cut (not on a process crash), and
     # spares an fsync per commit.
     connection.execute("PRAGMA synchronous=NORMAL")  # (the busy timeout is connect()'s timeout)
-    saver = _fenced_sqlite_saver(connection)
+    saver = _fenced_sqlite_saver(connection, path)
     saver.setup()
     return Database(f"sqlite:///{path}", saver, "sqlite", _sqlite=connection, _lock=saver.lock)
 

@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mgmflow.workers import faults
+from mgmflow.workers.sqlite_locks import BUSY_TIMEOUT_MS, begin_immediate
+
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 CANCELLED, TIMED_OUT, QUARANTINED = "cancelled", "timed_out", "quarantined"
 FINAL = frozenset({DONE, FAILED, CANCELLED, TIMED_OUT, QUARANTINED})
@@ -409,12 +412,13 @@ class SqliteRecords:
 
     path: Path
     ttl_s: int = 7 * 24 * 3600
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)  # held by every transaction
     _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     def __post_init__(self):
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
@@ -425,10 +429,11 @@ class SqliteRecords:
             except sqlite3.OperationalError:  # another process added it just now
                 pass
         self._db.execute("CREATE INDEX IF NOT EXISTS tasks_watch ON tasks(watch_at)")
+        faults.hold_during_stops(self._lock)
 
     def _transaction(self, work):
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            begin_immediate(self._db, self.path)
             try:
                 outcome = work(self._db)
                 self._db.execute("COMMIT")

@@ -81,6 +81,33 @@ def test_a_driver_stalled_while_another_takes_over_cannot_fork_the_run(tmp_path)
     assert _forks(home) == []
 
 
+def test_a_driver_stopped_inside_its_checkpoint_write_is_named_and_waited_for(tmp_path):
+    """SQLite has no server to end a stopped process's transaction (a Ctrl-Z'd run in another terminal): the same
+    command waits for it, names it, and goes on once it resumes; neither run fails and the history does not fork."""
+    home, out, faults = tmp_path / "home", tmp_path / "board", FaultLog(tmp_path)
+    stalled = _start(home, out, **faults.env("checkpoint.locked=stop@8"))
+    second, stderr = None, tmp_path / "second.stderr"
+    try:
+        pid, _ = faults.wait("checkpoint.locked", check=lambda: stalled.poll() is None or pytest.fail(stalled.stderr.read()))
+        wait_for(lambda: stopped(pid), 10, "the driver to stop")
+        with stderr.open("w") as sink:
+            second = subprocess.Popen([MGMFLOW, *COMMAND, "--out", str(out)], env=_env(home), stdout=subprocess.DEVNULL,
+                                      stderr=sink)
+        notice = f"process {pid} holds its write lock and is stopped"
+        wait_for(lambda: notice in stderr.read_text() or second.poll() is not None, 120, "the notice")
+        assert second.poll() is None, stderr.read_text()[-3000:]  # it waits: no error, no run failed
+        resume(pid)
+        assert second.wait(240) == 0, stderr.read_text()[-3000:]
+        assert stalled.wait(120) == 0, stalled.stderr.read()[-3000:]
+    finally:
+        for process in (stalled, second):
+            if process is not None and process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+    assert sorted(_pages(out)) == [1, 2]
+    assert _forks(home) == []
+    assert {status for status, count in _executions(home).values()} == {"done"}
+
+
 @pytest.mark.parametrize("lease", [None, "60"], ids=["default-lease", "60s-lease"])
 def test_ctrl_c_at_the_park_instant_then_the_same_command_at_once(tmp_path, lease):
     """The rerun must not wait out the dead process's lease (with the default 10 s the rerun's own start-up may
