@@ -15,6 +15,7 @@ from typing_extensions import TypedDict
 
 from mgmflow.orchestrator.runtime import request_approval
 from mgmflow.orchestrator.workflow import Workflow, register
+from mgmflow.workers.steps import StepContext
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,7 +175,7 @@ def test_redis_down_is_503_with_retry_after(api_env, tmp_path):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_an_abandoned_chat_completion_stops_its_model_step(server, stream):
+def test_an_abandoned_chat_completion_stops_its_model_step(server, stream, monkeypatch):
     # The test watches which model steps the route submits (a spy on the in-process task client).
     tasks = server.server.config.app.state.context.tasks
     submitted: list[str] = []
@@ -184,6 +185,17 @@ def test_an_abandoned_chat_completion_stops_its_model_step(server, stream):
         submitted.append(task_id)
         return submit(kind, payload, task_id=task_id, **kwargs)
 
+    # The step holds at its first token until the server has cancelled it: a model fast enough to finish before the
+    # client's timeout (or before the server notices the hang-up) would otherwise end "done", for nobody.
+    publish_token = StepContext.on_token
+
+    def held_at_first_token(ctx, text):
+        publish_token(ctx, text)
+        if ctx.header.task_id in submitted:
+            wait_for(lambda: ctx.runtime.records.is_cancelled(ctx.header.run_id, ctx.header.task_id), 30,
+                     "the server to cancel the abandoned step")
+
+    monkeypatch.setattr(StepContext, "on_token", held_at_first_token)
     tasks.submit = spy
     body = {"model": "tiny", "max_tokens": 8192, "temperature": 1.0, "seed": 5, "stream": stream,
             "messages": [{"role": "user", "content": "Write a very long story."}]}
