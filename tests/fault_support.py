@@ -40,8 +40,15 @@ class FaultLog:
 
 
 def stopped(pid: int) -> bool:
-    """Whether ``pid`` is stopped (state T): a process that stopped itself at a fault point."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    """Whether every thread of ``pid`` is stopped (state T): a process that stopped itself at a fault point. The
+    main thread's state alone shows a group stop only begun: other threads may still run for a moment."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:  # a thread that has just ended
+            continue
+    return bool(states) and all(state in ("T", "t") for state in states)
 
 
 def resume(pid: int) -> None:

@@ -28,11 +28,10 @@ def _env(home: Path, **extra) -> dict:
     return {**env, "MGMFLOW_HOME": str(home), "OMP_NUM_THREADS": "1", **extra}  # default lease and timeouts
 
 
-def _start(home: Path, out: Path, **extra) -> subprocess.Popen:
+def _start(home: Path, out: Path, stderr=subprocess.PIPE, **extra) -> subprocess.Popen:
     # Ctrl-C as in a terminal (a background CI job would otherwise inherit SIGINT ignored)
     return subprocess.Popen([MGMFLOW, *COMMAND, "--out", str(out)], env=_env(home, **extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=stderr, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _run(home: Path, out: Path, timeout: float = 240, **extra) -> subprocess.CompletedProcess:
@@ -91,8 +90,7 @@ def test_a_driver_stopped_inside_its_checkpoint_write_is_named_and_waited_for(tm
         pid, _ = faults.wait("checkpoint.locked", check=lambda: stalled.poll() is None or pytest.fail(stalled.stderr.read()))
         wait_for(lambda: stopped(pid), 10, "the driver to stop")
         with stderr.open("w") as sink:
-            second = subprocess.Popen([MGMFLOW, *COMMAND, "--out", str(out)], env=_env(home), stdout=subprocess.DEVNULL,
-                                      stderr=sink)
+            second = _start(home, out, stderr=sink)
         notice = f"process {pid} holds its write lock and is stopped"
         wait_for(lambda: notice in stderr.read_text() or second.poll() is not None, 120, "the notice")
         assert second.poll() is None, stderr.read_text()[-3000:]  # it waits: no error, no run failed

@@ -7,10 +7,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-from fault_support import FaultLog, resume
+from fault_support import FaultLog, resume, stopped
 from testkit import wait_for
 
 # Thread "arriving" reaches the point; everything it does afterwards is written to ``trace``.
@@ -44,15 +43,9 @@ CHILD = textwrap.dedent("""
     threads = [threading.Thread(target=other), threading.Thread(target=arriving)]
     for thread in threads:
         thread.start()
-    for thread in threads:
+    for thread in reversed(threads):  # the main thread sleeps while the point is reached, as a process's would
         thread.join()
 """)
-
-
-def _all_threads_stopped(pid: int) -> bool:
-    """Every thread of ``pid`` is stopped (the main thread's state alone shows a group stop only begun)."""
-    states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in Path(f"/proc/{pid}/task").iterdir()]
-    return all(state in ("T", "t") for state in states)
 
 
 def test_a_stop_comes_at_the_point_and_after_the_open_transaction(tmp_path):
@@ -63,7 +56,7 @@ def test_a_stop_comes_at_the_point_and_after_the_open_transaction(tmp_path):
                              stderr=subprocess.PIPE, text=True)
     try:
         pid, _ = faults.wait("test.point", check=lambda: child.poll() is None or pytest.fail(child.stderr.read()))
-        wait_for(lambda: _all_threads_stopped(pid), 10, "every thread of the process to stop")
+        wait_for(lambda: stopped(pid), 10, "every thread of the process to stop")
         # the other thread's transaction ended before the stop; the arriving thread did nothing past the point
         assert trace.read_text() == "begin commit "
         resume(pid)
