@@ -8,11 +8,14 @@ import itertools
 import json
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 
 import pytest
 from testkit import free_port
+
+from mgmflow.workers.steps import StepContext
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -87,7 +90,17 @@ def browser(tmp_path):
         process.wait(10)
 
 
-def test_story_from_the_playground(live_server, browser):
+def test_story_from_the_playground(live_server, browser, monkeypatch):
+    # The last page's critique starts once the first page shows: a machine fast enough to finish both pages (and the
+    # run) in one batch of events would otherwise show them together, after the run's end.
+    first_page_shown, check = threading.Event(), StepContext.check
+
+    def held_until_the_first_page_shows(ctx):
+        if ":page-02:" in ctx.header.task_id and ctx.header.task_id.endswith(":critique"):
+            first_page_shown.wait(240)
+        check(ctx)
+
+    monkeypatch.setattr(StepContext, "check", held_until_the_first_page_shows)
     browser.call("Page.enable")
     browser.call("Page.navigate", url=f"{live_server.url}/")
     browser.wait_for('document.querySelector("#workflow option[value=story]") !== null', 30)
@@ -110,6 +123,8 @@ def test_story_from_the_playground(live_server, browser):
     """)
     # Progress shows while it runs; then both pages appear in the storyboard.
     browser.wait_for('/progress|task/.test(document.getElementById("events").innerText)', 120)
+    browser.wait_for('document.querySelectorAll("#storyboard img").length === 1', 240)
+    first_page_shown.set()
     browser.wait_for('document.querySelectorAll("#storyboard img").length === 2', 240)
     assert browser.evaluate('document.getElementById("status").textContent') == "success"
     assert browser.evaluate("window.firstPageWhile").startswith("running")
